@@ -1,0 +1,287 @@
+"""The backend contract shared by local (diffusers) and hosted (HTTP API) image backends.
+
+Everything here is torch-free: `import models` must stay cheap so the CLI can reject bad input
+(and the server can answer /livez) before any heavy library is imported.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+# Called with (step, total_steps) as a backend makes progress; hosted backends report what the
+# provider tells them (a percentage mapped onto 100 steps).
+ProgressFn = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: one root for every backend, with a stable `code` that the service and HTTP layer map.
+# --------------------------------------------------------------------------------------------
+
+
+class BackendError(Exception):
+    """Root of every error a backend raises. `code` is stable and machine-readable."""
+
+    code = "backend_error"
+    # Whether the router may send the request to the next backend in a fallback chain.
+    transient = False
+
+    def __init__(self, message: str, *, provider: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.param = param
+
+
+class InvalidParamsError(BackendError):
+    """A parameter this backend cannot accept; `param` names the field."""
+
+    code = "invalid_request"
+
+
+class PromptTooLongError(InvalidParamsError):
+    code = "prompt_too_long"
+
+
+class ModelUnavailableError(BackendError):
+    """The model's weights cannot be loaded (missing folder, offline hub, broken checkpoint)."""
+
+    code = "model_unavailable"
+
+
+class ContentFilteredError(BackendError):
+    """The provider refused or filtered the content. Never retried, never sent to a fallback."""
+
+    code = "content_filtered"
+
+    def __init__(self, message: str, *, provider: str = "", charged_usd: float = 0.0) -> None:
+        super().__init__(message, provider=provider)
+        self.charged_usd = charged_usd
+
+
+class AuthError(BackendError):
+    code = "provider_auth_failed"
+
+
+class TransientBackendError(BackendError):
+    """Timeouts, 5xx, 429 after retries, open circuits: a fallback may serve the request."""
+
+    code = "provider_unavailable"
+    transient = True
+
+
+class OutOfMemoryError(TransientBackendError):
+    code = "out_of_memory"
+
+
+class QueueFullError(TransientBackendError):
+    """The device queue is full; `retry_after_s` is estimated from recent throughput."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int, provider: str = "local") -> None:
+        super().__init__(message, provider=provider)
+        self.retry_after_s = retry_after_s
+
+
+class CancelledError(BackendError):
+    code = "cancelled"
+
+
+# --------------------------------------------------------------------------------------------
+# Internal types (frozen dataclasses): validated and normalised once at the edge.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    width: int = 1024
+    height: int = 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One catalogue entry: what a model name means."""
+
+    name: str
+    # "sdxl" | "flux" for local diffusers pipelines; "openai" | "stability" | "bfl" |
+    # "midjourney" | "imagegen" for hosted ones.
+    kind: str
+    # Hub repo id, local diffusers folder, single-file .safetensors, or "builtin:tiny-sdxl".
+    source: str
+    defaults: ModelDefaults = ModelDefaults()
+    description: str = ""
+    # The provider's own model id (hosted), when it differs from `name`.
+    provider_model: str | None = None
+    # Hosted models that were retired by the provider name their replacement.
+    replacement: str | None = None
+    revision: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind in LOCAL_KINDS
+
+
+LOCAL_KINDS = frozenset({"sdxl", "flux"})
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A fully resolved request as a backend sees it: preset expanded, seed concrete,
+    per-model defaults applied. Image i has seed `seed + i`."""
+
+    prompt: str
+    model: str
+    width: int
+    height: int
+    n: int
+    seed: int
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    output_format: OutputFormat = "png"
+    # OpenAI-only knobs passed through to hosted backends that understand them.
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = None
+
+    def image_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seed + i for i in range(self.n))
+
+    def pixel_fields(self) -> dict[str, Any]:
+        """Every field that changes the pixels (the cache key is built from these)."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "model": self.model,
+            "width": self.width,
+            "height": self.height,
+            "n": self.n,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "quality": self.quality,
+            "style": self.style,
+            "output_format": self.output_format,
+            "background": self.background,
+            "output_compression": self.output_compression,
+        }
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes  # encoded image bytes (PNG unless the request asked otherwise)
+    seed: int | None  # None where the provider does not report or honour seeds
+    width: int
+    height: int
+    format: OutputFormat = "png"
+    # Problems the backend saw in the raw output before encoding ("non-finite values").
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendResult:
+    images: tuple[GeneratedImage, ...]
+    provider: str
+    # Device time spent on this request (local work; a batch's time split across its images).
+    gpu_seconds: float = 0.0
+    # What the provider charged, where it says so (usage tokens, credits); None means
+    # "use the price table".
+    cost_usd: float | None = None
+    revised_prompt: str | None = None
+    dropped_params: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()
+    # Whether the provider honours `seed` so the same request reproduces the same pixels.
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class BackendIdentity:
+    """What, beyond the request, decides the pixels: part of the cache key."""
+
+    backend: str
+    model_revision: str
+    pipeline: str = ""
+    dtype: str = ""
+    device: str = ""
+    scheduler_config: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "model_revision": self.model_revision,
+            "pipeline": self.pipeline,
+            "dtype": self.dtype,
+            "device": self.device,
+            "scheduler_config": dict(self.scheduler_config),
+            "extra": dict(self.extra),
+        }
+
+
+class Backend(abc.ABC):
+    """One model behind one provider. The service applies sanitizer, seed, cache, quality
+    check, cost and ledger around every backend alike; a backend only turns params into
+    images."""
+
+    spec: ModelSpec
+
+    @property
+    def provider(self) -> str:
+        """Short provider id reported in results and the ledger ("local", "openai", ...)."""
+        return "local" if self.spec.is_local else self.spec.kind
+
+    @property
+    def is_local(self) -> bool:
+        return self.spec.is_local
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        """Fill in per-model defaults (steps, guidance, scheduler) and reject what this
+        backend cannot take. Cheap: must not load weights."""
+        return params
+
+    def check_prompt(self, prompt: str) -> None:  # noqa: B027 - optional hook
+        """Raise PromptTooLongError when `prompt` is over the model's limit (never truncate)."""
+
+    @abc.abstractmethod
+    def identity(self, params: GenerationParams) -> BackendIdentity:
+        """Pixel-deciding facts beyond the params (revision, dtype, scheduler config)."""
+
+    @abc.abstractmethod
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        *,
+        precise: bool = False,
+    ) -> BackendResult:
+        """Generate `params.n` images. Raises BackendError subclasses only.
+
+        `precise` asks for the numerically safest mode (the quality check's one retry after a
+        NaN or all-black frame: the VAE in fp32); backends without such a mode ignore it."""
+
+    async def load(self) -> None:  # noqa: B027 - optional hook
+        """Load weights / open clients ahead of the first request."""
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the device memory or HTTP clients this backend holds."""
+
+    def estimate_cost_usd(self, params: GenerationParams) -> float | None:
+        """The expected cost before running (for budgets and `cheapest` routing)."""
+        return None

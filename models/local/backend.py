@@ -1,0 +1,184 @@
+"""Local diffusers backends (SDXL and Flux): the Backend contract over a PipelineRunner that a
+DeviceWorker thread owns."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from models.base import (
+    Backend,
+    BackendIdentity,
+    BackendResult,
+    GenerationParams,
+    InvalidParamsError,
+    ModelSpec,
+    ProgressFn,
+    PromptTooLongError,
+)
+from models.local import schedulers, sources
+from models.local.pipeline import PipelineRunner, RuntimeOptions
+from models.local.worker import DeviceWorker, WorkItem
+
+_MAX_SIDE = 4096
+
+
+class DiffusersBackend(Backend):
+    # Latent sides must divide by the VAE factor (8), and Flux packs 2x2 latent patches (16).
+    size_multiple = 8
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        data_dir: Path,
+        worker: DeviceWorker,
+        options: RuntimeOptions,
+    ) -> None:
+        self.spec = spec
+        self.worker = worker
+        self.runner = PipelineRunner(spec, data_dir=data_dir, options=options)
+        self._load_lock = asyncio.Lock()
+
+    # -- cheap checks (no weights) ------------------------------------------------------
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        d = self.spec.defaults
+        scheduler = params.scheduler or d.scheduler or self._default_scheduler()
+        valid = schedulers.choices_for(self.spec.kind)
+        if scheduler not in valid:
+            raise InvalidParamsError(
+                f"scheduler '{scheduler}' is not available for {self.spec.kind} model "
+                f"'{self.spec.name}'; choose one of: {', '.join(valid)}",
+                param="scheduler",
+            )
+        m = self.size_multiple
+        for side, value in (("width", params.width), ("height", params.height)):
+            if value % m or not (m <= value <= _MAX_SIDE):
+                raise InvalidParamsError(
+                    f"size: {side} must be a multiple of {m} between {m} and {_MAX_SIDE} for "
+                    f"model '{self.spec.name}', got {value}",
+                    param="size",
+                )
+        steps = params.steps if params.steps is not None else (d.steps or 30)
+        guidance = (
+            params.guidance_scale
+            if params.guidance_scale is not None
+            else (d.guidance_scale if d.guidance_scale is not None else 5.0)
+        )
+        if params.output_format not in ("png", "jpeg", "webp"):
+            raise InvalidParamsError(
+                f"output_format must be png, jpeg or webp, got '{params.output_format}'",
+                param="output_format",
+            )
+        return _replace(params, scheduler=scheduler, steps=steps, guidance_scale=guidance)
+
+    def _default_scheduler(self) -> str:
+        return "flow_euler" if self.spec.kind == "flux" else "euler"
+
+    def dropped_params(self, params: GenerationParams) -> tuple[str, ...]:
+        """OpenAI knobs a local diffusion model has no equivalent for."""
+        dropped = []
+        for name in ("quality", "style", "background", "moderation"):
+            if getattr(params, name) is not None:
+                dropped.append(name)
+        return tuple(dropped)
+
+    def check_prompt(self, prompt: str) -> None:
+        limit = self.runner.max_prompt_tokens
+        used = self.runner.count_tokens(prompt)
+        if used > limit:
+            raise PromptTooLongError(
+                f"prompt is {used} tokens; model '{self.spec.name}' takes at most {limit}. "
+                "Shorten it (imagegen never truncates prompts silently)",
+                param="prompt",
+            )
+
+    def identity(self, params: GenerationParams) -> BackendIdentity:
+        resolved = self.runner.resolve_source()
+        from models.local.pipeline import pick_device, pick_dtype
+
+        device = self.runner.device or pick_device(self.runner.options.device)
+        dtype = self.runner.dtype_name or str(pick_dtype(self.spec.kind, device)).removeprefix(
+            "torch."
+        )
+        return BackendIdentity(
+            backend=f"local:{self.spec.kind}",
+            model_revision=resolved.revision,
+            pipeline=self.runner.pipeline_name(),
+            dtype=dtype,
+            device=device.split(":")[0],
+            scheduler_config=sources.scheduler_config(resolved),
+            extra={
+                "attention": self.runner.options.attention,
+                "true_cfg_scale": (
+                    self.runner.options.flux_true_cfg_scale
+                    if self.spec.kind == "flux" and params.negative_prompt is not None
+                    else None
+                ),
+            },
+        )
+
+    # -- running ------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self.runner.pipe is not None
+
+    async def load(self, progress: Callable[[str], None] | None = None) -> None:
+        async with self._load_lock:
+            if self.loaded:
+                return
+            await asyncio.wrap_future(self.worker.call(lambda: self.runner.load(progress)))
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        *,
+        precise: bool = False,
+        on_start: Callable[[], None] | None = None,
+    ) -> BackendResult:
+        await self.load()
+        item = WorkItem(
+            params=params,
+            runner=self.runner,
+            precise=precise,
+            progress=progress,
+            on_start=on_start,
+        )
+        result = await self.worker.run(item)
+        return BackendResult(
+            images=tuple(result.images),
+            provider="local",
+            gpu_seconds=result.device_seconds,
+            dropped_params=self.dropped_params(params),
+            deterministic=True,
+        )
+
+    async def close(self) -> None:
+        if self.loaded:
+            await asyncio.wrap_future(self.worker.call(self.runner.unload))
+
+
+class SDXLBackend(DiffusersBackend):
+    size_multiple = 8
+
+
+class FluxBackend(DiffusersBackend):
+    size_multiple = 16
+
+
+def make_local_backend(
+    spec: ModelSpec, *, data_dir: Path, worker: DeviceWorker, options: RuntimeOptions
+) -> DiffusersBackend:
+    cls: type[DiffusersBackend] = FluxBackend if spec.kind == "flux" else SDXLBackend
+    return cls(spec, data_dir=data_dir, worker=worker, options=options)
+
+
+def _replace(params: GenerationParams, **changes: Any) -> GenerationParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)

@@ -1,0 +1,370 @@
+"""One loaded diffusers pipeline (SDXL or Flux) and the batched call that turns a group of
+compatible requests into images. Not thread-safe: exactly one worker thread owns each runner."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.base import (
+    GeneratedImage,
+    GenerationParams,
+    InvalidParamsError,
+    ModelSpec,
+    ModelUnavailableError,
+    OutOfMemoryError,
+)
+from models.local import schedulers, sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How pipelines run on this host (from settings.local)."""
+
+    device: str = "auto"
+    attention: str = "sdpa"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    compile: bool = False
+    flux_true_cfg_scale: float = 4.0
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers print loading bars and advice to stderr; imagegen reports
+    progress itself, so keep them to errors."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelUnavailableError(
+                f"device '{requested}' was asked for but CUDA is not available; "
+                "set local.device to 'auto' or 'cpu'"
+            )
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(kind: str, device: str) -> Any:
+    """fp16 for SDXL and bf16 for Flux on CUDA (Flux overflows in fp16); fp32 on CPU, where
+    half precision is slow and poorly supported."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if kind == "flux" else torch.float16
+    return torch.float32
+
+
+@dataclass
+class BatchOutput:
+    images: list[list[GeneratedImage]]  # per request, in request order
+    device_seconds: float
+
+
+class PipelineRunner:
+    """Loads one model's pipeline and runs batches on it."""
+
+    def __init__(self, spec: ModelSpec, *, data_dir: Path, options: RuntimeOptions) -> None:
+        self.spec = spec
+        self.data_dir = data_dir
+        self.options = options
+        self.pipe: Any = None
+        self.resolved: sources.ResolvedSource | None = None
+        self.device = ""
+        self.dtype_name = ""
+        self._base_scheduler_config: Any = None
+        self._current_scheduler = ""
+        self._interrupt = False
+
+    # -- loading -------------------------------------------------------------------------
+
+    def resolve_source(self) -> sources.ResolvedSource:
+        if self.resolved is None:
+            self.resolved = sources.resolve(
+                self.spec.source, data_dir=self.data_dir, revision=self.spec.revision
+            )
+        return self.resolved
+
+    def load(self, progress: Callable[[str], None] | None = None) -> None:
+        if self.pipe is not None:
+            return
+        quiet_libraries()
+        import torch
+
+        resolved = self.resolve_source()
+        self.device = pick_device(self.options.device)
+        dtype = pick_dtype(self.spec.kind, self.device)
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        if progress:
+            progress(f"loading {self.spec.name} ({resolved.kind}) on {self.device}")
+        cls = self._pipeline_class()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = self._from_source(cls, resolved, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        self._configure(pipe, torch)
+        self.pipe = pipe
+        self._base_scheduler_config = pipe.scheduler.config
+        self._current_scheduler = ""
+
+    def _from_source(self, cls: Any, resolved: sources.ResolvedSource, dtype: Any) -> Any:
+        """diffusers is renaming torch_dtype to dtype; the old name works on every supported
+        version, so its FutureWarning is silenced by the caller."""
+        try:
+            if resolved.kind == "single_file":
+                if self.spec.kind != "sdxl":
+                    raise ModelUnavailableError(
+                        f"model '{self.spec.name}': single-file checkpoints are supported for "
+                        "SDXL only; use a diffusers folder or hub id for Flux"
+                    )
+                return cls.from_single_file(
+                    str(resolved.path), torch_dtype=dtype, local_files_only=True
+                )
+            return cls.from_pretrained(str(resolved.path), torch_dtype=dtype, local_files_only=True)
+        except ModelUnavailableError:
+            raise
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"model '{self.spec.name}' could not be loaded from '{resolved.path}': "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+
+    def _pipeline_class(self) -> Any:
+        import diffusers
+
+        return (
+            diffusers.FluxPipeline
+            if self.spec.kind == "flux"
+            else (diffusers.StableDiffusionXLPipeline)
+        )
+
+    def _configure(self, pipe: Any, torch: Any) -> None:
+        opts = self.options
+        if opts.cpu_offload and self.device.startswith("cuda"):
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to(self.device)
+        if opts.attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ModelUnavailableError(
+                    "local.attention is 'xformers' but xformers is not installed; "
+                    "`pip install imagegen[xformers]` on a CUDA machine or set it to 'sdpa'"
+                ) from None
+            pipe.enable_xformers_memory_efficient_attention()
+        # Otherwise diffusers' default AttnProcessor2_0 already uses PyTorch SDPA.
+        if opts.vae_slicing:
+            pipe.vae.enable_slicing()
+        if opts.vae_tiling:
+            pipe.vae.enable_tiling()
+        if opts.compile:
+            denoiser = "transformer" if self.spec.kind == "flux" else "unet"
+            setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser)))
+
+    def unload(self) -> None:
+        self.pipe = None
+
+    # -- facts ---------------------------------------------------------------------------
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The tokenizer's limit without the begin/end tokens."""
+        tok = self.tokenizer()
+        # Flux's T5 carries the long prompt; its CLIP side only sees the first 77 tokens.
+        return int(tok.model_max_length) - (1 if self.spec.kind == "flux" else 2)
+
+    def tokenizer(self) -> Any:
+        """The tokenizer that bounds the prompt, loaded alone (cheap) before the model is."""
+        if self.pipe is not None:
+            return self.pipe.tokenizer_2 if self.spec.kind == "flux" else self.pipe.tokenizer
+        return _load_tokenizer(self.spec.kind, self.resolve_source())
+
+    def count_tokens(self, text: str) -> int:
+        tok = self.tokenizer()
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def pipeline_name(self) -> str:
+        return "FluxPipeline" if self.spec.kind == "flux" else "StableDiffusionXLPipeline"
+
+    # -- running -------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        self._interrupt = True
+
+    def run_batch(
+        self,
+        batch: Sequence[GenerationParams],
+        *,
+        precise: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> BatchOutput:
+        """One pipeline call for every image of every request in `batch` (all share the batch
+        key: model, size, steps, guidance, scheduler, whether a negative prompt is set)."""
+        import torch
+
+        self.load()
+        pipe = self.pipe
+        first = batch[0]
+        self._use_scheduler(first.scheduler or "")
+        prompts: list[str] = []
+        negatives: list[str] = []
+        generators: list[Any] = []
+        gen_device = "cpu" if self.device == "mps" else self.device
+        for params in batch:
+            for seed in params.image_seeds():
+                prompts.append(params.prompt)
+                negatives.append(params.negative_prompt or "")
+                generators.append(torch.Generator(device=gen_device).manual_seed(seed))
+        has_negative = first.negative_prompt is not None
+        steps = int(first.steps or 1)
+        kwargs: dict[str, Any] = {
+            "prompt": prompts,
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": steps,
+            "guidance_scale": float(first.guidance_scale or 0.0),
+            "generator": generators,
+            "output_type": "np",
+        }
+        if self.spec.kind == "flux":
+            kwargs["max_sequence_length"] = int(pipe.tokenizer_2.model_max_length)
+            if has_negative:
+                kwargs["negative_prompt"] = negatives
+                kwargs["true_cfg_scale"] = self.options.flux_true_cfg_scale
+        elif has_negative:
+            kwargs["negative_prompt"] = negatives
+        self._interrupt = False
+
+        def callback(p: Any, step: int, timestep: Any, cb_kwargs: dict[str, Any]) -> Any:
+            if self._interrupt:
+                p._interrupt = True
+            if on_step is not None:
+                on_step(step + 1, steps)
+            return cb_kwargs
+
+        kwargs["callback_on_step_end"] = callback
+        upcast = precise and self.spec.kind == "sdxl" and pipe.vae.dtype != torch.float32
+        if upcast:
+            original_vae_dtype = pipe.vae.dtype
+            pipe.vae.to(torch.float32)
+            pipe.vae.config.force_upcast = True
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = pipe(**kwargs)
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"out of GPU memory for {len(prompts)} image(s) at {first.width}x"
+                f"{first.height}; lower n or the size, or enable local.vae_tiling / "
+                f"local.cpu_offload ({exc})"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise InvalidParamsError(f"{self.spec.name}: {exc}") from None
+        finally:
+            if upcast:
+                pipe.vae.to(original_vae_dtype)
+        elapsed = time.perf_counter() - start
+        arrays = out.images
+        encoded: list[list[GeneratedImage]] = []
+        i = 0
+        for params in batch:
+            row = []
+            for seed in params.image_seeds():
+                row.append(_encode(arrays[i], seed, params))
+                i += 1
+            encoded.append(row)
+        return BatchOutput(images=encoded, device_seconds=elapsed)
+
+    def _use_scheduler(self, name: str) -> None:
+        if not name or name == self._current_scheduler:
+            return
+        self.pipe.scheduler = schedulers.build(self.spec.kind, name, self._base_scheduler_config)
+        self._current_scheduler = name
+
+
+def _encode(pixels: Any, seed: int, params: GenerationParams) -> GeneratedImage:
+    import numpy as np
+    from PIL import Image
+
+    warnings: tuple[str, ...] = ()
+    if not np.isfinite(pixels).all():
+        warnings = ("non-finite values",)
+        pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0)
+    array = (np.clip(pixels, 0.0, 1.0) * 255).round().astype("uint8")
+    image = Image.fromarray(array)
+    buf = io.BytesIO()
+    fmt = params.output_format
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=params.output_compression or 95)
+    else:
+        image.save(buf, format="WEBP", quality=params.output_compression or 95)
+    return GeneratedImage(
+        data=buf.getvalue(),
+        seed=seed,
+        width=image.width,
+        height=image.height,
+        format=fmt,
+        warnings=warnings,
+    )
+
+
+def _load_tokenizer(kind: str, resolved: sources.ResolvedSource) -> Any:
+    quiet_libraries()
+    if resolved.kind == "single_file":
+        # A single SDXL checkpoint carries no tokenizer: CLIP's limit is fixed at 77.
+        return _FixedLimit(77)
+    if kind == "flux":
+        from transformers import T5TokenizerFast
+
+        return T5TokenizerFast.from_pretrained(
+            str(resolved.path), subfolder="tokenizer_2", local_files_only=True
+        )
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(
+        str(resolved.path), subfolder="tokenizer", local_files_only=True
+    )
+
+
+class _FixedLimit:
+    """Stands in for a tokenizer where only the limit is known; counts words, a lower bound
+    that is exact for the common case of one token per word."""
+
+    def __init__(self, limit: int) -> None:
+        self.model_max_length = limit
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [0] * len(text.split())}

@@ -1,0 +1,156 @@
+"""Where local weights come from: a hub repo id, a local diffusers folder, a single-file
+`.safetensors` checkpoint, or a built-in tiny model, and the revision that identifies them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from models.base import ModelUnavailableError
+
+SourceKind = Literal["builtin", "folder", "single_file", "hub"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: SourceKind
+    # A folder or file on disk; for "hub" the snapshot folder in the HF cache.
+    path: Path
+    revision: str
+
+
+def classify(source: str) -> SourceKind:
+    if source.startswith("builtin:"):
+        return "builtin"
+    path = Path(source).expanduser()
+    if source.endswith((".safetensors", ".ckpt")):
+        return "single_file"
+    if path.is_absolute() or source.startswith((".", "~")) or path.exists():
+        return "folder"
+    if _HUB_ID.match(source):
+        return "hub"
+    return "folder"
+
+
+def _hash_files(files: list[Path], root: Path, memo_dir: Path | None) -> str:
+    """sha256 over (relative name, content) of every file. Multi-GB weights are hashed once:
+    the digest is remembered under (path, size, mtime) in `memo_dir`."""
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(str(file.relative_to(root)).encode())
+        digest.update(_file_sha256(file, memo_dir).encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(file: Path, memo_dir: Path | None) -> str:
+    stat = file.stat()
+    memo: Path | None = None
+    if memo_dir is not None:
+        tag = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        memo = memo_dir / (hashlib.sha256(tag.encode()).hexdigest() + ".sha256")
+        if memo.is_file():
+            return memo.read_text().strip()
+    h = hashlib.sha256()
+    with file.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    value = h.hexdigest()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(value)
+        os.replace(tmp, memo)
+    return value
+
+
+def folder_revision(path: Path, memo_dir: Path | None = None) -> str:
+    files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return "sha256:" + _hash_files(files, path, memo_dir)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot of a hub repo, never downloading: downloads are an explicit step
+    (`huggingface-cli download`) so that no default code path reaches the network."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with diffusers
+        raise ModelUnavailableError(f"huggingface_hub is not installed: {exc}") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelUnavailableError(
+            f"model '{repo_id}' is not in the local Hugging Face cache (HF_HOME); download it "
+            f"first with `huggingface-cli download {repo_id}` on a machine with internet access, "
+            "or point the model's source at a local folder or .safetensors file"
+        ) from None
+    except Exception as exc:  # the hub client raises several unrelated types here
+        raise ModelUnavailableError(f"model '{repo_id}' cannot be resolved: {exc}") from None
+
+
+def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> ResolvedSource:
+    """Find the weights on disk and compute their revision. Raises ModelUnavailableError with
+    what to do when they are not there. Never downloads."""
+    from models.local import tiny
+
+    kind = classify(source)
+    memo_dir = data_dir / "revisions"
+    if kind == "builtin":
+        name = source.removeprefix("builtin:")
+        if name not in tiny.TINY_MODELS:
+            raise ModelUnavailableError(
+                f"unknown built-in model '{name}'; built-ins are {', '.join(tiny.TINY_MODELS)}"
+            )
+        path = tiny.ensure_tiny_model(data_dir, name)
+        return ResolvedSource("builtin", path, folder_revision(path, memo_dir))
+    if kind == "hub":
+        path = _hub_snapshot(source, revision)
+        # The snapshot folder is named after the commit: the hub's own revision id.
+        return ResolvedSource("hub", path, "hub:" + path.name)
+    path = Path(source).expanduser()
+    if kind == "single_file":
+        if not path.is_file():
+            raise ModelUnavailableError(
+                f"checkpoint file '{path}' does not exist; check the model's source path"
+            )
+        return ResolvedSource("single_file", path, "sha256:" + _file_sha256(path, memo_dir))
+    if not (path / "model_index.json").is_file():
+        raise ModelUnavailableError(
+            f"'{path}' is not a diffusers model folder (no model_index.json); use a folder "
+            "written by save_pretrained, a .safetensors file, or a hub repo id"
+        )
+    return ResolvedSource("folder", path, folder_revision(path, memo_dir))
+
+
+def check_available(source: str, *, data_dir: Path) -> None:
+    """Raise ModelUnavailableError (with what to do) unless the weights are on disk or, for a
+    built-in, can be built offline. Cheap: hashes nothing."""
+    kind = classify(source)
+    if kind == "builtin":
+        return
+    if kind == "hub":
+        _hub_snapshot(source, None)
+        return
+    path = Path(source).expanduser()
+    if kind == "single_file" and not path.is_file():
+        raise ModelUnavailableError(f"checkpoint file '{path}' does not exist")
+    if kind == "folder" and not (path / "model_index.json").is_file():
+        raise ModelUnavailableError(f"'{path}' is not a diffusers model folder")
+
+
+def scheduler_config(resolved: ResolvedSource) -> dict[str, object]:
+    """The scheduler config shipped with the weights (part of the cache key)."""
+    if resolved.kind == "single_file":
+        return {}
+    file = resolved.path / "scheduler" / "scheduler_config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if not k.startswith("_")}

@@ -1,0 +1,337 @@
+"""The device worker: one thread owns a device's pipelines, takes work from a bounded queue
+(counted in images) and runs compatible requests as one micro-batched pipeline call.
+
+The event loop never runs GPU work; it submits and awaits. FIFO across batch keys: the oldest
+queued request always decides the next batch, so no key starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from models.base import (
+    BackendError,
+    CancelledError,
+    GeneratedImage,
+    GenerationParams,
+    ProgressFn,
+    QueueFullError,
+)
+
+log = logging.getLogger(__name__)
+
+BatchKey = tuple[Any, ...]
+
+
+def batch_key(params: GenerationParams) -> BatchKey:
+    """Requests that may share one pipeline call. Whether a negative prompt is set is part of
+    the key: SDXL zeroes absent negative embeddings but encodes "" for present-but-empty ones,
+    so mixing them would change the pixels of the requests without one."""
+    return (
+        params.model,
+        params.width,
+        params.height,
+        params.steps,
+        params.guidance_scale,
+        params.scheduler,
+        params.negative_prompt is not None,
+        params.output_format,
+        params.output_compression,
+    )
+
+
+class Runner(Protocol):
+    """What the worker needs of a pipeline (models.local.pipeline.PipelineRunner)."""
+
+    def load(self) -> None: ...
+
+    def interrupt(self) -> None: ...
+
+    def run_batch(
+        self,
+        batch: list[GenerationParams],
+        *,
+        precise: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Any: ...
+
+
+class WorkerObserver(Protocol):
+    """Hooks for metrics (the server's Prometheus collector implements this)."""
+
+    def batch_done(
+        self, model: str, images: int, device_seconds: float, queue_waits: list[float]
+    ) -> None: ...
+
+    def queue_depth(self, images: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    images: list[GeneratedImage]
+    device_seconds: float  # this request's share of the batch's device time
+    batch_images: int
+    queue_wait_s: float
+
+
+@dataclass
+class WorkItem:
+    params: GenerationParams
+    runner: Runner
+    precise: bool = False
+    progress: ProgressFn | None = None
+    on_start: Callable[[], None] | None = None
+    future: concurrent.futures.Future[ItemResult] = field(default_factory=concurrent.futures.Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def key(self) -> BatchKey:
+        return (*batch_key(self.params), self.precise)
+
+    @property
+    def images(self) -> int:
+        return self.params.n
+
+
+class DeviceWorker:
+    def __init__(
+        self,
+        *,
+        name: str = "cpu",
+        max_batch_images: int = 8,
+        batch_window_s: float = 0.005,
+        max_queue_images: int = 64,
+        observer: WorkerObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch_images = max_batch_images
+        self.batch_window_s = batch_window_s
+        self.max_queue_images = max_queue_images
+        self.observer = observer
+        self._queue: deque[WorkItem] = deque()
+        self._cond = threading.Condition()
+        self._running: list[WorkItem] = []
+        self._running_runner: Runner | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Recent throughput (images/s, exponentially averaged) for Retry-After estimates.
+        self._images_per_s: float | None = None
+        self.batches_run = 0
+        self.pipeline_calls = 0
+        self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name=f"imagegen-worker-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for item in pending:
+            _set_exception(item.future, CancelledError("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- submitting ----------------------------------------------------------------------
+
+    @property
+    def queued_images(self) -> int:
+        with self._cond:
+            return sum(item.images for item in self._queue if not item.cancelled)
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn` on the worker thread (loading weights: the thread that owns the
+        pipelines is the only one that touches them)."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            self._control.append((fn, future))
+            self._cond.notify_all()
+        self.start()
+        return future
+
+    def submit(self, item: WorkItem) -> WorkItem:
+        with self._cond:
+            if self._stopping:
+                raise CancelledError("the server is shutting down")
+            queued = sum(i.images for i in self._queue if not i.cancelled)
+            if queued + item.images > self.max_queue_images:
+                raise QueueFullError(
+                    f"the {self.name} queue is full ({queued} of {self.max_queue_images} "
+                    f"images queued); retry later",
+                    retry_after_s=self._retry_after(queued + item.images),
+                )
+            self._queue.append(item)
+            self._notify_depth()
+            self._cond.notify_all()
+        self.start()
+        return item
+
+    def cancel(self, item: WorkItem) -> None:
+        """Queued work is dropped before it runs; a running batch stops at the next step
+        once every request in it is cancelled."""
+        with self._cond:
+            item.cancelled = True
+            if item in self._queue:
+                self._queue.remove(item)
+                self._notify_depth()
+                _set_exception(item.future, CancelledError("cancelled while queued"))
+            elif (
+                item in self._running
+                and all(i.cancelled for i in self._running)
+                and self._running_runner is not None
+            ):
+                self._running_runner.interrupt()
+
+    async def run(self, item: WorkItem) -> ItemResult:
+        """Submit and await; cancelling the awaiting task cancels the work."""
+        self.submit(item)
+        try:
+            return await asyncio.wrap_future(item.future)
+        except asyncio.CancelledError:
+            self.cancel(item)
+            raise
+
+    def _retry_after(self, images_ahead: int) -> int:
+        rate = self._images_per_s or 1.0
+        return max(1, math.ceil(images_ahead / rate))
+
+    def _notify_depth(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_depth(sum(i.images for i in self._queue if not i.cancelled))
+
+    # -- the worker thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._control and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                control = self._control.popleft() if self._control else None
+            if control is not None:
+                fn, future = control
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+                continue
+            batch = self._gather()
+            if batch:
+                self._run(batch)
+
+    def _gather(self) -> list[WorkItem]:
+        """The oldest request decides the key; compatible requests that are queued, or that
+        arrive within the gathering window, join it up to the batch size."""
+        deadline = time.monotonic() + self.batch_window_s
+        with self._cond:
+            while self._queue and self._queue[0].cancelled:
+                self._queue.popleft()
+            if not self._queue:
+                return []
+            head = self._queue.popleft()
+            batch, size = [head], head.images
+            while True:
+                for item in list(self._queue):
+                    if size >= self.max_batch_images:
+                        break
+                    if item.cancelled or item.key != head.key or item.runner is not head.runner:
+                        continue
+                    if size + item.images > self.max_batch_images:
+                        continue
+                    self._queue.remove(item)
+                    batch.append(item)
+                    size += item.images
+                remaining = deadline - time.monotonic()
+                if size >= self.max_batch_images or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            self._running = batch
+            self._running_runner = head.runner
+            self._notify_depth()
+        return batch
+
+    def _run(self, batch: list[WorkItem]) -> None:
+        started = time.monotonic()
+        waits = [started - item.enqueued_at for item in batch]
+        for item in batch:
+            if item.on_start is not None:
+                item.on_start()
+
+        def on_step(step: int, total: int) -> None:
+            for item in batch:
+                if item.progress is not None and not item.cancelled:
+                    item.progress(step, total)
+
+        runner = batch[0].runner
+        try:
+            output = runner.run_batch(
+                [item.params for item in batch], precise=batch[0].precise, on_step=on_step
+            )
+        except BaseException as exc:
+            error = (
+                exc
+                if isinstance(exc, BackendError)
+                else BackendError(f"generation failed: {type(exc).__name__}: {exc}")
+            )
+            if not isinstance(exc, BackendError):
+                log.exception("pipeline call failed")
+            for item in batch:
+                _set_exception(item.future, error)
+            self._finish()
+            return
+        self.pipeline_calls += 1
+        self.batches_run += 1
+        total_images = sum(item.images for item in batch)
+        share = output.device_seconds / max(total_images, 1)
+        if output.device_seconds > 0:
+            rate = total_images / output.device_seconds
+            prev = self._images_per_s
+            self._images_per_s = rate if prev is None else 0.7 * prev + 0.3 * rate
+        for item, images, wait in zip(batch, output.images, waits, strict=True):
+            if item.cancelled:
+                _set_exception(item.future, CancelledError("cancelled while running"))
+                continue
+            if not item.future.done():
+                item.future.set_result(
+                    ItemResult(
+                        images=images,
+                        device_seconds=share * item.images,
+                        batch_images=total_images,
+                        queue_wait_s=wait,
+                    )
+                )
+        if self.observer is not None:
+            self.observer.batch_done(
+                batch[0].params.model, total_images, output.device_seconds, waits
+            )
+        self._finish()
+
+    def _finish(self) -> None:
+        with self._cond:
+            self._running = []
+            self._running_runner = None
+
+
+def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,342 @@
+"""The `imagegen` command line: generate, models, stats (and serve, batch, presets where those
+features live). Errors are one line on stderr: exit 2 for bad input, 1 for failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from server import errors
+
+app = typer.Typer(
+    name="imagegen",
+    help="Image generation on your own GPU (SDXL, Flux) or hosted APIs, one path for all.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file (IMAGEGEN_* env vars win).")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+class _State:
+    debug = False
+
+
+def fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"imagegen: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """One place that turns errors into a line on stderr and an exit code."""
+    from models.base import BackendError
+    from models.catalogue import CatalogueError
+    from server.settings import ConfigFileError
+
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except errors.ImagegenError as exc:
+        if _State.debug:
+            traceback.print_exc()
+        fail(exc.message, exc.exit_code)
+    except (ConfigFileError, CatalogueError) as exc:
+        fail(str(exc), 2)
+    except BackendError as exc:
+        if _State.debug:
+            traceback.print_exc()
+        fail(exc.message, 1)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:
+        if _State.debug:
+            traceback.print_exc()
+        else:
+            typer.echo("(run again with --debug for the traceback)", err=True)
+        fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+def load_settings_or_exit(config: Path | None, **overrides: Any) -> Any:
+    from pydantic import ValidationError
+
+    from server.settings import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        fail(f"settings: {where}: {first['msg']}", 2)
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    parts = size.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise errors.InvalidRequestError(
+            f"size must be WIDTHxHEIGHT (for example 1024x1024), got '{size}'", param="size"
+        )
+    return int(parts[0]), int(parts[1])
+
+
+def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(coro_fn())
+
+
+@app.callback()
+def _root(debug: DebugOpt = False) -> None:
+    _State.debug = debug
+    # Never reach the network for weights unless the user says so.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT")] = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="Number of images.")] = 1,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    steps: Annotated[int | None, typer.Option("--steps")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
+    preset: Annotated[str | None, typer.Option("--preset")] = None,
+    from_image: Annotated[
+        Path | None, typer.Option("--from-image", help="Reproduce an imagegen PNG.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    local_only: Annotated[bool, typer.Option("--local-only")] = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate images and write them as PNG files."""
+    _State.debug = _State.debug or debug
+    from server import generate_cmd
+
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        width, height = parse_size(size)
+        request = generate_cmd.build_request(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            model=model,
+            width=width,
+            height=height,
+            n=n,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            preset=preset,
+            from_image=from_image,
+            local_only=local_only,
+        )
+        generate_cmd.run(settings, request, out=out, as_json=as_json)
+
+    run_guarded(go)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The model catalogue and whether each model can be used here."""
+    from server.registry import BackendRegistry
+
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from models.catalogue import Catalogue
+
+        registry = BackendRegistry(settings, Catalogue.load(settings.models))
+        rows = registry.describe()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("model", "kind", "provider", "available", "on disk", "source")
+        for row in rows:
+            table.add_row(
+                row["name"],
+                row["kind"],
+                row["provider"],
+                "yes" if row["available"] else "no (see --json)",
+                "built-in" if row.get("builtin") else ("yes" if row["on_disk"] else "no"),
+                row["source"],
+            )
+        Console().print(table)
+
+    run_guarded(go)
+
+
+@app.command()
+def stats(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Totals and per-model rows from the cost ledger."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from server.db import Database
+        from server.ledger import Ledger
+
+        data = Ledger(Database(settings.db_path)).stats()
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        console.print(
+            f"requests {data['requests']}  images {data['images']}  cached {data['cached']}  "
+            f"failed {data['failed']}  cost ${data['cost_usd']:.6f}  "
+            f"gpu-seconds {data['gpu_seconds']:.3f}  saved ${data['saved_usd']:.6f}"
+        )
+        table = Table(
+            "model", "provider", "requests", "images", "cached", "cost USD", "GPU s", "saved USD"
+        )
+        for r in data["models"]:
+            table.add_row(
+                r["model"],
+                r["provider"],
+                str(r["requests"]),
+                str(r["images"]),
+                str(r["cached"]),
+                f"{r['cost_usd']:.6f}",
+                f"{r['gpu_seconds']:.3f}",
+                f"{r['saved_usd']:.6f}",
+            )
+        console.print(table)
+
+    run_guarded(go)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="Load at start (repeatable).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Allow a public bind without API keys.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the OpenAI-compatible HTTP API (FastAPI + uvicorn)."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from server import serve_cmd
+
+        serve_cmd.run(
+            settings,
+            models=model or [],
+            host=host,
+            port=port,
+            insecure_no_auth=insecure_no_auth,
+        )
+
+    run_guarded(go)
+
+
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="JSONL (one request per line) or CSV file.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for images and manifest.")],
+    model: Annotated[str | None, typer.Option("--model", "-m")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency")] = 4,
+    budget_usd: Annotated[float | None, typer.Option("--budget-usd")] = None,
+    resume: Annotated[bool, typer.Option("--resume")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    preset: Annotated[str | None, typer.Option("--preset")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a file of requests; resumable, with a manifest and a cost cap."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from server import batch_cmd
+
+        code = batch_cmd.run(
+            settings,
+            file=file,
+            out=out,
+            model=model,
+            concurrency=concurrency,
+            budget_usd=budget_usd,
+            resume=resume,
+            dry_run=dry_run,
+            preset=preset,
+        )
+        if code:
+            raise typer.Exit(code)
+
+    run_guarded(go)
+
+
+@app.command()
+def presets(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The prompt presets (built-in and from the config file)."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from server.presets import PresetBook
+
+        book = PresetBook.load(settings.presets)
+        rows = [
+            {
+                "name": p.name,
+                "template": p.template,
+                "negative_prompt": p.negative_prompt,
+                "description": p.description,
+            }
+            for p in (book.get(name) for name in book.names())
+        ]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("preset", "template", "negative prompt")
+        for row in rows:
+            table.add_row(row["name"], row["template"], row["negative_prompt"])
+        Console().print(table)
+
+    run_guarded(go)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        # click reports usage errors with exit code 2 already; keep it.
+        sys.exit(exc.code)

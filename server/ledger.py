@@ -1,0 +1,135 @@
+"""The cost ledger: one SQLite row per generated or cache-served request; the source of
+`imagegen stats` and GET /v1/stats."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.db import Database
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    cached INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    seeds TEXT NOT NULL,
+    cost_usd REAL NOT NULL,
+    gpu_seconds REAL NOT NULL,
+    saved_usd REAL NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    tag TEXT
+);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+CREATE INDEX IF NOT EXISTS ledger_tag ON ledger (tag);
+"""
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    request_id: str
+    model: str
+    provider: str
+    cached: bool
+    seeds: Sequence[int | None]
+    cost_usd: float
+    gpu_seconds: float
+    saved_usd: float = 0.0
+    # "ok", "failed" (device time was spent, nothing returned) or "filtered" (the provider
+    # charged for a moderated request).
+    status: str = "ok"
+    error: str | None = None
+    # Free-form grouping (a batch run id), so a batch can be audited from the ledger.
+    tag: str | None = None
+
+
+class Ledger:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.executescript(_SCHEMA)
+
+    def record(self, row: LedgerRow) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO ledger (ts, request_id, model, provider, cached, images, seeds, "
+                "cost_usd, gpu_seconds, saved_usd, status, error, tag) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    row.request_id,
+                    row.model,
+                    row.provider,
+                    int(row.cached),
+                    len(row.seeds),
+                    json.dumps(list(row.seeds)),
+                    row.cost_usd,
+                    row.gpu_seconds,
+                    row.saved_usd,
+                    row.status,
+                    row.error,
+                    row.tag,
+                ),
+            )
+
+    def spent_since(self, since: float, provider: str | None = None) -> float:
+        sql = "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM ledger WHERE ts >= ?"
+        args: list[Any] = [since]
+        if provider is not None:
+            sql += " AND provider = ?"
+            args.append(provider)
+        return float(self.db.execute(sql, args)[0]["spent"])
+
+    def rows(self, tag: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM ledger"
+        args: list[Any] = []
+        if tag is not None:
+            sql += " WHERE tag = ?"
+            args.append(tag)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return [dict(r) for r in self.db.execute(sql, args)]
+
+    def stats(self) -> dict[str, Any]:
+        totals = self.db.execute(
+            "SELECT COUNT(*) AS requests, COALESCE(SUM(images), 0) AS images, "
+            "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
+            "COALESCE(SUM(gpu_seconds), 0) AS gpu_seconds, "
+            "COALESCE(SUM(saved_usd), 0) AS saved_usd, "
+            "COALESCE(SUM(status != 'ok'), 0) AS failed FROM ledger"
+        )[0]
+        per_model = self.db.execute(
+            "SELECT model, provider, COUNT(*) AS requests, SUM(images) AS images, "
+            "SUM(cached) AS cached, SUM(cost_usd) AS cost_usd, "
+            "SUM(gpu_seconds) AS gpu_seconds, SUM(saved_usd) AS saved_usd "
+            "FROM ledger GROUP BY model, provider ORDER BY model, provider"
+        )
+        return {
+            "requests": int(totals["requests"]),
+            "images": int(totals["images"]),
+            "cached": int(totals["cached"]),
+            "failed": int(totals["failed"]),
+            "cost_usd": round(float(totals["cost_usd"]), 8),
+            "gpu_seconds": round(float(totals["gpu_seconds"]), 6),
+            "saved_usd": round(float(totals["saved_usd"]), 8),
+            "models": [
+                {
+                    "model": r["model"],
+                    "provider": r["provider"],
+                    "requests": int(r["requests"]),
+                    "images": int(r["images"]),
+                    "cached": int(r["cached"]),
+                    "cost_usd": round(float(r["cost_usd"]), 8),
+                    "gpu_seconds": round(float(r["gpu_seconds"]), 6),
+                    "saved_usd": round(float(r["saved_usd"]), 8),
+                }
+                for r in per_model
+            ],
+        }

@@ -1,0 +1,146 @@
+"""Reproducible PNGs: the generation parameters written into, and read back from, PNG text."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+
+from PIL import Image, PngImagePlugin
+
+PARAMETERS_KEY = "parameters"  # the key AUTOMATIC1111, ComfyUI importers and Civitai read
+RECORD_KEY = "imagegen"
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Fixed so the same pixels and text always give the same bytes (Pillow writes no tIME chunk).
+_COMPRESS_LEVEL = 6
+
+# Our scheduler names -> the sampler names A1111 writes, so other tools recognise them.
+_A1111_SAMPLERS = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+    "flow_euler": "Euler (flow)",
+}
+
+
+class MetadataError(ValueError):
+    """The bytes are not a PNG, or its imagegen metadata is malformed."""
+
+
+def _quote(value: str) -> str:
+    # A1111's own rule: a value holding a separator is written as a JSON string so that the
+    # "key: value, key: value" line still parses.
+    if "," in value or ":" in value or "\n" in value:
+        return json.dumps(value)
+    return value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    *,
+    steps: int | None,
+    sampler: str | None,
+    cfg_scale: float | None,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    model_hash: str | None,
+) -> str:
+    """AUTOMATIC1111's "parameters" text; fields we do not know (None) are left out."""
+    fields: list[tuple[str, str]] = []
+    if steps is not None:
+        fields.append(("Steps", str(steps)))
+    if sampler is not None:
+        fields.append(("Sampler", _quote(_A1111_SAMPLERS.get(sampler, sampler))))
+    if cfg_scale is not None:
+        fields.append(("CFG scale", _number(cfg_scale)))
+    fields.append(("Seed", str(seed)))
+    fields.append(("Size", f"{width}x{height}"))
+    if model_hash:
+        fields.append(("Model hash", _quote(model_hash)))
+    fields.append(("Model", _quote(model)))
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def _open_png(png: bytes, *, what: str) -> Image.Image:
+    if not png.startswith(_PNG_SIGNATURE):
+        raise MetadataError(
+            f"{what}: not a PNG (missing the PNG signature); pass PNG bytes, "
+            "or ask the backend for output_format png"
+        )
+    try:
+        image = Image.open(io.BytesIO(png))
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise MetadataError(f"{what}: PNG could not be decoded ({type(exc).__name__})") from None
+    return image
+
+
+def _text_chunks(image: Image.Image) -> Mapping[str, str]:
+    text = getattr(image, "text", None)
+    return text if isinstance(text, Mapping) else {}
+
+
+def embed(png: bytes, *, parameters: str, record: Mapping[str, object]) -> bytes:
+    """New PNG bytes with the "parameters" and "imagegen" text chunks set; pixels unchanged."""
+    try:
+        record_text = json.dumps(
+            dict(record),
+            separators=(",", ":"),
+            sort_keys=True,
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"record: must be JSON-serialisable ({exc})") from None
+    with _open_png(png, what="embed") as image:
+        info = PngImagePlugin.PngInfo()
+        # Other text chunks (a backend's "Software", say) survive; ours are replaced.
+        for key, value in _text_chunks(image).items():
+            if key not in (PARAMETERS_KEY, RECORD_KEY):
+                info.add_text(key, value)
+        # Latin-1 text is written as tEXt (what A1111 writes), anything else as UTF-8 iTXt.
+        info.add_text(PARAMETERS_KEY, parameters)
+        info.add_text(RECORD_KEY, record_text)
+        # Pillow copies the ICC profile and tRNS by itself; colour hints and the rest we carry.
+        if "gamma" in image.info:
+            info.add(b"gAMA", round(float(image.info["gamma"]) * 100_000).to_bytes(4, "big"))
+        if "srgb" in image.info:
+            info.add(b"sRGB", bytes([int(image.info["srgb"])]))
+        extra = {key: image.info[key] for key in ("dpi", "exif") if key in image.info}
+        out = io.BytesIO()
+        image.save(out, format="PNG", pnginfo=info, compress_level=_COMPRESS_LEVEL, **extra)
+    return out.getvalue()
+
+
+def read(png: bytes) -> tuple[str | None, dict[str, object] | None]:
+    """(parameters text, imagegen record) from a PNG; either is None when its chunk is absent."""
+    with _open_png(png, what="read") as image:
+        chunks = _text_chunks(image)
+        parameters = chunks.get(PARAMETERS_KEY)
+        record_text = chunks.get(RECORD_KEY)
+    record: dict[str, object] | None = None
+    if record_text is not None:
+        try:
+            loaded = json.loads(str(record_text))
+        except json.JSONDecodeError as exc:
+            raise MetadataError(f"read: the {RECORD_KEY} chunk is not valid JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise MetadataError(
+                f"read: the {RECORD_KEY} chunk must hold a JSON object, got {type(loaded).__name__}"
+            )
+        record = loaded
+    return (str(parameters) if parameters is not None else None), record

@@ -1,0 +1,522 @@
+"""The ImageService: the one production path every caller (CLI, HTTP, batch) goes through —
+preset, sanitizer, seed, cache, router, backend, quality check, cost and ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import base
+from models.base import Backend, BackendResult, GeneratedImage, GenerationParams
+from models.catalogue import Catalogue
+from server import errors, pngmeta
+from server.cache import ResultCache, cache_key
+from server.cost import CostModel
+from server.db import Database
+from server.ledger import Ledger, LedgerRow
+from server.presets import PresetBook, PresetError
+from server.quality import QualityReport, check_image
+from server.registry import BackendRegistry
+from server.sanitizer import Sanitizer
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_N = 10
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A request as callers make it, before presets, defaults and seeds are applied."""
+
+    prompt: str
+    model: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    n: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    preset: str | None = None
+    output_format: base.OutputFormat = "png"
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = None
+    user: str | None = None
+    # Data residency for this request: never leave the host, whatever the server allows.
+    local_only: bool = False
+    # Groups ledger rows (a batch run id).
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultImage:
+    data: bytes
+    sha256: str
+    seed: int | None
+    width: int
+    height: int
+    format: str
+    quality: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    model: str
+    provider: str
+    cached: bool
+    images: tuple[ResultImage, ...]
+    revised_prompt: str
+    negative_prompt: str | None
+    params: GenerationParams
+    cost_usd: float
+    gpu_seconds: float
+    saved_usd: float = 0.0
+    dropped_params: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_key: str = ""
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [img.seed for img in self.images]
+
+
+# Progress events: ("progress", {"step": s, "total": t}), ("started", {}), ("loading", {...})
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+class ImageService:
+    def __init__(self, settings: Settings, *, registry: BackendRegistry | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.catalogue = Catalogue.load(settings.models)
+        self.presets = PresetBook.load(settings.presets)
+        self.sanitizer = Sanitizer.default()
+        self.db = Database(settings.db_path)
+        self.cache = ResultCache(settings.cache_dir, self.db, max_bytes=settings.cache_max_bytes)
+        self.ledger = Ledger(self.db)
+        self.cost = CostModel(settings.cost)
+        self.registry = registry or BackendRegistry(settings, self.catalogue)
+
+    # -- the production path -------------------------------------------------------------
+
+    async def generate(
+        self, request: ImageRequest, *, on_event: EventFn | None = None
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        request_id = "img_" + uuid.uuid4().hex[:24]
+        timings: dict[str, float] = {}
+        emit = on_event or (lambda kind, data: None)
+
+        params, revised = self._prepare(request)
+        backend = self.registry.backend_for(params.model, local_only=self._local_only(request))
+        try:
+            params = backend.resolve(params)
+            backend.check_prompt(params.prompt)
+        except base.BackendError as exc:
+            raise _map_backend_error(exc) from None
+        dropped = _dropped_by_service(request)
+        seed_given = request.seed is not None
+
+        key = cache_key(params.pixel_fields(), self._identity(backend, params))
+        timings["prepare_ms"] = _ms(started)
+        if seed_given:
+            hit = self._from_cache(key, request_id, params, revised, request, timings, started)
+            if hit is not None:
+                return hit
+
+        emit("started", {"model": params.model})
+        gen_start = time.perf_counter()
+        result, reports = await self._run_checked(backend, params, emit)
+        timings["generate_ms"] = _ms(gen_start)
+
+        images = self._finish_images(result, params, backend, revised)
+        cost = self._cost(result, backend, params)
+        if result.deterministic:
+            self.cache.put(
+                key,
+                [(img.data, img.seed, img.width, img.height, img.format) for img in images],
+                {
+                    "model": params.model,
+                    "provider": result.provider,
+                    "revised_prompt": revised,
+                    "negative_prompt": params.negative_prompt,
+                    "cost_usd": cost,
+                    "gpu_seconds": result.gpu_seconds,
+                    "dropped_params": sorted({*result.dropped_params, *dropped}),
+                    "quality": [r.as_dict() for r in reports],
+                },
+            )
+        if result.gpu_seconds:
+            self.cost.observe_local(params.model, result.gpu_seconds, params.n)
+        self.ledger.record(
+            LedgerRow(
+                request_id=request_id,
+                model=params.model,
+                provider=result.provider,
+                cached=False,
+                seeds=[img.seed for img in images],
+                cost_usd=cost,
+                gpu_seconds=result.gpu_seconds,
+                tag=request.tag,
+            )
+        )
+        timings["total_ms"] = _ms(started)
+        return GenerationResult(
+            request_id=request_id,
+            model=params.model,
+            provider=result.provider,
+            cached=False,
+            images=tuple(
+                ResultImage(
+                    data=img.data,
+                    sha256=hashlib.sha256(img.data).hexdigest(),
+                    seed=img.seed,
+                    width=img.width,
+                    height=img.height,
+                    format=img.format,
+                    quality=rep.as_dict(),
+                )
+                for img, rep in zip(images, reports, strict=True)
+            ),
+            revised_prompt=revised,
+            negative_prompt=params.negative_prompt,
+            params=params,
+            cost_usd=cost,
+            gpu_seconds=result.gpu_seconds,
+            dropped_params=tuple(sorted({*result.dropped_params, *dropped})),
+            notices=result.notices,
+            timings=timings,
+            cache_key=key,
+        )
+
+    def _prepare(self, request: ImageRequest) -> tuple[GenerationParams, str]:
+        """Validate, expand the preset and check the prompt: everything that must fail before
+        any model loads."""
+        if not request.prompt or not request.prompt.strip():
+            raise errors.InvalidRequestError("prompt must be a non-empty string", param="prompt")
+        if not 1 <= request.n <= MAX_N:
+            raise errors.InvalidRequestError(
+                f"n must be between 1 and {MAX_N}, got {request.n}", param="n"
+            )
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED - MAX_N:
+            raise errors.InvalidRequestError(
+                f"seed must be between 0 and {MAX_SEED - MAX_N}, got {request.seed}",
+                param="seed",
+            )
+        if request.steps is not None and not 1 <= request.steps <= 200:
+            raise errors.InvalidRequestError(
+                f"steps must be between 1 and 200, got {request.steps}", param="steps"
+            )
+        if request.guidance_scale is not None and not 0 <= request.guidance_scale <= 50:
+            raise errors.InvalidRequestError(
+                f"guidance_scale must be between 0 and 50, got {request.guidance_scale}",
+                param="guidance_scale",
+            )
+        try:
+            prompt, negative = self.presets.expand(
+                request.preset, request.prompt.strip(), request.negative_prompt
+            )
+        except PresetError as exc:
+            raise errors.InvalidRequestError(str(exc), param="preset") from None
+        # Only the positive prompt is screened: negative prompts name what to avoid.
+        verdict = self.sanitizer.check(prompt)
+        if verdict.blocked:
+            raise errors.PromptBlockedError(verdict.category or "policy")
+        model = request.model or self.settings.default_model
+        spec = self.catalogue.get(model)
+        if spec is None and model != "auto":
+            raise errors.ModelNotFoundError(
+                f"model '{model}' is not in the catalogue; `imagegen models` lists the "
+                "available ones",
+                param="model",
+            )
+        width = request.width or (spec.defaults.width if spec else 1024)
+        height = request.height or (spec.defaults.height if spec else 1024)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - MAX_N)
+        params = GenerationParams(
+            prompt=prompt,
+            model=model,
+            width=width,
+            height=height,
+            n=request.n,
+            seed=seed,
+            negative_prompt=negative or None,
+            steps=request.steps,
+            guidance_scale=(
+                float(request.guidance_scale) if request.guidance_scale is not None else None
+            ),
+            scheduler=request.scheduler,
+            quality=request.quality,
+            style=request.style,
+            output_format=request.output_format,
+            background=request.background,
+            moderation=request.moderation,
+            output_compression=request.output_compression,
+        )
+        return params, prompt
+
+    def _local_only(self, request: ImageRequest) -> bool:
+        return (
+            request.local_only
+            or self.settings.local_only
+            or self.settings.routing_policy == "local-only"
+        )
+
+    def _identity(self, backend: Backend, params: GenerationParams) -> dict[str, Any]:
+        try:
+            return backend.identity(params).as_dict()
+        except base.BackendError as exc:
+            raise _map_backend_error(exc) from None
+
+    def _from_cache(
+        self,
+        key: str,
+        request_id: str,
+        params: GenerationParams,
+        revised: str,
+        request: ImageRequest,
+        timings: dict[str, float],
+        started: float,
+    ) -> GenerationResult | None:
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        meta = entry.meta
+        saved = float(meta.get("cost_usd", 0.0))
+        provider = str(meta.get("provider", "local"))
+        self.ledger.record(
+            LedgerRow(
+                request_id=request_id,
+                model=params.model,
+                provider=provider,
+                cached=True,
+                seeds=[img.seed for img in entry.images],
+                cost_usd=0.0,
+                gpu_seconds=0.0,
+                saved_usd=saved,
+                tag=request.tag,
+            )
+        )
+        quality = list(meta.get("quality") or [{} for _ in entry.images])
+        timings["total_ms"] = _ms(started)
+        return GenerationResult(
+            request_id=request_id,
+            model=params.model,
+            provider=provider,
+            cached=True,
+            images=tuple(
+                ResultImage(
+                    data=img.data,
+                    sha256=img.sha256,
+                    seed=img.seed,
+                    width=img.width,
+                    height=img.height,
+                    format=img.format,
+                    quality=dict(q),
+                )
+                for img, q in zip(entry.images, quality, strict=False)
+            ),
+            revised_prompt=revised,
+            negative_prompt=params.negative_prompt,
+            params=params,
+            cost_usd=0.0,
+            gpu_seconds=0.0,
+            saved_usd=saved,
+            dropped_params=tuple(meta.get("dropped_params", ())),
+            timings=timings,
+            cache_key=key,
+        )
+
+    async def _run_checked(
+        self, backend: Backend, params: GenerationParams, emit: EventFn
+    ) -> tuple[BackendResult, list[QualityReport]]:
+        """Run the backend and check every image; one retry in the numerically safe mode
+        where a known fix exists (NaN / all-black frames: the fp16 VAE overflow)."""
+
+        def progress(step: int, total: int) -> None:
+            emit("progress", {"step": step, "total": total})
+
+        result = await self._call_backend(backend, params, progress, precise=False)
+        reports = [self._check(img, params) for img in result.images]
+        if all(r.ok for r in reports):
+            return result, reports
+        if any(r.retryable for r in reports if not r.ok):
+            first_gpu = result.gpu_seconds
+            emit("retry", {"reason": next(r.reason for r in reports if not r.ok)})
+            result = await self._call_backend(backend, params, progress, precise=True)
+            result = dataclasses.replace(result, gpu_seconds=result.gpu_seconds + first_gpu)
+            reports = [self._check(img, params) for img in result.images]
+            if all(r.ok for r in reports):
+                return result, reports
+        reason = next(r.reason for r in reports if not r.ok) or "quality check failed"
+        self.ledger.record(
+            LedgerRow(
+                request_id="failed_" + uuid.uuid4().hex[:16],
+                model=params.model,
+                provider=result.provider,
+                cached=False,
+                seeds=[img.seed for img in result.images],
+                cost_usd=self._cost(result, backend, params),
+                gpu_seconds=result.gpu_seconds,
+                status="failed",
+                error=reason,
+            )
+        )
+        raise errors.GenerationFailedError(
+            f"the generated image failed the quality check: {reason}"
+        )
+
+    async def _call_backend(
+        self,
+        backend: Backend,
+        params: GenerationParams,
+        progress: base.ProgressFn,
+        *,
+        precise: bool,
+    ) -> BackendResult:
+        try:
+            return await backend.generate(params, progress, precise=precise)
+        except base.ContentFilteredError as exc:
+            if exc.charged_usd:
+                self.ledger.record(
+                    LedgerRow(
+                        request_id="filtered_" + uuid.uuid4().hex[:16],
+                        model=params.model,
+                        provider=exc.provider or backend.provider,
+                        cached=False,
+                        seeds=[],
+                        cost_usd=exc.charged_usd,
+                        gpu_seconds=0.0,
+                        status="filtered",
+                        error=exc.message,
+                    )
+                )
+            raise _map_backend_error(exc) from None
+        except base.BackendError as exc:
+            raise _map_backend_error(exc) from None
+
+    def _check(self, image: GeneratedImage, params: GenerationParams) -> QualityReport:
+        report = check_image(
+            image.data, width=params.width, height=params.height, format=image.format
+        )
+        if "non-finite values" in image.warnings and report.ok:
+            return dataclasses.replace(report, ok=False, retryable=True, reason="non-finite values")
+        return report
+
+    def _finish_images(
+        self,
+        result: BackendResult,
+        params: GenerationParams,
+        backend: Backend,
+        revised: str,
+    ) -> list[GeneratedImage]:
+        """Embed the generation parameters in every PNG so the file reproduces itself."""
+        identity = self._identity(backend, params)
+        finished = []
+        for img in result.images:
+            if img.format != "png":
+                finished.append(img)
+                continue
+            seed = img.seed if img.seed is not None else params.seed
+            single = dataclasses.replace(params, seed=seed, n=1)
+            text = pngmeta.a1111_parameters(
+                revised,
+                params.negative_prompt,
+                steps=params.steps,
+                sampler=params.scheduler,
+                cfg_scale=params.guidance_scale,
+                seed=seed,
+                width=img.width,
+                height=img.height,
+                model=params.model,
+                model_hash=str(identity.get("model_revision", ""))[:17] or None,
+            )
+            record = {
+                "request": single.pixel_fields(),
+                "seed": seed,
+                "model": params.model,
+                "provider": result.provider,
+                "model_revision": identity.get("model_revision"),
+                "backend": identity.get("backend"),
+            }
+            data = pngmeta.embed(img.data, parameters=text, record=record)
+            finished.append(dataclasses.replace(img, data=data))
+        return finished
+
+    def _cost(self, result: BackendResult, backend: Backend, params: GenerationParams) -> float:
+        if result.cost_usd is not None:
+            return float(result.cost_usd)
+        if backend.is_local:
+            return self.cost.local_usd(result.gpu_seconds)
+        estimate = backend.estimate_cost_usd(params)
+        return float(estimate or 0.0)
+
+    # -- the rest of the service ---------------------------------------------------------
+
+    async def load(self, models: list[str], on_event: EventFn | None = None) -> None:
+        for name in models:
+            backend = self.registry.backend_for(name, local_only=False)
+            try:
+                await backend.load()
+            except base.BackendError as exc:
+                raise _map_backend_error(exc) from None
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.registry.describe()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.ledger.stats(),
+            "cache": self.cache.stats(),
+            "usd_per_gpu_hour": self.cost.usd_per_gpu_hour,
+        }
+
+    async def aclose(self) -> None:
+        await self.registry.aclose()
+        self.db.close()
+
+    def close(self) -> None:
+        asyncio.run(self.aclose())
+
+
+def _dropped_by_service(request: ImageRequest) -> tuple[str, ...]:
+    return ("user",) if request.user is not None else ()
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+def _map_backend_error(exc: base.BackendError) -> errors.ImagegenError:
+    """Backend errors become service errors with the same message (never a stack trace)."""
+    if isinstance(exc, base.QueueFullError):
+        return errors.QueueFullError(exc.message, retry_after_s=exc.retry_after_s)
+    if isinstance(exc, base.ContentFilteredError):
+        return errors.ContentFilteredError(exc.message, param="prompt")
+    if isinstance(exc, base.InvalidParamsError):
+        return errors.InvalidRequestError(exc.message, param=exc.param)
+    if isinstance(exc, base.ModelUnavailableError):
+        return errors.ModelUnavailableError(exc.message, param="model")
+    if isinstance(exc, base.AuthError):
+        return errors.ProviderAuthError(exc.message)
+    if isinstance(exc, base.CancelledError):
+        return errors.CancelledError(exc.message)
+    if isinstance(exc, base.TransientBackendError):
+        return errors.ProviderError(exc.message)
+    return errors.GenerationFailedError(exc.message)

@@ -1,0 +1,159 @@
+"""The one settings class: `IMAGEGEN_*` environment variables over an optional TOML file.
+
+Built once (by the CLI or the server's start-up) and passed down; nothing else reads the
+environment. Nested sections use `__` in variable names: IMAGEGEN_COST__USD_PER_GPU_HOUR=0.5.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_data_dir() -> Path:
+    """XDG data home, as Linux tools expect: ~/.local/share/imagegen."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "imagegen"
+
+
+class CostSettings(BaseModel):
+    """Local work is billed as amortized GPU time. Either set `usd_per_gpu_hour` directly or
+    let it be derived from the card's price, lifetime, utilisation and power draw.
+
+    Default derivation (an RTX 4090-class workstation card, late 2026 street price):
+    $1,800 over 3 years at 50% utilisation = 1800 / (3 * 8760 * 0.5) = $0.137/h, plus
+    450 W at $0.15/kWh = $0.0675/h, total about $0.205 per GPU-hour."""
+
+    usd_per_gpu_hour: float | None = Field(default=None, ge=0)
+    hardware_usd: float = Field(default=1800.0, ge=0)
+    lifetime_years: float = Field(default=3.0, gt=0)
+    utilisation: float = Field(default=0.5, gt=0, le=1)
+    power_watts: float = Field(default=450.0, ge=0)
+    electricity_usd_per_kwh: float = Field(default=0.15, ge=0)
+
+    def gpu_hour_usd(self) -> float:
+        if self.usd_per_gpu_hour is not None:
+            return self.usd_per_gpu_hour
+        hours_used = self.lifetime_years * 8760 * self.utilisation
+        return self.hardware_usd / hours_used + self.power_watts / 1000 * (
+            self.electricity_usd_per_kwh
+        )
+
+
+class LocalSettings(BaseModel):
+    """How local diffusers pipelines run."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    compile: bool = False
+    # Largest number of images in one pipeline call, and how long the worker waits to gather
+    # compatible requests into one batch.
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    # Bound on queued work, counted in images (n counts n times).
+    max_queue_images: int = Field(default=64, ge=1)
+    # Flux has no native negative prompt: a request with one runs true CFG at this scale.
+    flux_true_cfg_scale: float = Field(default=4.0, ge=1)
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[str] = Field(default_factory=list)
+    # API keys as plain tokens (hashed at start-up) or sha256 hex digests prefixed "sha256:".
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    insecure_no_auth: bool = False
+    public_base_url: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEGEN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    default_model: str = "tiny-sdxl"
+    # Byte cap on the result cache; least recently used entries are evicted past it.
+    cache_max_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # Data residency: when true no prompt or image ever leaves this host.
+    local_only: bool = False
+    routing_policy: Literal["local-first", "hosted-first", "cheapest", "local-only"] = "local-first"
+    cost: CostSettings = Field(default_factory=CostSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    # The user's own catalogue entries: [[models]] name, kind, source, defaults.
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    # Hosted providers, by provider id: {api_key, base_url, timeout_s, ...} (see README).
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Fallback chains: model name -> models to try next on a transient failure.
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    # Daily USD caps per provider id, and "total".
+    budgets: dict[str, float] = Field(default_factory=dict)
+    # The user's own presets: name -> {template, negative_prompt, description}.
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _CONFIG_FILE.get("path")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def db_path(self) -> Path:
+        """One SQLite database for the ledger, the cache index and job records."""
+        return self.data_dir / "imagegen.sqlite3"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+
+# The TOML file is chosen per load; pydantic-settings asks for sources on the class, so the
+# path travels through this slot for the duration of one `load_settings` call.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+class ConfigFileError(ValueError):
+    pass
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Environment variables win over the TOML file; explicit overrides win over both."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigFileError(
+            f"--config: no such file '{config_file}'; pass the path of a TOML settings file"
+        )
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE["path"] = None

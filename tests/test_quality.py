@@ -1,0 +1,269 @@
+"""Image quality control: failure detection, statistics and perceptual hashes."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from server.quality import QualityReport, check_array, check_image, hamming, near_duplicates
+
+Pixels = npt.NDArray[np.uint8]
+
+
+def _noise(seed: int, size: int = 64) -> Pixels:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _flat(level: int, size: int = 64) -> Pixels:
+    return np.full((size, size, 3), level, dtype=np.uint8)
+
+
+def _stars() -> Pixels:
+    # A few bright pixels on black: max is 255 but mean luminance is under 1.
+    pixels = _flat(0)
+    pixels[::32, ::32] = 255
+    return pixels
+
+
+def _smooth(seed: int) -> Pixels:
+    # Coarse random blocks blown up: structure at the scale pHash looks at.
+    small = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((64, 64), Image.Resampling.BICUBIC))
+
+
+def _encode(pixels: Pixels, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def _png(pixels: Pixels) -> bytes:
+    return _encode(pixels, "PNG")
+
+
+# (case, bytes, expected format, ok, reason, retryable, flagged)
+IMAGE_CASES: list[tuple[str, Callable[[], bytes], str, bool, str | None, bool, tuple[str, ...]]] = [
+    ("noise", lambda: _png(_noise(0)), "png", True, None, False, ()),
+    ("black", lambda: _png(_flat(0)), "png", False, "all-black frame", True, ("near-uniform",)),
+    (
+        "level-2 black",
+        lambda: _png(_flat(2)),
+        "png",
+        False,
+        "all-black frame",
+        True,
+        ("near-uniform",),
+    ),
+    ("stars", lambda: _png(_stars()), "png", False, "all-black frame", True, ()),
+    (
+        "black jpeg",
+        lambda: _encode(_flat(0), "JPEG"),
+        "jpeg",
+        False,
+        "all-black frame",
+        True,
+        ("near-uniform",),
+    ),
+    ("dark but real", lambda: _png(_flat(3)), "png", True, None, False, ("near-uniform",)),
+    ("flat gray", lambda: _png(_flat(128)), "png", True, None, False, ("near-uniform",)),
+    (
+        "jpeg as png",
+        lambda: _encode(_noise(0), "JPEG"),
+        "png",
+        False,
+        "format mismatch: expected png, got jpeg",
+        False,
+        (),
+    ),
+    ("jpg alias", lambda: _encode(_noise(0), "JPEG"), "jpg", True, None, False, ()),
+    ("webp", lambda: _encode(_noise(0), "WEBP"), "WEBP", True, None, False, ()),
+    (
+        "wrong size",
+        lambda: _png(_noise(0, size=32)),
+        "png",
+        False,
+        "size mismatch: expected 64x64, got 32x32",
+        False,
+        (),
+    ),
+    ("garbage", lambda: b"not an image at all", "png", False, "undecodable image", False, ()),
+    ("empty", lambda: b"", "png", False, "undecodable image", False, ()),
+    ("truncated", lambda: _png(_noise(0))[:200], "png", False, "undecodable image", False, ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "ok", "reason", "retryable", "flagged"),
+    [case[1:] for case in IMAGE_CASES],
+    ids=[case[0] for case in IMAGE_CASES],
+)
+def test_check_image(
+    data: Callable[[], bytes],
+    fmt: str,
+    ok: bool,
+    reason: str | None,
+    retryable: bool,
+    flagged: tuple[str, ...],
+) -> None:
+    report = check_image(data(), width=64, height=64, format=fmt)
+    assert (report.ok, report.reason, report.retryable, report.flagged) == (
+        ok,
+        reason,
+        retryable,
+        flagged,
+    )
+
+
+def _with(value: float) -> npt.NDArray[np.float64]:
+    pixels = np.full((16, 16, 3), 0.5)
+    pixels[4, 7, 1] = value
+    return pixels
+
+
+ARRAY_CASES: list[tuple[str, npt.NDArray[np.floating], bool, str | None, bool]] = [
+    ("noise", _noise(1) / 255.0, True, None, False),
+    ("nan", _with(float("nan")), False, "non-finite values", True),
+    ("inf", _with(float("inf")), False, "non-finite values", True),
+    ("-inf", _with(float("-inf")), False, "non-finite values", True),
+    ("all nan", np.full((8, 8, 3), np.nan, dtype=np.float32), False, "non-finite values", True),
+    ("zeros", np.zeros((16, 16, 3), dtype=np.float16), False, "all-black frame", True),
+    ("gray 2-D", np.full((16, 16), 0.5), True, None, False),
+    ("rgba", np.concatenate([_noise(2) / 255.0, np.zeros((64, 64, 1))], axis=2), True, None, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("pixels", "ok", "reason", "retryable"),
+    [case[1:] for case in ARRAY_CASES],
+    ids=[case[0] for case in ARRAY_CASES],
+)
+def test_check_array(
+    pixels: npt.NDArray[np.floating], ok: bool, reason: str | None, retryable: bool
+) -> None:
+    report = check_array(pixels)
+    assert (report.ok, report.reason, report.retryable) == (ok, reason, retryable)
+    assert all(np.isfinite([report.brightness, report.contrast, report.sharpness]))
+
+
+@pytest.mark.parametrize(
+    ("pixels", "fragment"),
+    [
+        (_noise(0), "pixels must be floats in [0, 1], got dtype uint8"),
+        (np.zeros((4, 4, 2)), "got shape (4, 4, 2)"),
+        (np.zeros((4,)), "got shape (4,)"),
+        (np.zeros((0, 4, 3)), "got shape (0, 4, 3)"),
+    ],
+)
+def test_check_array_rejects_bad_input(pixels: npt.NDArray[np.generic], fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        check_array(pixels)
+    assert fragment in str(info.value)
+
+
+def test_noise_is_sharp_and_blur_is_not() -> None:
+    noise = check_array(_noise(3) / 255.0)
+    assert noise.sharpness > 10_000
+    assert noise.contrast > 30
+    blurred = check_array(_smooth(3) / 255.0)
+    assert 0 < blurred.sharpness < noise.sharpness / 50
+
+
+@pytest.mark.parametrize(("level", "brightness"), [(0, 0.0), (128, 128.0), (255, 255.0)])
+def test_brightness_of_flat_frames(level: int, brightness: float) -> None:
+    report = check_image(_png(_flat(level)), width=64, height=64, format="png")
+    assert report.brightness == pytest.approx(brightness)
+    assert report.contrast == pytest.approx(0.0)
+    assert report.sharpness == pytest.approx(0.0)
+
+
+def test_luminance_uses_bt601_weights() -> None:
+    red = np.zeros((8, 8, 3))
+    red[..., 0] = 1.0
+    assert check_array(red).brightness == pytest.approx(0.299 * 255)
+
+
+def test_phash_is_16_hex_chars_and_agrees_between_bytes_and_arrays() -> None:
+    pixels = _smooth(4)
+    from_bytes = check_image(_png(pixels), width=64, height=64, format="png").phash
+    from_array = check_array(pixels / 255.0).phash
+    assert from_bytes == from_array
+    assert len(from_bytes) == 16
+    int(from_bytes, 16)
+    assert check_array(np.full((8, 8, 3), 0.3)).phash == "0" * 16
+
+
+def test_phash_survives_jpeg_and_resizing() -> None:
+    pixels = _smooth(5)
+    reference = check_array(pixels / 255.0).phash
+    jpeg = check_image(_encode(pixels, "JPEG"), width=64, height=64, format="jpeg").phash
+    bigger = np.asarray(Image.fromarray(pixels).resize((128, 128), Image.Resampling.BILINEAR))
+    assert hamming(reference, jpeg) <= 4
+    assert hamming(reference, check_array(bigger / 255.0).phash) <= 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_near_duplicates_perturbed_vs_unrelated(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    base = _noise(seed) / 255.0
+    perturbed = np.clip(base + rng.normal(0.0, 0.02, base.shape), 0.0, 1.0)
+    unrelated = _noise(seed + 50) / 255.0
+    hashes = [check_array(p).phash for p in (base, unrelated, perturbed)]
+    assert near_duplicates(hashes) == [(0, 2)]
+
+
+@pytest.mark.parametrize(
+    ("hashes", "max_distance", "expected"),
+    [
+        ([], 4, []),
+        (["0" * 16], 4, []),
+        (["0" * 16, "0" * 16, "f" * 16], 0, [(0, 1)]),
+        (["0" * 16, "000000000000000f", "00000000000000ff"], 4, [(0, 1), (1, 2)]),
+        (["0" * 16, "000000000000000f", "00000000000000ff"], 8, [(0, 1), (0, 2), (1, 2)]),
+    ],
+)
+def test_near_duplicates_table(
+    hashes: list[str], max_distance: int, expected: list[tuple[int, int]]
+) -> None:
+    assert near_duplicates(hashes, max_distance) == expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "distance"),
+    [
+        ("0" * 16, "0" * 16, 0),
+        ("f" * 16, "0" * 16, 64),
+        ("8000000000000000", "0" * 16, 1),
+        ("DEADBEEF00000000", "deadbeef00000001", 1),
+    ],
+)
+def test_hamming(a: str, b: str, distance: int) -> None:
+    assert hamming(a, b) == distance
+    assert hamming(b, a) == distance
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "fragment"),
+    [("0" * 16, "0" * 15, "same length"), ("z" * 16, "0" * 16, "hex strings")],
+)
+def test_hamming_rejects_bad_hashes(a: str, b: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        hamming(a, b)
+
+
+def test_near_duplicates_rejects_negative_distance() -> None:
+    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+        near_duplicates(["0" * 16], -1)
+
+
+def test_as_dict_is_json_ready() -> None:
+    report = check_image(_png(_flat(0)), width=64, height=64, format="png")
+    data = report.as_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["flagged"] == ["near-uniform"]
+    assert set(data) == {f.name for f in QualityReport.__dataclass_fields__.values()}
