@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import tomllib
 import traceback
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -74,10 +75,14 @@ def run_guarded(fn: Callable[[], T]) -> T:
 def load_settings_or_exit(config: Path | None, **overrides: Any) -> Any:
     from pydantic import ValidationError
 
-    from server.settings import load_settings
+    from server.settings import ConfigFileError, load_settings
 
     try:
         return load_settings(config, **overrides)
+    except ConfigFileError as exc:
+        fail(str(exc), 2)
+    except tomllib.TOMLDecodeError as exc:
+        fail(f"--config: '{config}' is not valid TOML: {exc}", 2)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -340,3 +345,7 @@ def main() -> None:
     except SystemExit as exc:
         # click reports usage errors with exit code 2 already; keep it.
         sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

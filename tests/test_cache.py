@@ -1,0 +1,192 @@
+"""The cache key (table-driven and property-based) and the content-addressed store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.cache import ResultCache, atomic_write, cache_key
+from server.db import Database
+
+BASE: dict[str, Any] = {
+    "prompt": "a fox",
+    "negative_prompt": None,
+    "model": "tiny-sdxl",
+    "width": 64,
+    "height": 64,
+    "n": 1,
+    "seed": 7,
+    "steps": 4,
+    "guidance_scale": 5.0,
+    "scheduler": "euler",
+    "quality": None,
+    "style": None,
+    "output_format": "png",
+    "background": None,
+    "output_compression": None,
+}
+IDENTITY = {
+    "backend": "local:sdxl",
+    "model_revision": "sha256:abc",
+    "pipeline": "P",
+    "dtype": "float32",
+    "device": "cpu",
+    "scheduler_config": {},
+    "extra": {},
+}
+
+
+def test_key_is_full_sha256_hex() -> None:
+    key = cache_key(BASE, IDENTITY)
+    assert len(key) == 64 and int(key, 16) >= 0
+
+
+def test_key_ignores_dict_order_and_int_float_spelling() -> None:
+    reordered = dict(reversed(list(BASE.items())))
+    assert cache_key(reordered, IDENTITY) == cache_key(BASE, IDENTITY)
+    assert cache_key({**BASE, "guidance_scale": 5}, IDENTITY) == cache_key(BASE, IDENTITY)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": "a fox "},
+        {"negative_prompt": ""},
+        {"negative_prompt": "fog"},
+        {"model": "tiny-flux"},
+        {"width": 72},
+        {"height": 72},
+        {"n": 2},
+        {"seed": 8},
+        {"steps": 5},
+        {"guidance_scale": 5.5},
+        {"scheduler": "ddim"},
+        {"output_format": "jpeg"},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_every_pixel_field_changes_the_key(change: dict[str, Any]) -> None:
+    assert cache_key({**BASE, **change}, IDENTITY) != cache_key(BASE, IDENTITY)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model_revision": "sha256:abd"},
+        {"dtype": "float16"},
+        {"pipeline": "Q"},
+        {"scheduler_config": {"timestep_spacing": "trailing"}},
+        {"device": "cuda"},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_backend_identity_changes_the_key(change: dict[str, Any]) -> None:
+    assert cache_key(BASE, {**IDENTITY, **change}) != cache_key(BASE, IDENTITY)
+
+
+params = st.fixed_dictionaries(
+    {
+        "prompt": st.text(max_size=30),
+        "negative_prompt": st.none() | st.text(max_size=10),
+        "width": st.integers(8, 2048),
+        "height": st.integers(8, 2048),
+        "n": st.integers(1, 10),
+        "seed": st.integers(0, 2**32),
+        "steps": st.none() | st.integers(1, 100),
+        "guidance_scale": st.none() | st.floats(0, 30, allow_nan=False).map(lambda f: f + 0.25),
+        "scheduler": st.sampled_from(["euler", "euler_a", "ddim", None]),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=params, b=params)
+def test_different_requests_never_share_a_key(a: dict[str, Any], b: dict[str, Any]) -> None:
+    if a == b:
+        assert cache_key(a, IDENTITY) == cache_key(b, IDENTITY)
+    else:
+        assert cache_key(a, IDENTITY) != cache_key(b, IDENTITY)
+
+
+@settings(max_examples=100, deadline=None)
+@given(a=params)
+def test_same_request_always_same_key(a: dict[str, Any]) -> None:
+    assert cache_key(dict(a), IDENTITY) == cache_key(dict(sorted(a.items())), IDENTITY)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> ResultCache:
+    return ResultCache(tmp_path / "cache", Database(tmp_path / "db.sqlite3"), max_bytes=1000)
+
+
+def _img(data: bytes, seed: int = 1) -> tuple[bytes, int, int, int, str]:
+    return (data, seed, 8, 8, "png")
+
+
+def test_objects_are_content_addressed_and_verified(cache: ResultCache) -> None:
+    [sha] = cache.put("k1", [_img(b"hello")], {"cost_usd": 0.1})
+    assert sha == hashlib.sha256(b"hello").hexdigest()
+    assert cache.object_path(sha).read_bytes() == b"hello"
+    entry = cache.get("k1")
+    assert entry is not None and entry.images[0].data == b"hello"
+    assert entry.meta["cost_usd"] == 0.1
+    cache.object_path(sha).write_bytes(b"jello")
+    assert cache.get("k1") is None  # dropped, not served
+    assert cache.get("k1") is None
+    assert cache.read_object(sha) is None
+
+
+def test_missing_object_drops_the_entry(cache: ResultCache) -> None:
+    [sha] = cache.put("k1", [_img(b"hello")], {})
+    cache.object_path(sha).unlink()
+    assert cache.get("k1") is None
+
+
+def test_lru_eviction_keeps_under_the_byte_cap(cache: ResultCache) -> None:
+    cache.put("a", [_img(b"a" * 400)], {})
+    cache.put("b", [_img(b"b" * 400)], {})
+    assert cache.get("a") is not None  # a is now more recent than b
+    cache.put("c", [_img(b"c" * 400)], {})
+    assert cache.total_bytes() <= 1000
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None
+    assert not cache.object_path(hashlib.sha256(b"b" * 400).hexdigest()).exists()
+
+
+def test_shared_object_survives_eviction_of_one_entry(cache: ResultCache) -> None:
+    cache.put("a", [_img(b"same" * 50)], {})
+    cache.put("b", [_img(b"same" * 50)], {})
+    cache.delete("a")
+    assert cache.get("b") is not None
+
+
+def test_interrupted_write_leaves_nothing_servable(
+    cache: ResultCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between writing and renaming: no entry, no object under its final name."""
+
+    def boom(src: str, dst: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put("k", [_img(b"partial")], {})
+    monkeypatch.undo()
+    assert cache.get("k") is None
+    sha = hashlib.sha256(b"partial").hexdigest()
+    assert not cache.object_path(sha).exists()
+    assert not list(cache.objects.rglob(".tmp-*"))
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.png"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]

@@ -1,0 +1,159 @@
+"""`imagegen` as a user runs it: a real subprocess, real files, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+IMAGEGEN = [sys.executable, "-m", "server.cli"]
+
+
+def imagegen(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*IMAGEGEN, *args], env=env, capture_output=True, text=True, timeout=180, cwd=cwd
+    )
+
+
+def generate_json(env: dict[str, str], out: Path, *args: str) -> dict[str, Any]:
+    proc = imagegen(env, "generate", *args, "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout
+    data: dict[str, Any] = json.loads(lines[0])
+    return data
+
+
+def test_generate_json_writes_pngs_then_hits_cache(cli_env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = generate_json(
+        cli_env, out, "a red fox", "--seed", "7", "-n", "2", "--size", "64x48", "--steps", "2"
+    )
+    assert {
+        k
+        for k in (
+            "request_id",
+            "model",
+            "provider",
+            "cached",
+            "cost_usd",
+            "gpu_seconds",
+            "revised_prompt",
+            "dropped_params",
+            "images",
+        )
+    } <= first.keys()
+    assert [i["seed"] for i in first["images"]] == [7, 8]
+    for item in first["images"]:
+        with Image.open(item["path"]) as img:
+            assert img.format == "PNG" and img.size == (64, 48)
+        assert (item["width"], item["height"]) == (64, 48)
+    second = generate_json(
+        cli_env, out, "a red fox", "--seed", "7", "-n", "2", "--size", "64x48", "--steps", "2"
+    )
+    assert second["cached"] is True and second["cost_usd"] == 0
+    assert [i["sha256"] for i in second["images"]] == [i["sha256"] for i in first["images"]]
+
+    stats = imagegen(cli_env, "stats", "--json")
+    assert stats.returncode == 0
+    data = json.loads(stats.stdout)
+    assert data["requests"] == 2 and data["cached"] == 1
+    assert data["cost_usd"] == pytest.approx(first["cost_usd"])
+
+
+def test_tiny_flux_from_the_cli(cli_env: dict[str, str], tmp_path: Path) -> None:
+    res = generate_json(
+        cli_env,
+        tmp_path,
+        "a comet",
+        "--model",
+        "tiny-flux",
+        "--seed",
+        "1",
+        "--size",
+        "80x64",
+        "--steps",
+        "2",
+    )
+    with Image.open(res["images"][0]["path"]) as img:
+        assert img.size == (80, 64)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["generate", "a boat", "--size", "64by64"], 2, "size must be WIDTHxHEIGHT"),
+        (["generate", "a boat", "--size", "70x64"], 2, "multiple of 8"),
+        (["generate", "a n.u.d.e boat"], 2, "content policy"),
+        (["generate", "a boat", "--model", "nope"], 2, "model 'nope' is not in the catalogue"),
+        (["generate", "a boat", "--scheduler", "warp"], 2, "scheduler 'warp'"),
+        (["generate", "a boat", "--model", "sdxl"], 1, "huggingface-cli download"),
+        (["generate"], 2, "PROMPT is missing"),
+        (["generate", "a boat", "--config", "/no/such.toml"], 2, "--config: no such file"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(
+    cli_env: dict[str, str], tmp_path: Path, args: list[str], code: int, needle: str
+) -> None:
+    proc = imagegen(cli_env, *args, "--out", str(tmp_path)) if args[0] == "generate" else None
+    assert proc is not None
+    assert proc.returncode == code, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("imagegen: error:")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_blocked_prompt_exits_before_any_model_is_built(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    env = {**cli_env, "IMAGEGEN_DATA_DIR": str(tmp_path / "fresh")}
+    proc = imagegen(env, "generate", "n u d e", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert not (tmp_path / "fresh" / "models").exists()
+
+
+def test_config_file_and_models_listing(cli_env: dict[str, str], tmp_path: Path) -> None:
+    cfg = tmp_path / "imagegen.toml"
+    cfg.write_text(
+        'default_model = "tiny-flux"\n'
+        "[[models]]\n"
+        'name = "my-sdxl"\nkind = "sdxl"\nsource = "/weights/missing.safetensors"\n'
+    )
+    listing = imagegen(cli_env, "models", "--json", "--config", str(cfg))
+    assert listing.returncode == 0, listing.stderr
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}
+    assert rows["tiny-sdxl"]["available"] and rows["tiny-sdxl"]["builtin"]
+    assert rows["my-sdxl"]["available"] is False
+    res = generate_json(cli_env, tmp_path, "a comet", "--config", str(cfg), "--steps", "1")
+    assert res["model"] == "tiny-flux"
+
+
+def test_kill_mid_run_leaves_nothing_a_later_run_would_serve(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILL at several points of a run; every later run either misses or serves verified
+    bytes, and no partial image file is left in the output folder."""
+    out = tmp_path / "out"
+    args = [*IMAGEGEN, "generate", "a tower", "--seed", "3", "--steps", "2", "--out", str(out)]
+    for delay in (0.8, 1.6, 2.4):
+        proc = subprocess.Popen(
+            args, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = generate_json(cli_env, out, "a tower", "--seed", "3", "--steps", "2")
+    clean = generate_json(cli_env, tmp_path / "clean", "a tower", "--seed", "3", "--steps", "2")
+    assert final["images"][0]["sha256"] == clean["images"][0]["sha256"]
+    for png in out.glob("*.png"):
+        Image.open(png).verify()
