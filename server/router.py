@@ -1,0 +1,190 @@
+"""The router: which model (and so which backend) serves a request — `auto` policies, fallback
+chains, per-provider circuit breakers, daily budgets and the local-only guarantee."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from models.base import ModelSpec
+from models.catalogue import Catalogue
+from server import errors
+from server.ledger import Ledger
+from server.settings import Settings
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class CircuitBreaker:
+    """Closed until `threshold` consecutive failures; then open for `cooldown_s`, after which
+    one probe request is let through (half-open): success closes it, failure re-opens it."""
+
+    threshold: int = 3
+    cooldown_s: float = 30.0
+    clock: Clock = time.monotonic
+    failures: int = 0
+    opened_at: float | None = None
+    probing: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at >= self.cooldown_s:
+            return "half-open"
+        return "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.threshold or self.opened_at is not None:
+            self.opened_at = self.clock()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    spec: ModelSpec
+    # Why this candidate is in the plan ("requested", "fallback of flux-pro-1.1", "auto").
+    reason: str = "requested"
+
+
+@dataclass
+class Router:
+    settings: Settings
+    catalogue: Catalogue
+    ledger: Ledger
+    clock: Clock = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    # Local seconds-per-image estimate for `cheapest` before a model has run here.
+    default_local_seconds_per_image: float = 10.0
+
+    # -- planning ------------------------------------------------------------------------
+
+    def local_only(self, requested: bool) -> bool:
+        return requested or self.settings.local_only or self.settings.routing_policy == "local-only"
+
+    def plan(
+        self,
+        model: str,
+        *,
+        local_only: bool,
+        estimate: Callable[[ModelSpec], float | None] | None = None,
+    ) -> list[Candidate]:
+        """The models to try, in order. A hosted model under local-only is refused outright
+        (never silently replaced by a local one); fallbacks that are hosted are left out."""
+        if model == "auto":
+            chain = [Candidate(s, "auto") for s in self._auto_pool(local_only, estimate)]
+            if not chain:
+                raise errors.ModelNotFoundError(
+                    "model 'auto' has no model to route to; set default_model to a local model "
+                    "or configure a provider (providers.NAME.api_key)",
+                    param="model",
+                )
+            return chain
+        spec = self.catalogue.get(model)
+        if spec is None:
+            raise errors.ModelNotFoundError(
+                f"model '{model}' is not in the catalogue; `imagegen models` or GET /v1/models "
+                "lists the available ones",
+                param="model",
+            )
+        if local_only and not spec.is_local:
+            raise errors.LocalOnlyError(
+                f"model '{model}' is hosted by {spec.kind} and local-only mode is on: no prompt "
+                "or image may leave this host. Choose a local model (`imagegen models`)",
+                param="model",
+            )
+        chain = [Candidate(spec)]
+        seen = {model}
+        for name in self.settings.fallbacks.get(model, []):
+            fallback = self.catalogue.get(name)
+            if fallback is None or name in seen or (local_only and not fallback.is_local):
+                continue
+            seen.add(name)
+            chain.append(Candidate(fallback, f"fallback of {model}"))
+        return chain
+
+    def _auto_pool(
+        self, local_only: bool, estimate: Callable[[ModelSpec], float | None] | None
+    ) -> list[ModelSpec]:
+        default = self.catalogue.get(self.settings.default_model)
+        local = [s for s in [default] if s is not None and s.is_local]
+        hosted = (
+            []
+            if local_only
+            else [
+                s
+                for s in (self.catalogue.specs[n] for n in self.catalogue.names())
+                if not s.is_local and self.provider_configured(s)
+            ]
+        )
+        policy = self.settings.routing_policy
+        if policy == "hosted-first":
+            return hosted + local
+        if policy == "cheapest":
+            pool = local + hosted
+
+            def price(spec: ModelSpec) -> float:
+                value = estimate(spec) if estimate is not None else None
+                return float("inf") if value is None else value
+
+            return sorted(pool, key=price)
+        return local + hosted
+
+    def provider_configured(self, spec: ModelSpec) -> bool:
+        return (spec.source or spec.kind) in self.settings.providers
+
+    def provider_of(self, spec: ModelSpec) -> str:
+        return "local" if spec.is_local else (spec.source or spec.kind)
+
+    # -- circuit breakers ----------------------------------------------------------------
+
+    def breaker(self, provider: str) -> CircuitBreaker:
+        if provider not in self.breakers:
+            self.breakers[provider] = CircuitBreaker(clock=self.clock)
+        return self.breakers[provider]
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def day_start(self) -> float:
+        now = dt.datetime.fromtimestamp(self.wall_clock(), tz=dt.UTC)
+        return now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+    def check_budget(self, provider: str, estimate_usd: float) -> None:
+        """Refuse work that would take today's spend (UTC day) past a cap: the provider's own
+        and the overall `total`."""
+        caps: Sequence[tuple[str, str | None]] = [(provider, provider), ("total", None)]
+        since = self.day_start()
+        for cap_name, scope in caps:
+            cap = self.settings.budgets.get(cap_name)
+            if cap is None:
+                continue
+            spent = self.ledger.spent_since(since, scope)
+            if spent + estimate_usd > cap + 1e-12:
+                resets = since + 86400
+                reset_at = dt.datetime.fromtimestamp(resets, tz=dt.UTC).isoformat()
+                label = "overall" if scope is None else f"'{provider}'"
+                raise errors.BudgetExhaustedError(
+                    f"the {label} daily budget of ${cap:.2f} would be passed (spent "
+                    f"${spent:.4f} today, this request about ${estimate_usd:.4f}); it resets "
+                    f"at {reset_at}. Raise budgets.{cap_name} to allow more",
+                    retry_after_s=max(1, int(resets - self.wall_clock())),
+                )
