@@ -13,7 +13,13 @@ from typing import Any
 
 import httpx
 
-from models.base import Backend, BackendIdentity, ModelSpec, PromptTooLongError
+from models.base import (
+    Backend,
+    BackendIdentity,
+    GenerationParams,
+    ModelSpec,
+    PromptTooLongError,
+)
 from models.hosted.config import ProviderConfig, ProviderConfigError
 from models.hosted.http import HostedHTTP, SleepFn
 from models.prices import PriceTable
@@ -67,7 +73,7 @@ class HostedBackend(Backend):
         """Backend-specific facts that decide the pixels (an endpoint, an API version)."""
         return {}
 
-    def identity(self, params: Any) -> BackendIdentity:
+    def identity(self, params: GenerationParams) -> BackendIdentity:
         # The host is part of the identity: another server behind the same model id may
         # make other pixels. Keys never are.
         return BackendIdentity(
@@ -85,6 +91,15 @@ class HostedBackend(Backend):
                 provider=self.provider,
                 param="prompt",
             )
+
+    def price_key(self, spec: ModelSpec | None = None) -> str | None:
+        """The price-table name for `spec` (default: this backend's): the catalogue name, else
+        the provider's model id (a user's own entry for a priced model)."""
+        spec = spec or self.spec
+        for name in (spec.name, spec.provider_model):
+            if name and self.prices.rows_for(name):
+                return name
+        return None
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -1,0 +1,321 @@
+"""Black Forest Labs FLUX API: submit (`POST /v1/{model}`), poll the returned URL, download.
+
+The submit answer's `polling_url` is used as given (it may be regional) and its `cost`
+(credits, $0.01 each) is the cost. `result.sample` is a signed URL that expires in minutes, so
+it is downloaded as soon as the task is Ready. Moderation arrives as a status on a 200.
+n > 1 submits n tasks (seeds s+i) and polls them together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Literal
+
+from models.base import (
+    BackendResult,
+    ContentFilteredError,
+    GenerationParams,
+    InvalidParamsError,
+    ProgressFn,
+    TransientBackendError,
+)
+from models.hosted import HostedBackend
+from models.hosted.http import (
+    Piece,
+    auth_failure,
+    gather_pieces,
+    same_site,
+    to_image,
+    total_cost,
+)
+
+Shape = Literal["grid32", "grid16", "aspect"]
+
+USD_PER_CREDIT = 0.01
+_MODERATED = frozenset({"Request Moderated", "Content Moderated"})
+_FAILED = frozenset({"Error", "Task not found"})
+_MAX_MEGAPIXELS_FLUX2 = 4 * 1024 * 1024
+# Ultra and Kontext take an aspect ratio "between 21:9 and 9:21" (bfl-openapi.json).
+_WIDEST = 21 / 9
+# Polls slow down by this factor up to this many poll intervals.
+_POLL_BACKOFF = 1.5
+_POLL_MAX_INTERVALS = 8.0
+
+
+def shape_of(provider_model: str) -> Shape:
+    if provider_model.startswith("flux-2-"):
+        return "grid16"
+    if provider_model.startswith(("flux-pro-1.1-ultra", "flux-kontext")):
+        return "aspect"
+    return "grid32"
+
+
+def reduced_ratio(width: int, height: int) -> str:
+    divisor = math.gcd(width, height)
+    return f"{width // divisor}:{height // divisor}"
+
+
+class BFLBackend(HostedBackend):
+    @property
+    def shape(self) -> Shape:
+        return shape_of(self.provider_model)
+
+    @property
+    def is_dev(self) -> bool:
+        return self.provider_model == "flux-dev"
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        if self.is_dev:
+            params = _with_defaults(
+                params, self.spec.defaults.steps, self.spec.defaults.guidance_scale
+            )
+        self._check(params)
+        return params
+
+    def _check(self, params: GenerationParams) -> None:
+        width, height, size = params.width, params.height, f"{params.width}x{params.height}"
+        shape = self.shape
+        if shape == "grid32" and not (
+            width % 32 == 0
+            and height % 32 == 0
+            and min(width, height) >= 256
+            and max(width, height) <= 1440
+        ):
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with both sides multiples of 32 between 256 and "
+                f"1440 for {self.provider_model}, got '{size}'",
+                provider=self.provider,
+                param="size",
+            )
+        if shape == "grid16" and not (
+            width % 16 == 0
+            and height % 16 == 0
+            and min(width, height) >= 64
+            and width * height <= _MAX_MEGAPIXELS_FLUX2
+        ):
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with both sides multiples of 16, at least 64 and "
+                f"at most 4 megapixels in all for {self.provider_model}, got '{size}'",
+                provider=self.provider,
+                param="size",
+            )
+        if shape == "aspect" and not (
+            min(width, height) > 0 and max(width, height) / min(width, height) <= _WIDEST + 1e-9
+        ):
+            raise InvalidParamsError(
+                f"size must have an aspect ratio between 21:9 and 9:21 for "
+                f"{self.provider_model}, got '{size}'",
+                provider=self.provider,
+                param="size",
+            )
+        if self.is_dev:
+            if params.steps is not None and not 1 <= params.steps <= 50:
+                raise InvalidParamsError(
+                    f"steps must be 1..50 for flux-dev, got {params.steps}",
+                    provider=self.provider,
+                    param="steps",
+                )
+            if params.guidance_scale is not None and not 1.5 <= params.guidance_scale <= 5:
+                raise InvalidParamsError(
+                    f"guidance_scale must be 1.5..5 for flux-dev, got {params.guidance_scale:g}",
+                    provider=self.provider,
+                    param="guidance_scale",
+                )
+        if params.seed < 0:
+            raise InvalidParamsError(
+                f"seed must be 0 or more, got {params.seed}", provider=self.provider, param="seed"
+            )
+
+    def estimate_cost_usd(self, params: GenerationParams) -> float | None:
+        key = self.price_key()
+        each = (
+            None
+            if key is None
+            else self.prices.price_per_image(key, size=f"{params.width}x{params.height}")
+        )
+        return None if each is None else each * params.n
+
+    def _body(self, params: GenerationParams, seed: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": params.prompt,
+            "seed": seed,
+            "output_format": params.output_format,
+        }
+        if self.shape == "aspect":
+            body["aspect_ratio"] = reduced_ratio(params.width, params.height)
+        else:
+            body["width"], body["height"] = params.width, params.height
+        if self.is_dev:
+            if params.steps is not None:
+                body["steps"] = params.steps
+            if params.guidance_scale is not None:
+                body["guidance"] = params.guidance_scale
+        return body
+
+    def _dropped(self, params: GenerationParams) -> tuple[str, ...]:
+        dropped = [
+            name
+            for name in (
+                "negative_prompt",
+                "scheduler",
+                "quality",
+                "style",
+                "background",
+                "moderation",
+                "output_compression",
+            )
+            if getattr(params, name) is not None
+        ]
+        if not self.is_dev:
+            dropped += [n for n in ("steps", "guidance_scale") if getattr(params, n) is not None]
+        return tuple(dropped)
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        *,
+        precise: bool = False,
+    ) -> BackendResult:
+        params = self.resolve(params)
+        self.check_prompt(params.prompt)
+        if self.config.api_key is None:
+            raise auth_failure(self.config)
+        shares = [0.0] * params.n
+
+        def report(index: int, fraction: float) -> None:
+            shares[index] = min(max(fraction, 0.0), 1.0)
+            if progress is not None:
+                progress(int(100 * sum(shares) / len(shares)), 100)
+
+        jobs = [self._task(params, seed, i, report) for i, seed in enumerate(params.image_seeds())]
+        pieces = await gather_pieces(self.provider, jobs)
+        notices: tuple[str, ...] = ()
+        if self.shape == "aspect":
+            notices = (
+                f"{self.provider_model} takes an aspect ratio, not a size: "
+                f"{params.width}x{params.height} was sent as "
+                f"aspect_ratio {reduced_ratio(params.width, params.height)}",
+            )
+        return BackendResult(
+            images=tuple(p.image for p in pieces),
+            provider=self.provider,
+            cost_usd=total_cost(pieces),
+            dropped_params=self._dropped(params),
+            notices=notices,
+            deterministic=True,
+        )
+
+    def _key_headers(self) -> dict[str, str]:
+        return {"x-key": self.config.api_key_value() or "", "accept": "application/json"}
+
+    async def _task(
+        self,
+        params: GenerationParams,
+        seed: int,
+        index: int,
+        report: Callable[[int, float], None],
+    ) -> Piece:
+        submitted = await self.http.send_json(
+            "POST",
+            f"{self.config.base_url}/v1/{self.provider_model}",
+            what=f"submit {self.provider_model}",
+            headers=self._key_headers(),
+            json=self._body(params, seed),
+        )
+        task_id = str(submitted.get("id", ""))
+        polling_url = submitted.get("polling_url")
+        if not isinstance(polling_url, str) or not polling_url:
+            polling_url = f"{self.config.base_url}/v1/get_result?id={task_id}"
+        credits = submitted.get("cost")
+        charged = 0.0
+        if isinstance(credits, int | float) and not isinstance(credits, bool):
+            charged = round(float(credits) * USD_PER_CREDIT, 6)
+            cost: float | None = charged
+        else:
+            key = self.price_key()
+            cost = (
+                None
+                if key is None
+                else self.prices.price_per_image(key, size=f"{params.width}x{params.height}")
+            )
+        sample = await self._poll(task_id, polling_url, charged, lambda f: report(index, f))
+        data = await self.http.download(sample, what=f"result download ({task_id})")
+        report(index, 1.0)
+        return Piece(to_image(data, provider=self.provider, seed=seed), cost)
+
+    async def _poll(
+        self,
+        task_id: str,
+        polling_url: str,
+        charged_usd: float,
+        report: Callable[[float], None],
+    ) -> str:
+        """Poll until a final status; return the sample URL."""
+        # Credentials go to the polling host only when it is the provider's own (regional
+        # hosts share the registrable domain); a signed result URL needs none.
+        headers = (
+            self._key_headers()
+            if same_site(polling_url, self.config.base_url)
+            else {"accept": "application/json"}
+        )
+        interval = self.config.poll_interval_s
+        waited = 0.0
+        status = "Pending"
+        while waited < self.config.poll_timeout_s:
+            await self.http.sleep(interval)
+            waited += interval
+            body = await self.http.send_json(
+                "GET", polling_url, what=f"poll task {task_id}", headers=headers
+            )
+            status = str(body.get("status", ""))
+            if status == "Ready":
+                result = body.get("result")
+                sample = result.get("sample") if isinstance(result, dict) else None
+                if not isinstance(sample, str) or not sample:
+                    raise TransientBackendError(
+                        f"bfl: task {task_id} is Ready but has no result.sample",
+                        provider=self.provider,
+                    )
+                return sample
+            if status in _MODERATED:
+                # Only the submit answer's `cost` says a moderated task was charged.
+                raise ContentFilteredError(
+                    f"bfl: the {'prompt' if status.startswith('Request') else 'image'} was "
+                    f"refused by the provider's moderation ({status})",
+                    provider=self.provider,
+                    charged_usd=charged_usd,
+                )
+            if status in _FAILED:
+                raise TransientBackendError(
+                    f"bfl: task {task_id} failed ({status}){_details(body)}",
+                    provider=self.provider,
+                )
+            fraction = body.get("progress")
+            if isinstance(fraction, int | float) and not isinstance(fraction, bool):
+                report(fraction if fraction <= 1 else fraction / 100)
+            interval = min(
+                interval * _POLL_BACKOFF, self.config.poll_interval_s * _POLL_MAX_INTERVALS
+            )
+        raise TransientBackendError(
+            f"bfl: task {task_id} still {status} after {waited:.0f} s "
+            f"(providers.{self.provider}.poll_timeout_s)",
+            provider=self.provider,
+        )
+
+
+def _details(body: dict[str, Any]) -> str:
+    details = body.get("details")
+    return f": {str(details)[:200]}" if details else ""
+
+
+def _with_defaults(
+    params: GenerationParams, steps: int | None, guidance: float | None
+) -> GenerationParams:
+    return replace(
+        params,
+        steps=params.steps if params.steps is not None else steps,
+        guidance_scale=params.guidance_scale if params.guidance_scale is not None else guidance,
+    )

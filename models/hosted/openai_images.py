@@ -1,0 +1,435 @@
+"""OpenAI Images (`POST /v1/images/generations`) through the official `openai` SDK.
+
+The SDK runs with `max_retries=0`: retries are ours (`models.hosted.http.with_retries`), so the
+wait honours `retry-after-ms` / `Retry-After` up to `retry_cap_s`, goes through the injected
+`sleep`, and matches every other hosted backend. GPT image models have no seed and no negative
+prompt: those land in `dropped_params` and results are not deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import httpx
+import openai
+from openai import AsyncOpenAI
+
+from models.base import (
+    BackendError,
+    BackendResult,
+    ContentFilteredError,
+    GenerationParams,
+    InvalidParamsError,
+    ModelSpec,
+    ProgressFn,
+    TransientBackendError,
+)
+from models.catalogue import Catalogue
+from models.hosted import HostedBackend
+from models.hosted.config import ProviderConfig
+from models.hosted.http import (
+    Piece,
+    Retryable,
+    SleepFn,
+    auth_failure,
+    decode_b64,
+    gather_pieces,
+    is_retryable_status,
+    parse_retry_after,
+    scrub,
+    to_image,
+    total_cost,
+    with_retries,
+)
+from models.prices import PriceTable
+
+Family = Literal["gpt-image-2", "gpt-image", "dall-e-3"]
+
+_MODERATION_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+_GPT_QUALITIES = ("low", "medium", "high", "auto")
+_DALLE3_QUALITIES = ("standard", "hd")
+_DALLE3_STYLES = ("vivid", "natural")
+_DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
+_GPT_FIXED_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+_GPT_MAX_N = 10
+# A retired dall-e-3 request served by a GPT image model keeps its intent.
+_DALLE3_TO_GPT_QUALITY = {"standard": "medium", "hd": "high"}
+
+
+def family_of(provider_model: str) -> Family:
+    if provider_model.startswith("dall-e"):
+        return "dall-e-3"
+    if provider_model.startswith("gpt-image-2"):
+        return "gpt-image-2"
+    return "gpt-image"
+
+
+def check_size(family: Family, width: int, height: int) -> None:
+    """Sizes each model family accepts (PROVIDERS.md, OpenAI spec 2026-08-21)."""
+    size = f"{width}x{height}"
+    if family == "gpt-image-2":
+        long_side, short_side = max(width, height), min(width, height)
+        ok = (
+            width % 16 == 0
+            and height % 16 == 0
+            and short_side >= 16
+            and long_side <= 3 * short_side
+            and long_side <= 3840
+            and short_side <= 2160
+        )
+        if not ok:
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with both sides divisible by 16, an aspect ratio "
+                f"between 1:3 and 3:1 and at most 3840x2160 for gpt-image-2, got '{size}'",
+                provider="openai",
+                param="size",
+            )
+        return
+    allowed = _DALLE3_SIZES if family == "dall-e-3" else _GPT_FIXED_SIZES
+    if size not in allowed:
+        raise InvalidParamsError(
+            f"size must be one of {', '.join(allowed)} for {family}, got '{size}'",
+            provider="openai",
+            param="size",
+        )
+
+
+class _ModelGone(Exception):
+    """The server says the model does not exist (retired): handled in `generate`."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class OpenAIImagesBackend(HostedBackend):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: ProviderConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: SleepFn | None = None,
+        prices: PriceTable | None = None,
+        catalogue: Catalogue | None = None,
+    ) -> None:
+        super().__init__(spec, config, transport=transport, sleep=sleep, prices=prices)
+        self._transport = transport
+        self._catalogue = catalogue
+        self._sdk: AsyncOpenAI | None = None
+
+    # ---------------------------------------------------------------- contract
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        self._request(family_of(self.provider_model), params)  # validates, builds nothing
+        return params
+
+    def estimate_cost_usd(self, params: GenerationParams) -> float | None:
+        # GPT image models are billed by tokens: there is no per-image figure to estimate
+        # with, so this is None for them until `usage` arrives.
+        key = self.price_key()
+        size = f"{params.width}x{params.height}"
+        each = None if key is None else self.prices.price_per_image(key, params.quality, size)
+        return None if each is None else each * params.n
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        *,
+        precise: bool = False,
+    ) -> BackendResult:
+        self.check_prompt(params.prompt)
+        try:
+            return await self._generate_as(self.spec, params, notices=())
+        except _ModelGone as exc:
+            gone = exc
+        replacement = self._replacement_for_retired(gone)
+        mapped, notices = self._translate_for(replacement, params)
+        try:
+            return await self._generate_as(replacement, mapped, notices=notices)
+        except _ModelGone as gone:
+            raise InvalidParamsError(
+                f"openai: neither '{self.provider_model}' nor its replacement "
+                f"'{replacement.provider_model or replacement.name}' is offered by "
+                f"{self.config.host} ({gone.detail})",
+                provider=self.provider,
+                param="model",
+            ) from None
+
+    def _replacement_for_retired(self, gone: _ModelGone) -> ModelSpec:
+        """The spec to serve a retired model with, or the error that names it."""
+        replacement = self._replacement()
+        if replacement is None:
+            raise InvalidParamsError(
+                f"openai: model '{self.provider_model}' is not offered by {self.config.host} "
+                f"({gone.detail}) and the catalogue names no replacement",
+                provider=self.provider,
+                param="model",
+            )
+        if not self.config.map_retired_to_replacement:
+            raise InvalidParamsError(
+                f"openai: model '{self.provider_model}' was retired by the provider "
+                f"({gone.detail}); use model '{replacement.name}' instead, or set "
+                f"providers.{self.provider}.map_retired_to_replacement = true to have it "
+                f"served by '{replacement.name}'",
+                provider=self.provider,
+                param="model",
+            )
+        return replacement
+
+    async def close(self) -> None:
+        if self._sdk is not None:
+            await self._sdk.close()
+            self._sdk = None
+        await super().close()
+
+    # ---------------------------------------------------------------- request building
+
+    def _request(
+        self, family: Family, params: GenerationParams
+    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The SDK keyword arguments for one call, and the params it cannot honour."""
+        check_size(family, params.width, params.height)
+        dropped = ["seed"]  # no OpenAI image model takes a seed
+        dropped += [
+            name
+            for name in ("negative_prompt", "steps", "guidance_scale", "scheduler")
+            if getattr(params, name) is not None
+        ]
+        body: dict[str, Any] = {
+            "prompt": params.prompt,
+            "size": f"{params.width}x{params.height}",
+        }
+        if family == "dall-e-3":
+            body["n"] = 1  # dall-e-3 takes one image per call; n > 1 makes n calls
+            body["response_format"] = "b64_json"
+            if params.quality is not None:
+                _check_choice("quality", params.quality, _DALLE3_QUALITIES, family)
+                body["quality"] = params.quality
+            if params.style is not None:
+                _check_choice("style", params.style, _DALLE3_STYLES, family)
+                body["style"] = params.style
+            if params.output_format != "png":
+                dropped.append("output_format")
+            dropped += [
+                name
+                for name in ("background", "moderation", "output_compression")
+                if getattr(params, name) is not None
+            ]
+            return body, tuple(dropped)
+        if not 1 <= params.n <= _GPT_MAX_N:
+            raise InvalidParamsError(
+                f"n must be between 1 and {_GPT_MAX_N} for {family}, got {params.n}",
+                provider="openai",
+                param="n",
+            )
+        body["n"] = params.n
+        body["output_format"] = params.output_format
+        if params.quality is not None:
+            _check_choice("quality", params.quality, _GPT_QUALITIES, family)
+            body["quality"] = params.quality
+        if params.background is not None:
+            _check_choice(
+                "background", params.background, ("transparent", "opaque", "auto"), family
+            )
+            body["background"] = params.background
+        if params.moderation is not None:
+            _check_choice("moderation", params.moderation, ("low", "auto"), family)
+            body["moderation"] = params.moderation
+        if params.output_compression is not None:
+            if params.output_format == "png":
+                dropped.append("output_compression")
+            elif not 0 <= params.output_compression <= 100:
+                raise InvalidParamsError(
+                    f"output_compression must be 0..100, got {params.output_compression}",
+                    provider="openai",
+                    param="output_compression",
+                )
+            else:
+                body["output_compression"] = params.output_compression
+        if params.style is not None:
+            dropped.append("style")
+        return body, tuple(dropped)
+
+    def _translate_for(
+        self, replacement: ModelSpec, params: GenerationParams
+    ) -> tuple[GenerationParams, tuple[str, ...]]:
+        target = replacement.provider_model or replacement.name
+        notices = [
+            f"'{self.spec.name}' is retired at {self.config.host}; served by "
+            f"'{replacement.name}' instead (providers.{self.provider}.map_retired_to_replacement)"
+        ]
+        if family_of(self.provider_model) == "dall-e-3" and family_of(target) != "dall-e-3":
+            quality = _DALLE3_TO_GPT_QUALITY.get(params.quality or "", params.quality)
+            if quality != params.quality:
+                notices.append(f"quality '{params.quality}' mapped to '{quality}' for {target}")
+            params = replace(params, quality=quality, model=replacement.name)
+        return params, tuple(notices)
+
+    def _replacement(self) -> ModelSpec | None:
+        name = self.spec.replacement
+        if not name:
+            return None
+        catalogue = self._catalogue or Catalogue.load()
+        spec = catalogue.get(name)
+        if spec is None or spec.kind != "openai":
+            return None
+        return spec
+
+    # ---------------------------------------------------------------- calling the SDK
+
+    def _client(self) -> AsyncOpenAI:
+        key = self.config.api_key_value()
+        if key is None:
+            raise auth_failure(self.config)
+        if self._sdk is None:
+            http_client = (
+                httpx.AsyncClient(transport=self._transport, timeout=self.config.timeout_s)
+                if self._transport is not None
+                else None
+            )
+            self._sdk = AsyncOpenAI(
+                api_key=key,
+                base_url=sdk_base_url(self.config.base_url),
+                max_retries=0,
+                timeout=self.config.timeout_s,
+                http_client=http_client,  # type: ignore[arg-type]  # the SDK accepts httpx too
+            )
+        return self._sdk
+
+    async def _generate_as(
+        self, spec: ModelSpec, params: GenerationParams, *, notices: Sequence[str]
+    ) -> BackendResult:
+        model_id = spec.provider_model or spec.name
+        family = family_of(model_id)
+        body, dropped = self._request(family, params)
+        body["model"] = model_id  # always sent: the server's default model is dall-e-2
+        client = self._client()
+        revised: list[str] = []
+
+        async def one_call() -> list[Piece]:
+            response = await with_retries(
+                lambda: self._call(client, body),
+                provider=self.provider,
+                policy=self.http.policy,
+                sleep=self.http.sleep,
+                what=f"images.generate ({model_id})",
+            )
+            pieces, revised_prompt = await self._pieces(spec, params, response)
+            if revised_prompt:
+                revised.append(revised_prompt)
+            return pieces
+
+        async def single_image() -> Piece:
+            return (await one_call())[0]
+
+        if family == "dall-e-3":  # one image per call
+            pieces = await gather_pieces(self.provider, [single_image() for _ in range(params.n)])
+        else:
+            pieces = await one_call()
+        return BackendResult(
+            images=tuple(p.image for p in pieces),
+            provider=self.provider,
+            cost_usd=total_cost(pieces),
+            revised_prompt=revised[0] if revised else None,
+            dropped_params=dropped,
+            notices=tuple(notices),
+            deterministic=False,
+        )
+
+    async def _call(self, client: AsyncOpenAI, body: Mapping[str, Any]) -> Any:
+        try:
+            return await client.images.generate(**body)
+        except openai.APITimeoutError:
+            raise Retryable(f"no answer within {self.config.timeout_s:g} s") from None
+        except openai.APIConnectionError:
+            raise Retryable("connection failed") from None
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc) from None
+
+    def _status_error(self, exc: openai.APIStatusError) -> Exception:
+        status, code, param = exc.status_code, exc.code, exc.param
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = scrub(str(body.get("message") or exc.message), self.config)[:300]
+        provider = self.provider
+        if code in _MODERATION_CODES:
+            return ContentFilteredError(
+                f"openai: the request was refused by the provider's moderation ({code}): {message}",
+                provider=provider,
+            )
+        if status in (400, 404) and (code == "model_not_found" or param == "model"):
+            return _ModelGone(f"{status} {code or 'model'}: {message}")
+        if status in (401, 403):
+            return auth_failure(self.config, status)
+        if status == 429 and code == "insufficient_quota":
+            # Retrying cannot help; a fallback backend can.
+            return TransientBackendError(
+                "openai: the account is out of quota (429 insufficient_quota); check billing",
+                provider=provider,
+            )
+        if is_retryable_status(status):
+            return Retryable(
+                f"{status} {code or ''}: {message}".replace("  ", " "),
+                parse_retry_after(exc.response.headers),
+            )
+        if 400 <= status < 500 and status != 404:
+            return InvalidParamsError(
+                f"openai rejected the request ({status}): {message}", provider=provider, param=param
+            )
+        return BackendError(
+            f"openai: unexpected answer {status} from {self.config.host}: {message}; "
+            f"check providers.{provider}.base_url",
+            provider=provider,
+        )
+
+    async def _pieces(
+        self, spec: ModelSpec, params: GenerationParams, response: Any
+    ) -> tuple[list[Piece], str | None]:
+        items = list(response.data or [])
+        if not items:
+            raise BackendError("openai: the response carries no images", provider=self.provider)
+        images = []
+        for item in items:
+            if item.b64_json:
+                data = decode_b64(item.b64_json, self.provider)
+            elif item.url:
+                data = await self.http.download(item.url)
+            else:
+                raise BackendError(
+                    "openai: an image in the response has neither b64_json nor url",
+                    provider=self.provider,
+                )
+            images.append(to_image(data, provider=self.provider, seed=None))
+        cost = self._cost(spec, params, response, count=len(images))
+        each = None if cost is None else cost / len(images)
+        return [Piece(img, each) for img in images], items[0].revised_prompt
+
+    def _cost(
+        self, spec: ModelSpec, params: GenerationParams, response: Any, *, count: int
+    ) -> float | None:
+        """From `usage` where the response has it (token-billed models), else the table."""
+        key = self.price_key(spec)
+        if key is None:
+            return None
+        usage = getattr(response, "usage", None)
+        if usage is not None and self.prices.has_token_prices(key):
+            return self.prices.token_cost(key, usage.model_dump())
+        each = self.prices.price_per_image(key, params.quality, f"{params.width}x{params.height}")
+        return None if each is None else each * count
+
+
+def sdk_base_url(base_url: str) -> str:
+    """The SDK's base_url includes the API version: accept settings with or without it."""
+    return base_url if base_url.rstrip("/").endswith("/v1") else f"{base_url.rstrip('/')}/v1"
+
+
+def _check_choice(param: str, value: str, allowed: Sequence[str], family: str) -> None:
+    if value not in allowed:
+        raise InvalidParamsError(
+            f"{param} must be one of {', '.join(allowed)} for {family}, got '{value}'",
+            provider="openai",
+            param=param,
+        )

@@ -1,0 +1,171 @@
+"""Another imagegen server as a backend, through its OpenAI-compatible images API.
+
+`POST {base}/v1/images/generations` with imagegen's extension fields (`negative_prompt`,
+`seed`, `steps`, `guidance_scale`, `scheduler`), so nothing is lost on the way: the answer
+carries each image's seed and an `imagegen` object with the remote cost, cache status and
+dropped params. The remote model name is the catalogue entry's `provider_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from models.base import (
+    BackendError,
+    BackendResult,
+    ContentFilteredError,
+    GenerationParams,
+    InvalidParamsError,
+    ProgressFn,
+)
+from models.hosted import HostedBackend
+from models.hosted.http import decode_b64, scrub, to_image
+
+_MODERATION_CODES = frozenset(
+    {"content_policy_violation", "moderation_blocked", "content_filtered"}
+)
+_OPTIONAL_FIELDS = (
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "quality",
+    "style",
+    "background",
+    "moderation",
+    "output_compression",
+)
+
+
+def api_base(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
+def _error_fields(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+class RemoteImagegenBackend(HostedBackend):
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        if params.width <= 0 or params.height <= 0 or params.n < 1:
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with positive sides and n at least 1, got "
+                f"'{params.width}x{params.height}', n={params.n}",
+                provider=self.provider,
+                param="size" if params.n >= 1 else "n",
+            )
+        return params
+
+    def _body(self, params: GenerationParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.provider_model,
+            "prompt": params.prompt,
+            "n": params.n,
+            "size": f"{params.width}x{params.height}",
+            "seed": params.seed,
+            "output_format": params.output_format,
+            "response_format": "b64_json",
+        }
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(params, name)
+            if value is not None:
+                body[name] = value
+        return body
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        *,
+        precise: bool = False,
+    ) -> BackendResult:
+        self.resolve(params)
+        self.check_prompt(params.prompt)
+        key = self.config.api_key_value()
+        headers = {"accept": "application/json"}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        answer = await self.http.send_json(
+            "POST",
+            f"{api_base(self.config.base_url)}/images/generations",
+            what=f"images/generations ({self.provider_model})",
+            headers=headers,
+            json=self._body(params),
+            on_error=self._on_error,
+        )
+        items = answer.get("data")
+        if not isinstance(items, list) or not items:
+            raise BackendError(
+                "imagegen: the remote answer carries no images", provider=self.provider
+            )
+        images = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise BackendError("imagegen: malformed data[] item", provider=self.provider)
+            seed = item.get("seed")
+            images.append(
+                to_image(
+                    decode_b64(item.get("b64_json"), self.provider),
+                    provider=self.provider,
+                    seed=seed if isinstance(seed, int) else params.seed + index,
+                )
+            )
+        meta = answer.get("imagegen")
+        meta = meta if isinstance(meta, dict) else {}
+        dropped = tuple(str(p) for p in meta.get("dropped_params") or ())
+        cost = meta.get("cost_usd")
+        notices: list[str] = []
+        if meta.get("cached"):
+            notices.append(
+                f"served from the cache of the imagegen server at {self.config.host}"
+                + (f" (request {meta['request_id']})" if meta.get("request_id") else "")
+            )
+        if progress is not None:
+            progress(1, 1)
+        first = items[0]
+        return BackendResult(
+            images=tuple(images),
+            provider=self.provider,
+            # The remote already turned its GPU time into cost_usd; its gpu_seconds were not
+            # spent here and are not booked again.
+            cost_usd=float(cost) if isinstance(cost, int | float) else None,
+            revised_prompt=first.get("revised_prompt") if isinstance(first, dict) else None,
+            dropped_params=dropped,
+            notices=tuple(notices),
+            deterministic="seed" not in dropped,
+        )
+
+    def _on_error(self, response: httpx.Response) -> BackendError | None:
+        error = _error_fields(response)
+        code = error.get("code")
+        message = scrub(str(error.get("message") or ""), self.config)[:300]
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+        status = response.status_code
+        if code in _MODERATION_CODES:
+            return ContentFilteredError(
+                f"imagegen: the remote server refused the content ({code}): {message}",
+                provider=self.provider,
+            )
+        if status in (400, 404) and (code == "model_not_found" or param == "model"):
+            return InvalidParamsError(
+                f"imagegen: the server at {self.config.host} has no model "
+                f"'{self.provider_model}' ({message}); check the catalogue entry's "
+                "provider_model",
+                provider=self.provider,
+                param="model",
+            )
+        if status in (400, 413, 422) and error:
+            return InvalidParamsError(
+                f"imagegen: the remote server rejected the request ({status}): {message}",
+                provider=self.provider,
+                param=param,
+            )
+        return None

@@ -1,0 +1,216 @@
+"""Stability AI v2beta Stable Image (`POST /v2beta/stable-image/generate/{ultra|core|sd3}`).
+
+Multipart form even without files, `accept: application/json`. One image per call (n > 1 makes
+n calls with seeds s+i). Stability takes an aspect ratio, not a size: the request's size maps
+to the nearest supported ratio and the mapping is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import httpx
+
+from models.base import (
+    BackendError,
+    BackendResult,
+    ContentFilteredError,
+    GenerationParams,
+    InvalidParamsError,
+    ProgressFn,
+)
+from models.hosted import HostedBackend
+from models.hosted.http import (
+    Piece,
+    auth_failure,
+    decode_b64,
+    gather_pieces,
+    json_object,
+    provider_message,
+    scrub,
+    to_image,
+    total_cost,
+)
+
+ASPECT_RATIOS = ("16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
+SEED_MAX = 4_294_967_294  # 0 means "random" to Stability
+ENDPOINTS = ("ultra", "core", "sd3")
+
+
+def nearest_aspect_ratio(width: int, height: int) -> tuple[str, bool]:
+    """The supported ratio closest to width:height (in log space, so 2:1 and 1:2 are equally
+    far from 1:1), and whether it is exact."""
+
+    def distance(ratio: str) -> float:
+        a, b = (int(x) for x in ratio.split(":"))
+        return abs(math.log(width / height) - math.log(a / b))
+
+    best = min(ASPECT_RATIOS, key=distance)
+    a, b = (int(x) for x in best.split(":"))
+    return best, width * b == height * a
+
+
+class StabilityBackend(HostedBackend):
+    @property
+    def endpoint(self) -> str:
+        explicit = self.spec.extra.get("endpoint")
+        if isinstance(explicit, str) and explicit in ENDPOINTS:
+            return explicit
+        return self.provider_model if self.provider_model in ("ultra", "core") else "sd3"
+
+    def identity_extra(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint}
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        if params.width <= 0 or params.height <= 0:
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with positive sides, got "
+                f"'{params.width}x{params.height}'",
+                provider=self.provider,
+                param="size",
+            )
+        seeds = params.image_seeds()
+        if min(seeds) < 0 or max(seeds) > SEED_MAX:
+            raise InvalidParamsError(
+                f"seed must be 0..{SEED_MAX} for Stability (image i uses seed + i), "
+                f"got {params.seed} with n={params.n}",
+                provider=self.provider,
+                param="seed",
+            )
+        return params
+
+    def estimate_cost_usd(self, params: GenerationParams) -> float | None:
+        each = self._price_each()
+        return None if each is None else each * params.n
+
+    def _price_each(self) -> float | None:
+        key = self.price_key()
+        return None if key is None else self.prices.price_per_image(key)
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        *,
+        precise: bool = False,
+    ) -> BackendResult:
+        self.resolve(params)
+        self.check_prompt(params.prompt)
+        if self.config.api_key is None:
+            raise auth_failure(self.config)
+        ratio, exact = nearest_aspect_ratio(params.width, params.height)
+        dropped: list[str] = []
+        notices: list[str] = []
+        if not exact:
+            dropped += ["width", "height"]
+            notices.append(
+                f"stability takes an aspect ratio, not a size: {params.width}x{params.height} "
+                f"was sent as aspect_ratio {ratio}"
+            )
+        sd3 = self.endpoint == "sd3"
+        dropped += [
+            name
+            for name in (
+                "steps",
+                "scheduler",
+                "quality",
+                "background",
+                "moderation",
+                "output_compression",
+            )
+            if getattr(params, name) is not None
+        ]
+        if params.guidance_scale is not None and not sd3:
+            dropped.append("guidance_scale")
+        if 0 in params.image_seeds():
+            notices.append("seed 0 means 'random' to Stability: that image is not reproducible")
+
+        done = 0
+
+        async def one(seed: int) -> Piece:
+            nonlocal done
+            piece = await self._one(params, seed, ratio, sd3)
+            done += 1
+            if progress is not None:
+                progress(done, params.n)
+            return piece
+
+        pieces = await gather_pieces(self.provider, [one(s) for s in params.image_seeds()])
+        return BackendResult(
+            images=tuple(p.image for p in pieces),
+            provider=self.provider,
+            cost_usd=total_cost(pieces),
+            dropped_params=tuple(dropped),
+            notices=tuple(notices),
+            deterministic=0 not in params.image_seeds(),
+        )
+
+    async def _one(self, params: GenerationParams, seed: int, ratio: str, sd3: bool) -> Piece:
+        fields: dict[str, str] = {
+            "prompt": params.prompt,
+            "aspect_ratio": ratio,
+            "seed": str(seed),
+            "output_format": params.output_format,
+        }
+        if params.negative_prompt:
+            fields["negative_prompt"] = params.negative_prompt
+        if params.style is not None:
+            fields["style_preset"] = params.style
+        if sd3:
+            fields["model"] = self.provider_model
+            if params.guidance_scale is not None:
+                fields["cfg_scale"] = f"{params.guidance_scale:g}"
+        # (None, value) parts make httpx send multipart/form-data with no file at all.
+        multipart = {name: (None, value) for name, value in fields.items()}
+        body = await self.http.send_json(
+            "POST",
+            f"{self.config.base_url}/v2beta/stable-image/generate/{self.endpoint}",
+            what=f"generate/{self.endpoint}",
+            headers={
+                "authorization": f"Bearer {self.config.api_key_value()}",
+                "accept": "application/json",
+            },
+            files=multipart,
+            on_error=self._on_error,
+        )
+        price = self._price_each()
+        finish = body.get("finish_reason")
+        if finish == "CONTENT_FILTERED":
+            # A 200 with a blurred image: a completed (so presumably billed) generation.
+            raise ContentFilteredError(
+                "stability: the image was filtered by the provider's moderation "
+                "(finish_reason CONTENT_FILTERED)",
+                provider=self.provider,
+                charged_usd=price or 0.0,
+            )
+        if finish not in (None, "SUCCESS"):
+            raise BackendError(
+                f"stability: generation finished with '{finish}'", provider=self.provider
+            )
+        data = decode_b64(body.get("image"), self.provider)
+        returned_seed = body.get("seed")
+        image_seed = returned_seed if isinstance(returned_seed, int) else seed
+        return Piece(to_image(data, provider=self.provider, seed=image_seed), price)
+
+    def _on_error(self, response: httpx.Response) -> BackendError | None:
+        if response.status_code == 403 and _error_name(response) == "content_moderation":
+            return ContentFilteredError(
+                "stability: the request was refused by the provider's moderation "
+                f"(403 content_moderation): {scrub(provider_message(response), self.config)}",
+                provider=self.provider,
+            )
+        if response.status_code == 413:
+            return InvalidParamsError(
+                "stability: the request is over 10 MiB (413)", provider=self.provider
+            )
+        return None
+
+
+def _error_name(response: httpx.Response) -> str | None:
+    try:
+        body = json_object(response, "stability", "error")
+    except BackendError:
+        return None
+    name = body.get("name")
+    return name if isinstance(name, str) else None

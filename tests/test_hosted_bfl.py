@@ -1,0 +1,197 @@
+"""BFLBackend against a live stub of the BFL API: submit, poll the returned URL, download."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from models.base import (
+    AuthError,
+    ContentFilteredError,
+    InvalidParamsError,
+    TransientBackendError,
+)
+from tests.stubs.bfl_stub import BFLStub
+from tests.stubs.common import delay, reply, require_specs, variant
+from tests.stubs.fixtures import RecordingSleep, backend, config, generate_once, live, params, run
+
+KEY = "bfl-test-good"
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[BFLStub]:
+    require_specs()
+    with live(BFLStub(api_key=KEY, pending_polls=2)) as served:
+        yield served
+
+
+@pytest.fixture(autouse=True)
+def clean(stub: BFLStub) -> Iterator[None]:
+    stub.state.reset()
+    yield
+    assert stub.state.invalid == [], "a request broke the BFL wire contract"
+
+
+def test_submit_poll_download(stub: BFLStub) -> None:
+    progress: list[tuple[int, int]] = []
+    b = backend("flux-pro-1.1", config("bfl", stub.url, KEY))
+    p = params("flux-pro-1.1", width=1024, height=768, negative_prompt="blurry", steps=10)
+    result = run(generate_once(b, p, progress=lambda s, t: progress.append((s, t))))
+
+    (image,) = result.images
+    assert (image.width, image.height, image.format, image.seed) == (1024, 768, "png", 42)
+    assert result.cost_usd == pytest.approx(0.04)  # the submit answer's 4 credits
+    assert result.deterministic is True
+    assert set(result.dropped_params) == {"negative_prompt", "steps"}
+    (submit,) = stub.state.of("submit")
+    assert submit.path == "/v1/flux-pro-1.1"
+    assert submit.headers["x-key"] == KEY
+    assert submit.json == {
+        "prompt": "a red fox in the snow",
+        "seed": 42,
+        "output_format": "png",
+        "width": 1024,
+        "height": 768,
+    }
+    polls = stub.state.of("poll")
+    assert len(polls) == 3 and all(p.path == "/eu/v1/get_result" for p in polls)
+    assert stub.state.count("download") == 1
+    assert progress[-1] == (100, 100)
+    assert [s for s, _ in progress] == sorted(s for s, _ in progress)
+
+
+def test_flux_dev_sends_steps_and_guidance(stub: BFLStub) -> None:
+    b = backend("bfl-flux-dev", config("bfl", stub.url, KEY))
+    p = b.resolve(params("bfl-flux-dev", output_format="jpeg"))
+    result = run(generate_once(b, p))
+    assert result.images[0].format == "jpeg"
+    assert result.cost_usd == pytest.approx(0.025)
+    body = stub.state.of("submit")[0].json
+    assert body["steps"] == 28 and body["guidance"] == 3.0
+
+
+def test_ultra_takes_an_aspect_ratio(stub: BFLStub) -> None:
+    b = backend("flux-pro-1.1-ultra", config("bfl", stub.url, KEY))
+    result = run(generate_once(b, params("flux-pro-1.1-ultra", width=1920, height=1080)))
+    assert stub.state.of("submit")[0].json["aspect_ratio"] == "16:9"
+    assert "aspect_ratio 16:9" in result.notices[0]
+
+
+def test_n_tasks_with_consecutive_seeds(stub: BFLStub) -> None:
+    b = backend("flux-2-pro", config("bfl", stub.url, KEY))
+    result = run(generate_once(b, params("flux-2-pro", n=3, seed=100, width=1440, height=1440)))
+    assert sorted(i.seed for i in result.images) == [100, 101, 102]
+    assert result.cost_usd == pytest.approx(3 * 0.03)
+    assert sorted(s.json["seed"] for s in stub.state.of("submit")) == [100, 101, 102]
+
+
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [
+        ("flux-pro-1.1", (1000, 1024)),
+        ("flux-pro-1.1", (224, 256)),
+        ("flux-pro-1.1", (1472, 1024)),
+        ("flux-2-pro", (2048, 2064)),
+        ("flux-2-pro", (1000, 1008)),
+        ("flux-pro-1.1-ultra", (3000, 1000)),
+    ],
+)
+def test_size_rules(stub: BFLStub, model: str, size: tuple[int, int]) -> None:
+    b = backend(model, config("bfl", stub.url, KEY))
+    with pytest.raises(InvalidParamsError) as caught:
+        b.resolve(params(model, width=size[0], height=size[1]))
+    assert caught.value.param == "size"
+
+
+def test_submit_429_waits_for_retry_after(stub: BFLStub) -> None:
+    stub.state.script("submit", reply(429, {"detail": "Too many active tasks"}, retry_after="1"))
+    sleep = RecordingSleep()
+    result = run(
+        generate_once(
+            backend("flux-pro-1.1", config("bfl", stub.url, KEY), sleep), params("flux-pro-1.1")
+        )
+    )
+    assert len(result.images) == 1
+    assert sleep.waits[0] == 1.0  # then the poll intervals
+    assert stub.state.count("submit") == 2
+
+
+def test_poll_500_then_success(stub: BFLStub) -> None:
+    stub.state.script("poll", reply(500, {"detail": "Internal Server Error"}))
+    result = run(
+        generate_once(backend("flux-pro-1.1", config("bfl", stub.url, KEY)), params("flux-pro-1.1"))
+    )
+    assert len(result.images) == 1
+    assert stub.state.count("submit") == 1
+
+
+def test_submit_timeout_is_transient(stub: BFLStub) -> None:
+    stub.state.script("submit", delay(1.0), delay(1.0))
+    b = backend("flux-pro-1.1", config("bfl", stub.url, KEY, timeout_s=0.25, max_retries=1))
+    with pytest.raises(TransientBackendError, match="no answer within"):
+        run(generate_once(b, params("flux-pro-1.1")))
+    assert stub.state.count("submit") == 2
+
+
+def test_task_that_stays_pending_times_out(stub: BFLStub) -> None:
+    stub.pending_polls = 10_000
+    try:
+        b = backend("flux-pro-1.1", config("bfl", stub.url, KEY, poll_timeout_s=0.2))
+        with pytest.raises(TransientBackendError, match="still Pending"):
+            run(generate_once(b, params("flux-pro-1.1")))
+    finally:
+        stub.pending_polls = 2
+
+
+@pytest.mark.parametrize("status", ["Request Moderated", "Content Moderated"])
+def test_moderation_is_content_filtered_with_the_charged_cost(stub: BFLStub, status: str) -> None:
+    stub.state.script("task", variant(status))
+    with pytest.raises(ContentFilteredError) as caught:
+        run(
+            generate_once(
+                backend("flux-pro-1.1", config("bfl", stub.url, KEY)), params("flux-pro-1.1")
+            )
+        )
+    assert status in caught.value.message
+    assert caught.value.charged_usd == pytest.approx(0.04)
+    assert stub.state.count("submit") == 1
+    assert stub.state.count("download") == 0
+
+
+@pytest.mark.parametrize("status", ["Error", "Task not found"])
+def test_failed_task_is_transient(stub: BFLStub, status: str) -> None:
+    stub.state.script("task", variant(status))
+    with pytest.raises(TransientBackendError, match=status):
+        run(
+            generate_once(
+                backend("flux-pro-1.1", config("bfl", stub.url, KEY)), params("flux-pro-1.1")
+            )
+        )
+    assert stub.state.count("submit") == 1
+
+
+def test_bad_key_is_a_403_auth_error(stub: BFLStub) -> None:
+    bad = "bfl-wrong-key-555"
+    with pytest.raises(AuthError) as caught:
+        run(
+            generate_once(
+                backend("flux-pro-1.1", config("bfl", stub.url, bad)), params("flux-pro-1.1")
+            )
+        )
+    message = str(caught.value)
+    assert message.startswith("bfl: the API key was rejected (403)")
+    assert "IMAGEGEN_PROVIDERS__BFL__API_KEY" in message and bad not in message
+    assert stub.state.count("submit") == 1
+
+
+def test_out_of_credits(stub: BFLStub) -> None:
+    stub.state.script("submit", reply(402, {"detail": "Insufficient credits"}))
+    with pytest.raises(Exception, match="402") as caught:
+        run(
+            generate_once(
+                backend("flux-pro-1.1", config("bfl", stub.url, KEY)), params("flux-pro-1.1")
+            )
+        )
+    assert not isinstance(caught.value, TransientBackendError)
+    assert stub.state.count("submit") == 1

@@ -1,0 +1,160 @@
+"""RemoteImagegenBackend against a live stub of another imagegen server's images API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from models.base import (
+    AuthError,
+    ContentFilteredError,
+    InvalidParamsError,
+    TransientBackendError,
+)
+from tests.stubs.common import delay, reply
+from tests.stubs.fixtures import RecordingSleep, backend, config, generate_once, live, params, run
+from tests.stubs.imagegen_stub import ImagegenStub
+
+KEY = "ig-test-good"
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[ImagegenStub]:
+    with live(ImagegenStub(api_key=KEY)) as served:
+        yield served
+
+
+@pytest.fixture(autouse=True)
+def clean(stub: ImagegenStub) -> Iterator[None]:
+    stub.state.reset()
+    yield
+    assert stub.state.invalid == [], "a request broke imagegen's own API contract"
+
+
+def envelope(
+    message: str, type_: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def test_extension_fields_travel_and_seeds_come_back(stub: ImagegenStub) -> None:
+    b = backend("remote-imagegen", config("imagegen", stub.url, KEY))
+    p = params(
+        "remote-imagegen",
+        n=2,
+        seed=11,
+        width=512,
+        height=768,
+        negative_prompt="blurry",
+        steps=20,
+        guidance_scale=6.5,
+        scheduler="euler",
+    )
+    result = run(generate_once(b, p))
+    assert [(i.seed, i.width, i.height) for i in result.images] == [(11, 512, 768), (12, 512, 768)]
+    assert result.cost_usd == pytest.approx(0.0008)
+    assert result.gpu_seconds == 0.0  # the remote's GPU time is already inside its cost
+    assert result.deterministic is True and result.dropped_params == ()
+    (request,) = stub.state.requests
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert request.json == {
+        "model": "sdxl",
+        "prompt": "a red fox in the snow",
+        "n": 2,
+        "size": "512x768",
+        "seed": 11,
+        "output_format": "png",
+        "response_format": "b64_json",
+        "negative_prompt": "blurry",
+        "steps": 20,
+        "guidance_scale": 6.5,
+        "scheduler": "euler",
+    }
+
+
+def test_seeded_repeat_is_identical(stub: ImagegenStub) -> None:
+    cfg = config("imagegen", stub.url, KEY)
+    first = run(generate_once(backend("remote-imagegen", cfg), params("remote-imagegen")))
+    again = run(generate_once(backend("remote-imagegen", cfg), params("remote-imagegen")))
+    assert first.images[0].data == again.images[0].data
+
+
+def test_429_with_retry_after_is_retried(stub: ImagegenStub) -> None:
+    stub.state.script(
+        "generate",
+        reply(429, envelope("server busy", "rate_limit_error", "queue_full"), retry_after="3"),
+    )
+    sleep = RecordingSleep()
+    b = backend("remote-imagegen", config("imagegen", stub.url, KEY), sleep)
+    result = run(generate_once(b, params("remote-imagegen")))
+    assert len(result.images) == 1
+    assert sleep.waits == [3.0]
+    assert stub.state.count("generate") == 2
+
+
+def test_503_then_success(stub: ImagegenStub) -> None:
+    stub.state.script("generate", reply(503, envelope("draining", "server_error", "not_ready")))
+    sleep = RecordingSleep()
+    b = backend("remote-imagegen", config("imagegen", stub.url, KEY), sleep)
+    assert len(run(generate_once(b, params("remote-imagegen"))).images) == 1
+    assert sleep.waits == [0.01]
+
+
+def test_timeout_is_transient(stub: ImagegenStub) -> None:
+    stub.state.script("generate", delay(1.0), delay(1.0))
+    b = backend("remote-imagegen", config("imagegen", stub.url, KEY, timeout_s=0.25, max_retries=1))
+    with pytest.raises(TransientBackendError):
+        run(generate_once(b, params("remote-imagegen")))
+    assert stub.state.count("generate") == 2
+
+
+def test_content_policy_violation_is_content_filtered(stub: ImagegenStub) -> None:
+    stub.state.script(
+        "generate",
+        reply(
+            400,
+            envelope(
+                "blocked by policy", "invalid_request_error", "content_policy_violation", "prompt"
+            ),
+        ),
+    )
+    with pytest.raises(ContentFilteredError, match="content_policy_violation"):
+        run(
+            generate_once(
+                backend("remote-imagegen", config("imagegen", stub.url, KEY)),
+                params("remote-imagegen"),
+            )
+        )
+    assert stub.state.count("generate") == 1
+
+
+def test_unknown_remote_model(stub: ImagegenStub) -> None:
+    stub.models = {"flux-dev"}
+    try:
+        with pytest.raises(InvalidParamsError) as caught:
+            run(
+                generate_once(
+                    backend("remote-imagegen", config("imagegen", stub.url, KEY)),
+                    params("remote-imagegen"),
+                )
+            )
+    finally:
+        stub.models = {"sdxl"}
+    assert caught.value.param == "model"
+    assert "provider_model" in caught.value.message
+
+
+def test_bad_key_is_an_auth_error(stub: ImagegenStub) -> None:
+    bad = "ig-wrong-key-31337"
+    with pytest.raises(AuthError) as caught:
+        run(
+            generate_once(
+                backend("remote-imagegen", config("imagegen", stub.url, bad)),
+                params("remote-imagegen"),
+            )
+        )
+    assert str(caught.value).startswith("imagegen: the API key was rejected (401)")
+    assert "IMAGEGEN_PROVIDERS__IMAGEGEN__API_KEY" in str(caught.value)
+    assert bad not in str(caught.value)
