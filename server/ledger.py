@@ -87,6 +87,37 @@ class Ledger:
             args.append(provider)
         return float(self.db.execute(sql, args)[0]["spent"])
 
+    def spent(self, tag: str) -> float:
+        """USD booked under `tag` (a batch run id), failed and filtered requests included."""
+        rows = self.db.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM ledger WHERE tag = ?", (tag,)
+        )
+        return float(rows[0]["spent"])
+
+    def seconds_per_image(self, model: str, *, recent: int = 200) -> float | None:
+        """Measured device seconds per image for a local model over its `recent` latest
+        generated (not cache-served) requests; None when it has never run here."""
+        rows = self.db.execute(
+            "SELECT COALESCE(SUM(gpu_seconds), 0) AS seconds, COALESCE(SUM(images), 0) AS images "
+            "FROM (SELECT gpu_seconds, images FROM ledger WHERE model = ? AND cached = 0 "
+            "AND status = 'ok' AND gpu_seconds > 0 ORDER BY id DESC LIMIT ?)",
+            (model, recent),
+        )
+        images = int(rows[0]["images"])
+        return float(rows[0]["seconds"]) / images if images else None
+
+    def usd_per_image(self, model: str, *, recent: int = 200) -> float | None:
+        """What one image of `model` has cost over its `recent` latest generated (not
+        cache-served) requests: the estimate for hosted models billed by usage."""
+        rows = self.db.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) AS usd, COALESCE(SUM(images), 0) AS images "
+            "FROM (SELECT cost_usd, images FROM ledger WHERE model = ? AND cached = 0 "
+            "AND status = 'ok' AND images > 0 ORDER BY id DESC LIMIT ?)",
+            (model, recent),
+        )
+        images = int(rows[0]["images"])
+        return float(rows[0]["usd"]) / images if images else None
+
     def rows(self, tag: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         sql = "SELECT * FROM ledger"
         args: list[Any] = []
@@ -116,9 +147,9 @@ class Ledger:
             "images": int(totals["images"]),
             "cached": int(totals["cached"]),
             "failed": int(totals["failed"]),
-            "cost_usd": round(float(totals["cost_usd"]), 8),
+            "cost_usd": round(float(totals["cost_usd"]), 12),
             "gpu_seconds": round(float(totals["gpu_seconds"]), 6),
-            "saved_usd": round(float(totals["saved_usd"]), 8),
+            "saved_usd": round(float(totals["saved_usd"]), 12),
             "models": [
                 {
                     "model": r["model"],
@@ -126,9 +157,9 @@ class Ledger:
                     "requests": int(r["requests"]),
                     "images": int(r["images"]),
                     "cached": int(r["cached"]),
-                    "cost_usd": round(float(r["cost_usd"]), 8),
+                    "cost_usd": round(float(r["cost_usd"]), 12),
                     "gpu_seconds": round(float(r["gpu_seconds"]), 6),
-                    "saved_usd": round(float(r["saved_usd"]), 8),
+                    "saved_usd": round(float(r["saved_usd"]), 12),
                 }
                 for r in per_model
             ],
