@@ -12,10 +12,13 @@ class ImagegenError(Exception):
     # CLI exit code: 2 for bad input / blocked prompt, 1 for failures.
     exit_code = 1
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, transient: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # A failure the next model of a fallback chain may recover from (timeouts, 5xx,
+        # 429 after retries, an open circuit, a full local queue).
+        self.transient = transient
 
 
 class InvalidRequestError(ImagegenError):
@@ -64,8 +67,15 @@ class RateLimitedError(ImagegenError):
     http_status = 429
     error_type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: int, param: str | None = None) -> None:
-        super().__init__(message, param=param)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int,
+        param: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(message, param=param, transient=transient)
         self.retry_after_s = retry_after_s
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models import base
-from models.base import Backend, BackendResult, GeneratedImage, GenerationParams
+from models.base import Backend, BackendResult, GeneratedImage, GenerationParams, ModelSpec
 from models.catalogue import Catalogue
 from server import errors, pngmeta
 from server.cache import ResultCache, cache_key
@@ -25,6 +25,7 @@ from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook, PresetError
 from server.quality import QualityReport, check_image
 from server.registry import BackendRegistry
+from server.router import Router
 from server.sanitizer import Sanitizer
 from server.settings import Settings
 
@@ -60,6 +61,8 @@ class ImageRequest:
     local_only: bool = False
     # Groups ledger rows (a batch run id).
     tag: str | None = None
+    # The caller's id for this request (the HTTP layer's X-Request-Id); generated when None.
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,37 @@ class GenerationResult:
     notices: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     cache_key: str = ""
+    # Models of the route that could not serve it before the one that did.
+    fallback_from: tuple[str, ...] = ()
 
     @property
     def seeds(self) -> list[int | None]:
         return [img.seed for img in self.images]
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    spec: ModelSpec
+    backend: Backend
+    params: GenerationParams
+    key: str
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request validated and resolved exactly as `generate` would, without running it: what
+    batch dry runs and budget reservations price."""
+
+    params: GenerationParams
+    backend: Backend
+    revised_prompt: str
+    cache_key: str
+    # The request came with a seed and its result is in the cache: `generate` serves it free.
+    cached: bool
+
+    @property
+    def provider(self) -> str:
+        return self.backend.provider
 
 
 # Progress events: ("progress", {"step": s, "total": t}), ("started", {}), ("loading", {...})
@@ -112,38 +142,139 @@ class ImageService:
         self.ledger = Ledger(self.db)
         self.cost = CostModel(settings.cost)
         self.registry = registry or BackendRegistry(settings, self.catalogue)
+        self.router = Router(settings, self.catalogue, self.ledger)
 
     # -- the production path -------------------------------------------------------------
 
     async def generate(
         self, request: ImageRequest, *, on_event: EventFn | None = None
     ) -> GenerationResult:
+        """Run `request` on the first model of its route that can serve it: the requested
+        model, then its fallbacks on a transient failure, an open circuit or a spent budget."""
         started = time.perf_counter()
-        request_id = "img_" + uuid.uuid4().hex[:24]
-        timings: dict[str, float] = {}
+        request_id = request.request_id or "img_" + uuid.uuid4().hex[:24]
         emit = on_event or (lambda kind, data: None)
+        base_params, revised = self._prepare(request)
+        chain = self.router.plan(
+            base_params.model,
+            local_only=self._local_only(request),
+            estimate=lambda spec: self._estimate(spec, base_params),
+        )
+        skipped: list[str] = []
+        last_error: errors.ImagegenError | None = None
+        for index, candidate in enumerate(chain):
+            try:
+                result = await self._attempt(
+                    self._resolve_for(candidate.spec, base_params, request),
+                    request,
+                    request_id,
+                    revised,
+                    emit,
+                    started,
+                )
+            except errors.ImagegenError as exc:
+                # A fallback that cannot take these parameters (another size grid, a shorter
+                # prompt limit) is passed over; the model asked for reports its own errors.
+                unfit = index > 0 and type(exc) is errors.InvalidRequestError
+                if not (exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)):
+                    raise
+                skipped.append(f"{candidate.spec.name}: {exc.message}")
+                last_error = exc
+                emit("fallback", {"model": candidate.spec.name, "reason": exc.message})
+                continue
+            if skipped:
+                result = dataclasses.replace(
+                    result,
+                    notices=(
+                        *result.notices,
+                        *(f"not served by {reason}" for reason in skipped),
+                    ),
+                    fallback_from=tuple(s.split(":", 1)[0] for s in skipped),
+                )
+            return result
+        assert last_error is not None  # the plan is never empty
+        raise last_error
 
-        params, revised = self._prepare(request)
-        backend = self.registry.backend_for(params.model, local_only=self._local_only(request))
+    def prepare(self, request: ImageRequest) -> PreparedRequest:
+        """Everything `generate` does before it runs a backend (validation, preset, sanitizer,
+        route, per-model defaults, cache key), for callers that must price or check a request
+        first. Raises the same errors `generate` would; prices the first model of the route."""
+        base_params, revised = self._prepare(request)
+        chain = self.router.plan(
+            base_params.model,
+            local_only=self._local_only(request),
+            estimate=lambda spec: self._estimate(spec, base_params),
+        )
+        attempt = self._resolve_for(chain[0].spec, base_params, request)
+        cached = request.seed is not None and self.cache.get(attempt.key) is not None
+        return PreparedRequest(
+            params=attempt.params,
+            backend=attempt.backend,
+            revised_prompt=revised,
+            cache_key=attempt.key,
+            cached=cached,
+        )
+
+    def _resolve_for(
+        self, spec: ModelSpec, base_params: GenerationParams, request: ImageRequest
+    ) -> _Attempt:
+        """The request as one model of the route sees it: that model's size defaults, steps,
+        guidance and scheduler, its prompt limit, and the cache key of the result."""
+        backend = self.registry.backend_for(spec.name, local_only=False)
+        params = dataclasses.replace(
+            base_params,
+            model=spec.name,
+            width=request.width or spec.defaults.width,
+            height=request.height or spec.defaults.height,
+        )
         try:
             params = backend.resolve(params)
             backend.check_prompt(params.prompt)
         except base.BackendError as exc:
             raise _map_backend_error(exc) from None
-        dropped = _dropped_by_service(request)
-        seed_given = request.seed is not None
-
         key = cache_key(params.pixel_fields(), self._identity(backend, params))
-        timings["prepare_ms"] = _ms(started)
-        if seed_given:
+        return _Attempt(spec=spec, backend=backend, params=params, key=key)
+
+    async def _attempt(
+        self,
+        attempt: _Attempt,
+        request: ImageRequest,
+        request_id: str,
+        revised: str,
+        emit: EventFn,
+        started: float,
+    ) -> GenerationResult:
+        backend, params, key = attempt.backend, attempt.params, attempt.key
+        timings: dict[str, float] = {"prepare_ms": _ms(started)}
+        if request.seed is not None:
             hit = self._from_cache(key, request_id, params, revised, request, timings, started)
             if hit is not None:
                 return hit
-
+        provider = self.router.provider_of(attempt.spec)
+        self.router.check_budget(provider, self._estimate(attempt.spec, params) or 0.0)
+        breaker = self.router.breaker(provider)
+        if not breaker.allow():
+            raise errors.ProviderError(
+                f"{provider} is failing repeatedly (circuit open); it is probed again shortly",
+                transient=True,
+            )
         emit("started", {"model": params.model})
         gen_start = time.perf_counter()
-        result, reports = await self._run_checked(backend, params, emit)
+        try:
+            result, reports = await self._run_checked(backend, params, emit, tag=request.tag)
+        except errors.ImagegenError as exc:
+            if exc.transient:
+                breaker.failure()
+            else:
+                # The provider answered (a refusal or bad input is not an outage).
+                breaker.success()
+            raise
+        except BaseException:
+            breaker.probing = False  # cancelled: the probe did not happen
+            raise
+        breaker.success()
         timings["generate_ms"] = _ms(gen_start)
+        dropped = tuple(sorted({*result.dropped_params, *_dropped_by_service(request)}))
 
         images = self._finish_images(result, params, backend, revised)
         cost = self._cost(result, backend, params)
@@ -158,7 +289,7 @@ class ImageService:
                     "negative_prompt": params.negative_prompt,
                     "cost_usd": cost,
                     "gpu_seconds": result.gpu_seconds,
-                    "dropped_params": sorted({*result.dropped_params, *dropped}),
+                    "dropped_params": list(dropped),
                     "quality": [r.as_dict() for r in reports],
                 },
             )
@@ -199,11 +330,26 @@ class ImageService:
             params=params,
             cost_usd=cost,
             gpu_seconds=result.gpu_seconds,
-            dropped_params=tuple(sorted({*result.dropped_params, *dropped})),
+            dropped_params=dropped,
             notices=result.notices,
             timings=timings,
             cache_key=key,
         )
+
+    def _estimate(self, spec: ModelSpec, params: GenerationParams) -> float | None:
+        """Expected USD for `params` on `spec` before running: the price table (or the
+        provider's measured average) for hosted models, measured GPU-seconds for local ones."""
+        if spec.is_local:
+            per_image = self.ledger.seconds_per_image(spec.name)
+            if per_image is None:
+                return None
+            return self.cost.local_usd(per_image * params.n)
+        backend = self.registry.backend_for(spec.name, local_only=False)
+        estimate = backend.estimate_cost_usd(dataclasses.replace(params, model=spec.name))
+        if estimate is not None:
+            return float(estimate)
+        average = self.ledger.usd_per_image(spec.name)
+        return None if average is None else average * params.n
 
     def _prepare(self, request: ImageRequest) -> tuple[GenerationParams, str]:
         """Validate, expand the preset and check the prompt: everything that must fail before
@@ -272,11 +418,7 @@ class ImageService:
         return params, prompt
 
     def _local_only(self, request: ImageRequest) -> bool:
-        return (
-            request.local_only
-            or self.settings.local_only
-            or self.settings.routing_policy == "local-only"
-        )
+        return self.router.local_only(request.local_only)
 
     def _identity(self, backend: Backend, params: GenerationParams) -> dict[str, Any]:
         try:
@@ -344,7 +486,7 @@ class ImageService:
         )
 
     async def _run_checked(
-        self, backend: Backend, params: GenerationParams, emit: EventFn
+        self, backend: Backend, params: GenerationParams, emit: EventFn, *, tag: str | None = None
     ) -> tuple[BackendResult, list[QualityReport]]:
         """Run the backend and check every image; one retry in the numerically safe mode
         where a known fix exists (NaN / all-black frames: the fp16 VAE overflow)."""
@@ -352,16 +494,18 @@ class ImageService:
         def progress(step: int, total: int) -> None:
             emit("progress", {"step": step, "total": total})
 
-        result = await self._call_backend(backend, params, progress, precise=False)
-        reports = [self._check(img, params) for img in result.images]
+        result = await self._call_backend(backend, params, progress, precise=False, tag=tag)
+        reports = [self._check(img, params, exact_size=backend.is_local) for img in result.images]
         if all(r.ok for r in reports):
             return result, reports
         if any(r.retryable for r in reports if not r.ok):
             first_gpu = result.gpu_seconds
             emit("retry", {"reason": next(r.reason for r in reports if not r.ok)})
-            result = await self._call_backend(backend, params, progress, precise=True)
+            result = await self._call_backend(backend, params, progress, precise=True, tag=tag)
             result = dataclasses.replace(result, gpu_seconds=result.gpu_seconds + first_gpu)
-            reports = [self._check(img, params) for img in result.images]
+            reports = [
+                self._check(img, params, exact_size=backend.is_local) for img in result.images
+            ]
             if all(r.ok for r in reports):
                 return result, reports
         reason = next(r.reason for r in reports if not r.ok) or "quality check failed"
@@ -376,6 +520,7 @@ class ImageService:
                 gpu_seconds=result.gpu_seconds,
                 status="failed",
                 error=reason,
+                tag=tag,
             )
         )
         raise errors.GenerationFailedError(
@@ -389,6 +534,7 @@ class ImageService:
         progress: base.ProgressFn,
         *,
         precise: bool,
+        tag: str | None = None,
     ) -> BackendResult:
         try:
             return await backend.generate(params, progress, precise=precise)
@@ -405,16 +551,20 @@ class ImageService:
                         gpu_seconds=0.0,
                         status="filtered",
                         error=exc.message,
+                        tag=tag,
                     )
                 )
             raise _map_backend_error(exc) from None
         except base.BackendError as exc:
             raise _map_backend_error(exc) from None
 
-    def _check(self, image: GeneratedImage, params: GenerationParams) -> QualityReport:
-        report = check_image(
-            image.data, width=params.width, height=params.height, format=image.format
-        )
+    def _check(
+        self, image: GeneratedImage, params: GenerationParams, *, exact_size: bool
+    ) -> QualityReport:
+        # Local pipelines must produce the requested size; hosted ones may map it (aspect
+        # ratios, Midjourney grids), so their images must be the size they declare.
+        width, height = (params.width, params.height) if exact_size else (image.width, image.height)
+        report = check_image(image.data, width=width, height=height, format=image.format)
         if "non-finite values" in image.warnings and report.ok:
             return dataclasses.replace(report, ok=False, retryable=True, reason="non-finite values")
         return report
@@ -506,7 +656,7 @@ def _ms(since: float) -> float:
 def _map_backend_error(exc: base.BackendError) -> errors.ImagegenError:
     """Backend errors become service errors with the same message (never a stack trace)."""
     if isinstance(exc, base.QueueFullError):
-        return errors.QueueFullError(exc.message, retry_after_s=exc.retry_after_s)
+        return errors.QueueFullError(exc.message, retry_after_s=exc.retry_after_s, transient=True)
     if isinstance(exc, base.ContentFilteredError):
         return errors.ContentFilteredError(exc.message, param="prompt")
     if isinstance(exc, base.InvalidParamsError):
@@ -518,5 +668,5 @@ def _map_backend_error(exc: base.BackendError) -> errors.ImagegenError:
     if isinstance(exc, base.CancelledError):
         return errors.CancelledError(exc.message)
     if isinstance(exc, base.TransientBackendError):
-        return errors.ProviderError(exc.message)
+        return errors.ProviderError(exc.message, transient=True)
     return errors.GenerationFailedError(exc.message)

@@ -247,10 +247,15 @@ class HostedHTTP:
         self.sleep: SleepFn = sleep or asyncio.sleep
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def client(self) -> httpx.AsyncClient:
-        if self._client is None or self._client.is_closed:
+        # A client's connections belong to the loop that opened them; a caller on another loop
+        # (each `asyncio.run` of the CLI or a test) gets a fresh client.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client.is_closed or self._loop is not loop:
+            self._loop = loop
             self._client = httpx.AsyncClient(
                 transport=self._transport,
                 timeout=httpx.Timeout(self.config.timeout_s),
@@ -259,9 +264,9 @@ class HostedHTTP:
         return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
             await self._client.aclose()
-            self._client = None
+        self._client = None
 
     async def send(
         self,

@@ -8,6 +8,7 @@ prompt: those land in `dropped_params` and results are not deterministic.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -119,6 +120,7 @@ class OpenAIImagesBackend(HostedBackend):
         self._transport = transport
         self._catalogue = catalogue
         self._sdk: AsyncOpenAI | None = None
+        self._sdk_loop: asyncio.AbstractEventLoop | None = None
 
     # ---------------------------------------------------------------- contract
 
@@ -181,9 +183,9 @@ class OpenAIImagesBackend(HostedBackend):
         return replacement
 
     async def close(self) -> None:
-        if self._sdk is not None:
+        if self._sdk is not None and self._sdk_loop is asyncio.get_running_loop():
             await self._sdk.close()
-            self._sdk = None
+        self._sdk = None
         await super().close()
 
     # ---------------------------------------------------------------- request building
@@ -285,7 +287,10 @@ class OpenAIImagesBackend(HostedBackend):
         key = self.config.api_key_value()
         if key is None:
             raise auth_failure(self.config)
-        if self._sdk is None:
+        # The SDK's connections belong to the loop that opened them (see HostedHTTP.client).
+        loop = asyncio.get_running_loop()
+        if self._sdk is None or self._sdk_loop is not loop:
+            self._sdk_loop = loop
             http_client = (
                 httpx.AsyncClient(transport=self._transport, timeout=self.config.timeout_s)
                 if self._transport is not None
