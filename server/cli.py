@@ -105,10 +105,40 @@ def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 @app.callback()
-def _root(debug: DebugOpt = False) -> None:
+def _root(ctx: typer.Context, debug: DebugOpt = False) -> None:
     _State.debug = debug
-    # Never reach the network for weights unless the user says so.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Never reach the network for weights unless the user says so (`imagegen pull`).
+    if ctx.invoked_subcommand != "pull":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="Catalogue name or hub repo id.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Download a hub model's weights into the Hugging Face cache (HF_HOME)."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from models.catalogue import Catalogue
+        from models.local import sources
+
+        spec = Catalogue.load(settings.models).get(model)
+        source = spec.source if spec is not None else model
+        if spec is not None and not spec.is_local:
+            raise errors.InvalidRequestError(
+                f"model '{model}' is hosted by {spec.kind}; there are no weights to pull",
+                param="model",
+            )
+        if sources.classify(source) != "hub":
+            raise errors.InvalidRequestError(
+                f"'{source}' is not a hub repo id; only hub models can be pulled", param="model"
+            )
+        path = sources.download_hub_model(source, spec.revision if spec else None)
+        typer.echo(f"{source}: {path}")
+
+    run_guarded(go)
 
 
 @app.command()

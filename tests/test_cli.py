@@ -157,3 +157,12 @@ def test_kill_mid_run_leaves_nothing_a_later_run_would_serve(
     assert final["images"][0]["sha256"] == clean["images"][0]["sha256"]
     for png in out.glob("*.png"):
         Image.open(png).verify()
+
+
+def test_pull_while_offline_fails_at_once_with_what_to_do(cli_env: dict[str, str]) -> None:
+    start = time.monotonic()
+    proc = imagegen(cli_env, "pull", "sdxl")
+    assert proc.returncode == 1
+    assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60  # never a hang
+    assert imagegen(cli_env, "pull", "tiny-sdxl").returncode == 2

@@ -87,11 +87,34 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         raise ModelUnavailableError(
             f"model '{repo_id}' is not in the local Hugging Face cache (HF_HOME); download it "
-            f"first with `huggingface-cli download {repo_id}` on a machine with internet access, "
-            "or point the model's source at a local folder or .safetensors file"
+            f"first with `imagegen pull {repo_id}` (or `huggingface-cli download {repo_id}`) on a "
+            "machine with internet access, or point the model's source at a local folder or "
+            ".safetensors file"
         ) from None
     except Exception as exc:  # the hub client raises several unrelated types here
         raise ModelUnavailableError(f"model '{repo_id}' cannot be resolved: {exc}") from None
+
+
+def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
+    """Download a hub repo into the Hugging Face cache: the one explicit step that reaches the
+    network (`imagegen pull`). Offline or unreachable hubs fail at once with what to do."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with diffusers
+        raise ModelUnavailableError(f"huggingface_hub is not installed: {exc}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailableError(
+            f"cannot download '{repo_id}': HF_HUB_OFFLINE is set. Unset it on a machine with "
+            "internet access, or copy the weights here and use a local folder"
+        )
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, etag_timeout=15))
+    except Exception as exc:  # connection, auth (gated repos) and not-found errors alike
+        raise ModelUnavailableError(
+            f"cannot download '{repo_id}' from the Hugging Face hub: {type(exc).__name__}: "
+            f"{exc}. Check the network, the repo id, and for gated models "
+            "`huggingface-cli login` after accepting the license"
+        ) from None
 
 
 def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> ResolvedSource:
