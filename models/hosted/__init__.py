@@ -17,6 +17,7 @@ from models.base import (
     Backend,
     BackendIdentity,
     GenerationParams,
+    InvalidParamsError,
     ModelSpec,
     PromptTooLongError,
 )
@@ -90,6 +91,24 @@ class HostedBackend(Backend):
                 f"prompt is {len(prompt)} characters; {self.spec.name} accepts at most {limit}",
                 provider=self.provider,
                 param="prompt",
+            )
+
+    def require_size_and_seeds(self, params: GenerationParams, *, seed_max: int) -> None:
+        """Positive sides and every image's seed (seed + i) inside the provider's range."""
+        if params.width <= 0 or params.height <= 0:
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with positive sides, got "
+                f"'{params.width}x{params.height}'",
+                provider=self.provider,
+                param="size",
+            )
+        seeds = params.image_seeds()
+        if min(seeds) < 0 or max(seeds) > seed_max:
+            raise InvalidParamsError(
+                f"seed must be 0..{seed_max} for {self.provider} (image i uses seed + i), "
+                f"got {params.seed} with n={params.n}",
+                provider=self.provider,
+                param="seed",
             )
 
     def price_key(self, spec: ModelSpec | None = None) -> str | None:

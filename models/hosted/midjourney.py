@@ -78,21 +78,7 @@ def parse_progress(value: Any) -> int | None:
 
 class MidjourneyBackend(HostedBackend):
     def resolve(self, params: GenerationParams) -> GenerationParams:
-        if params.width <= 0 or params.height <= 0:
-            raise InvalidParamsError(
-                f"size must be WIDTHxHEIGHT with positive sides, got "
-                f"'{params.width}x{params.height}'",
-                provider=self.provider,
-                param="size",
-            )
-        seeds = params.image_seeds()
-        if min(seeds) < 0 or max(seeds) > SEED_MAX:
-            raise InvalidParamsError(
-                f"seed must be 0..{SEED_MAX} for Midjourney (image i uses seed + i), "
-                f"got {params.seed} with n={params.n}",
-                provider=self.provider,
-                param="seed",
-            )
+        self.require_size_and_seeds(params, seed_max=SEED_MAX)
         return params
 
     def estimate_cost_usd(self, params: GenerationParams) -> float | None:
