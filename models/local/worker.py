@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,6 +76,23 @@ class WorkerObserver(Protocol):
     def queue_depth(self, images: int) -> None: ...
 
 
+class SubmitListener(Protocol):
+    """Watches the work items that one caller's task submits (the HTTP job runner reports
+    queue position and the moment its batch starts). Set through `submit_listener` around a
+    service call; `started` runs on the worker thread."""
+
+    def queued(self, worker: DeviceWorker, item: WorkItem, position: int) -> None: ...
+
+    def started(self, item: WorkItem) -> None: ...
+
+
+# A context variable rather than a parameter: the service and backends between the caller and
+# the worker stay unaware of it (asyncio tasks carry their context into `submit`).
+submit_listener: ContextVar[SubmitListener | None] = ContextVar(
+    "imagegen_submit_listener", default=None
+)
+
+
 @dataclass(frozen=True)
 class ItemResult:
     images: list[GeneratedImage]
@@ -93,6 +111,7 @@ class WorkItem:
     future: concurrent.futures.Future[ItemResult] = field(default_factory=concurrent.futures.Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    listener: SubmitListener | None = None
 
     @property
     def key(self) -> BatchKey:
@@ -126,6 +145,9 @@ class DeviceWorker:
         self._thread: threading.Thread | None = None
         # Recent throughput (images/s, exponentially averaged) for Retry-After estimates.
         self._images_per_s: float | None = None
+        # Requests in the last batch: the gathering window is only worth waiting when
+        # requests have recently come together (see _gather).
+        self._last_batch_requests = 1
         self.batches_run = 0
         self.pipeline_calls = 0
         self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
@@ -158,6 +180,18 @@ class DeviceWorker:
         with self._cond:
             return sum(item.images for item in self._queue if not item.cancelled)
 
+    def position(self, item: WorkItem) -> int | None:
+        """1-based place of `item` among queued requests (1 runs next); None once it runs."""
+        with self._cond:
+            place = 0
+            for queued in self._queue:
+                if queued.cancelled:
+                    continue
+                place += 1
+                if queued is item:
+                    return place
+            return None
+
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         """Run `fn` on the worker thread (loading weights: the thread that owns the
         pipelines is the only one that touches them)."""
@@ -179,10 +213,14 @@ class DeviceWorker:
                     f"images queued); retry later",
                     retry_after_s=self._retry_after(queued + item.images),
                 )
+            item.listener = item.listener or submit_listener.get()
             self._queue.append(item)
+            position = sum(1 for i in self._queue if not i.cancelled)
             self._notify_depth()
             self._cond.notify_all()
         self.start()
+        if item.listener is not None:
+            _notify(item.listener.queued, self, item, position)
         return item
 
     def cancel(self, item: WorkItem) -> None:
@@ -241,8 +279,10 @@ class DeviceWorker:
 
     def _gather(self) -> list[WorkItem]:
         """The oldest request decides the key; compatible requests that are queued, or that
-        arrive within the gathering window, join it up to the batch size."""
-        deadline = time.monotonic() + self.batch_window_s
+        arrive within the gathering window, join it up to the batch size. The window is waited
+        only while company is likely (the last batch was shared, or other work is queued): a
+        lone client's next request cannot arrive before it has this one's result, so waiting
+        would only add latency."""
         with self._cond:
             while self._queue and self._queue[0].cancelled:
                 self._queue.popleft()
@@ -250,6 +290,8 @@ class DeviceWorker:
                 return []
             head = self._queue.popleft()
             batch, size = [head], head.images
+            expect_company = self._last_batch_requests > 1 or bool(self._queue)
+            deadline = time.monotonic() + (self.batch_window_s if expect_company else 0.0)
             while True:
                 for item in list(self._queue):
                     if size >= self.max_batch_images:
@@ -267,6 +309,7 @@ class DeviceWorker:
                 self._cond.wait(remaining)
             self._running = batch
             self._running_runner = head.runner
+            self._last_batch_requests = len(batch)
             self._notify_depth()
         return batch
 
@@ -276,6 +319,8 @@ class DeviceWorker:
         for item in batch:
             if item.on_start is not None:
                 item.on_start()
+            if item.listener is not None:
+                _notify(item.listener.started, item)
 
         def on_step(step: int, total: int) -> None:
             for item in batch:
@@ -307,6 +352,12 @@ class DeviceWorker:
             rate = total_images / output.device_seconds
             prev = self._images_per_s
             self._images_per_s = rate if prev is None else 0.7 * prev + 0.3 * rate
+        # Observed before results are handed out: a client that has its images also sees
+        # their batch in the metrics.
+        if self.observer is not None:
+            self.observer.batch_done(
+                batch[0].params.model, total_images, output.device_seconds, waits
+            )
         for item, images, wait in zip(batch, output.images, waits, strict=True):
             if item.cancelled:
                 _set_exception(item.future, CancelledError("cancelled while running"))
@@ -320,16 +371,20 @@ class DeviceWorker:
                         queue_wait_s=wait,
                     )
                 )
-        if self.observer is not None:
-            self.observer.batch_done(
-                batch[0].params.model, total_images, output.device_seconds, waits
-            )
         self._finish()
 
     def _finish(self) -> None:
         with self._cond:
             self._running = []
             self._running_runner = None
+
+
+def _notify(hook: Callable[..., None], *args: Any) -> None:
+    """A listener's failure is its own: it must not take the queue or the worker down."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("submit listener failed")
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:

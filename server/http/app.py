@@ -1,0 +1,126 @@
+"""The app factory: one FastAPI app over one ImageService, with auth and request-id middleware,
+the OpenAI error envelope, and a start-up that loads and warms the named models in the
+background (so /livez answers at once and /readyz turns 200 when they are ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from models import base
+from models.catalogue import Catalogue
+from server import errors
+from server.http import errors as http_errors
+from server.http import routes_images, routes_jobs, routes_models, routes_ops
+from server.http.auth import ApiKeys, AuthMiddleware
+from server.http.jobs import JobRunner, JobStore
+from server.http.metrics import Metrics
+from server.http.middleware import RequestContextMiddleware
+from server.http.serving import ImagesServing, Readiness
+from server.http.state import AppState
+from server.registry import BackendRegistry
+from server.service import ImageService
+from server.settings import Settings
+
+log = logging.getLogger("server.http")
+
+
+def create_app(settings: Settings, service: ImageService | None = None) -> FastAPI:
+    """The HTTP API over `service` (built from `settings` when None, and then closed with the
+    app). Models named in settings.server.models load and warm up after start-up."""
+    metrics = Metrics()
+    owns_service = service is None
+    if service is None:
+        registry = BackendRegistry(settings, Catalogue.load(settings.models), observer=metrics)
+        service = ImageService(settings, registry=registry)
+    elif service.registry.worker.observer is None:
+        service.registry.worker.observer = metrics
+    readiness = Readiness(settings.server.models)
+    serving = ImagesServing(settings, service, metrics, readiness)
+    state = AppState(
+        settings=settings,
+        service=service,
+        metrics=metrics,
+        readiness=readiness,
+        serving=serving,
+        jobs=JobRunner(JobStore(service.db), serving),
+        owns_service=owns_service,
+        started=time.time(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.jobs.start()
+        loading = asyncio.create_task(_load_and_warm(state), name="imagegen-load-models")
+        try:
+            yield
+        finally:
+            readiness.draining = True
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await state.jobs.aclose()
+            if state.owns_service:
+                await state.service.aclose()
+
+    app = FastAPI(
+        title="imagegen",
+        summary="OpenAI-compatible image generation on local GPUs and hosted APIs.",
+        lifespan=lifespan,
+    )
+    app.state.imagegen = state
+    http_errors.install(app)
+    for module in (routes_images, routes_jobs, routes_models, routes_ops):
+        app.include_router(module.router)
+    # Added last = runs first: every response, a 401 included, carries its request id.
+    app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.server.api_keys))
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+async def _load_and_warm(state: AppState) -> None:
+    """Load every named model and run one tiny generation on each local one, so the first
+    real request pays for neither (weights, kernels, allocator)."""
+    readiness = state.readiness
+    try:
+        for name in readiness.models:
+            started = time.perf_counter()
+            await state.service.load([name])
+            backend = state.service.registry.backend_for(name, local_only=False)
+            if backend.is_local:
+                await _warm_up(backend)
+            log.info("model %s ready in %.1f s", name, time.perf_counter() - started)
+    except errors.ImagegenError as exc:
+        readiness.load_error = exc.message
+    except base.BackendError as exc:
+        readiness.load_error = exc.message
+    except Exception as exc:
+        log.exception("loading models failed")
+        readiness.load_error = f"{type(exc).__name__}: {exc}"
+    else:
+        readiness.ready = True
+        state.metrics.ready.set(1)
+        return
+    log.error("cannot serve: %s", readiness.load_error)
+    if state.on_load_failed is not None:
+        state.on_load_failed(readiness.load_error)
+
+
+async def _warm_up(backend: base.Backend) -> None:
+    spec = backend.spec
+    params = backend.resolve(
+        base.GenerationParams(
+            prompt="warm-up",
+            model=spec.name,
+            width=spec.defaults.width,
+            height=spec.defaults.height,
+            n=1,
+            seed=0,
+            steps=1,
+        )
+    )
+    await backend.generate(params)

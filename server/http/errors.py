@@ -1,0 +1,145 @@
+"""Every HTTP error body, in one place: the OpenAI envelope {"error": {"message", "type", "param",
+"code"}} with statuses the OpenAI SDK maps, and the handlers that turn exceptions into it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import errors
+
+log = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class NotFoundError(errors.ImagegenError):
+    """A job or file id that does not exist (or no longer does)."""
+
+    code = "not_found"
+    http_status = 404
+    error_type = "invalid_request_error"
+
+
+def error_body(
+    message: str, *, error_type: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None,
+    param: str | None = None,
+    error_type: str | None = None,
+    retry_after_s: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The one builder of error responses."""
+    all_headers = dict(headers or {})
+    if retry_after_s is not None:
+        all_headers["Retry-After"] = str(max(1, int(retry_after_s)))
+    kind = error_type or _TYPE_BY_STATUS.get(status, "server_error")
+    return JSONResponse(
+        error_body(message, error_type=kind, code=code, param=param),
+        status_code=status,
+        headers=all_headers,
+    )
+
+
+def from_service_error(exc: errors.ImagegenError) -> JSONResponse:
+    retry = exc.retry_after_s if isinstance(exc, errors.RateLimitedError) else None
+    if isinstance(exc, errors.NotReadyError):
+        retry = 1
+    return error_response(
+        exc.http_status,
+        exc.message,
+        code=exc.code,
+        param=exc.param,
+        error_type=exc.error_type,
+        retry_after_s=retry,
+    )
+
+
+def internal_error(request_id: str | None) -> JSONResponse:
+    suffix = f" (request id {request_id})" if request_id else ""
+    return error_response(
+        500,
+        f"the server hit an internal error{suffix}; it has been logged",
+        code="internal_error",
+        error_type="server_error",
+    )
+
+
+def internal_error_bytes(request_id: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The same 500 envelope for raw ASGI middleware: (status, headers, body)."""
+    response = internal_error(request_id)
+    return response.status_code, list(response.raw_headers), bytes(response.body)
+
+
+def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
+    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if kind == "missing":
+        return f"{param} is required", param
+    if kind == "json_invalid":
+        return "the request body is not valid JSON", None
+    if kind in ("model_attributes_type", "dict_type") and param is None:
+        return "the request body must be a JSON object", None
+    message = str(error.get("msg", "invalid value"))
+    if "input" in error and kind not in ("model_attributes_type",):
+        shown = json.dumps(error["input"], default=str)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return f"{param}: {message}, got {shown}", param
+    return f"{param}: {message}" if param else message, param
+
+
+def install(app: FastAPI) -> None:
+    """Exception handlers for everything the routes and FastAPI itself raise."""
+
+    async def on_service_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.ImagegenError)
+        return from_service_error(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        found = exc.errors()
+        message, param = _validation_message(dict(found[0])) if found else ("invalid", None)
+        return error_response(400, message, code="invalid_request", param=param)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = (
+            str(exc.detail)
+            if exc.status_code != 404
+            else (f"no route for {request.method} {request.url.path}")
+        )
+        return error_response(exc.status_code, message, code=code, headers=exc.headers)
+
+    app.add_exception_handler(errors.ImagegenError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -1,0 +1,418 @@
+"""Async generation jobs: records in the service's SQLite database (so finished jobs outlive a
+restart and in-flight ones read as interrupted, never stuck) and the runner that executes them
+through ImagesServing, reporting queue position, start, progress and the result as events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.local.worker import DeviceWorker, WorkItem, submit_listener
+from server import errors
+from server.db import Database
+from server.http.errors import NotFoundError
+from server.http.protocol import (
+    TERMINAL_STATUSES,
+    ImageGenerationRequest,
+    Job,
+    JobProgress,
+    JobStatus,
+)
+from server.http.serving import ImagesServing
+from server.http.sse import Event
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted by a server restart"
+# How long POST /v1/jobs waits for the job to reach the device queue, so that errors a
+# request can still be refused for (bad size, full queue) come back as HTTP errors.
+ADMIT_TIMEOUT_S = 10.0
+POSITION_POLL_S = 0.25
+# Finished jobs (their results hold the images) are dropped at start-up after this long.
+RETENTION_S = 7 * 24 * 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+"""
+
+
+def error_object(exc: errors.ImagegenError) -> dict[str, Any]:
+    return {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
+
+
+class JobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.executescript(_SCHEMA)
+
+    def recover(self) -> int:
+        """Jobs a previous process left queued or running will never finish: mark them."""
+        error = {
+            "message": INTERRUPTED,
+            "type": "server_error",
+            "param": None,
+            "code": "interrupted",
+        }
+        with self.db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, updated = ? "
+                "WHERE status IN ('queued', 'running')",
+                (json.dumps(error), time.time()),
+            )
+            return int(cursor.rowcount)
+
+    def purge(self, older_than_s: float = RETENTION_S) -> int:
+        with self.db.transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') "
+                "AND updated < ?",
+                (time.time() - older_than_s,),
+            )
+            return int(cursor.rowcount)
+
+    def insert(self, job_id: str, created: float, body: ImageGenerationRequest) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO jobs (id, created, updated, status, request) "
+                "VALUES (?, ?, ?, 'queued', ?)",
+                (job_id, created, created, body.model_dump_json(exclude_none=True)),
+            )
+
+    def update(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        progress: tuple[int, int] = (0, 0),
+    ) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, updated = ?, step = ?, total = ?, result = ?, "
+                "error = ? WHERE id = ?",
+                (
+                    status,
+                    time.time(),
+                    progress[0],
+                    progress[1],
+                    json.dumps(result) if result is not None else None,
+                    json.dumps(error) if error is not None else None,
+                    job_id,
+                ),
+            )
+
+    def delete(self, job_id: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self.db.execute(
+            "SELECT id, created, status, step, total, result, error FROM jobs WHERE id = ?",
+            (job_id,),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Job(
+            id=row["id"],
+            created=int(row["created"]),
+            status=row["status"],
+            progress=JobProgress(step=row["step"], total=row["total"]) if row["total"] else None,
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=json.loads(row["error"]) if row["error"] else None,
+        )
+
+
+@dataclass(eq=False)
+class LiveJob:
+    """A job this process is running; events reach subscribers on the event loop."""
+
+    id: str
+    created: float
+    body: ImageGenerationRequest
+    base_url: str
+    status: JobStatus = "queued"
+    position: int | None = None
+    step: int = 0
+    total: int = 0
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = None
+    item: WorkItem | None = None
+    worker: DeviceWorker | None = None
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once POST /v1/jobs has answered 202: from then on every error is the job's.
+    accepted: bool = False
+    refused: errors.ImagegenError | None = None
+    subscribers: list[asyncio.Queue[Event]] = field(default_factory=list)
+
+    def snapshot(self) -> Job:
+        return Job(
+            id=self.id,
+            created=int(self.created),
+            status=self.status,
+            queue_position=self.position if self.status == "queued" else None,
+            progress=JobProgress(step=self.step, total=self.total) if self.total else None,
+            result=self.result,
+            error=self.error,
+        )
+
+    def state_events(self) -> list[Event]:
+        """What a client that connects now is told first."""
+        if self.status == "queued":
+            return [self._event("queued", {"position": self.position})]
+        if self.status == "running":
+            events = [self._event("started", {})]
+            if self.total:
+                events.append(self._event("progress", {"step": self.step, "total": self.total}))
+            return events
+        return [terminal_event(self.snapshot())]
+
+    def _event(self, kind: str, data: dict[str, Any]) -> Event:
+        return Event(kind, {"id": self.id, "status": self.status, **data})
+
+
+def terminal_event(job: Job) -> Event:
+    kind = {"succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}[job.status]
+    data: dict[str, Any] = {"id": job.id, "status": job.status}
+    if job.status == "succeeded":
+        data["result"] = job.result
+    elif job.status == "failed":
+        data["error"] = job.error
+    return Event(kind, data, terminal=True)
+
+
+class _Listener:
+    """The worker's view of one job's work items (models.local.worker.SubmitListener)."""
+
+    def __init__(self, runner: JobRunner, job: LiveJob, loop: asyncio.AbstractEventLoop):
+        self.runner = runner
+        self.job = job
+        self.loop = loop
+
+    def queued(self, worker: DeviceWorker, item: WorkItem, position: int) -> None:
+        self._call(self.runner._on_queued, self.job, worker, item, position)
+
+    def started(self, item: WorkItem) -> None:
+        self._call(self.runner._on_started, self.job)
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        # Both run off the loop's thread (`started` on the worker's); job state is the loop's.
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
+            self.loop.call_soon_threadsafe(fn, *args)
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, serving: ImagesServing) -> None:
+        self.store = store
+        self.serving = serving
+        self.live: dict[str, LiveJob] = {}
+        self._closing = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.store.purge()
+        recovered = self.store.recover()
+        if recovered:
+            log.warning("%d job(s) from a previous run marked failed: %s", recovered, INTERRUPTED)
+        self._watcher = asyncio.create_task(self._watch_positions())
+
+    async def aclose(self) -> None:
+        """Stop running jobs without touching their records: the next start marks them
+        interrupted, exactly as after a crash."""
+        self._closing = True
+        tasks = [job.task for job in self.live.values() if job.task is not None]
+        if self._watcher is not None:
+            tasks.append(self._watcher)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10.0)
+
+    # -- the API -------------------------------------------------------------------------
+
+    async def submit(self, body: ImageGenerationRequest, base_url: str) -> Job:
+        self.serving.readiness.check()
+        body.to_image_request()  # edge errors (size, stream) before a record exists
+        job = LiveJob(
+            id="job_" + uuid.uuid4().hex[:24],
+            created=time.time(),
+            body=body,
+            base_url=base_url,
+        )
+        self.store.insert(job.id, job.created, body)
+        self.live[job.id] = job
+        job.task = asyncio.create_task(self._run(job), name=f"imagegen-{job.id}")
+        # On a timeout (a model still loading) the job stays queued and reports as it moves.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(job.admitted.wait()), ADMIT_TIMEOUT_S)
+        if job.refused is not None:
+            self.live.pop(job.id, None)
+            self.store.delete(job.id)
+            raise job.refused
+        job.accepted = True
+        return job.snapshot()
+
+    def get(self, job_id: str) -> Job:
+        job = self.live.get(job_id)
+        if job is not None:
+            return job.snapshot()
+        stored = self.store.get(job_id)
+        if stored is None:
+            raise NotFoundError(f"no job with id '{job_id}'", param="id")
+        return stored
+
+    async def cancel(self, job_id: str) -> Job:
+        job = self.live.get(job_id)
+        if job is not None and job.task is not None and job.status not in TERMINAL_STATUSES:
+            job.task.cancel()
+            await asyncio.wait({job.task}, timeout=10.0)
+            return job.snapshot()
+        return self.get(job_id)
+
+    def subscribe(self, job_id: str) -> tuple[list[Event], asyncio.Queue[Event] | None]:
+        """The job's current state as events, and a queue of what happens next (None once
+        the job is over)."""
+        job = self.live.get(job_id)
+        if job is None:
+            return [terminal_or_state(self.get(job_id))], None
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        job.subscribers.append(queue)
+        return job.state_events(), queue
+
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue[Event] | None) -> None:
+        job = self.live.get(job_id)
+        if job is not None and queue is not None and queue in job.subscribers:
+            job.subscribers.remove(queue)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def _run(self, job: LiveJob) -> None:
+        submit_listener.set(_Listener(self, job, asyncio.get_running_loop()))
+        try:
+            result = await self.serving.generate(
+                job.body, endpoint="jobs", on_event=self._service_events(job)
+            )
+        except asyncio.CancelledError:
+            if not self._closing:
+                self._finish(job, "cancelled")
+            raise
+        except errors.ImagegenError as exc:
+            if not job.accepted and not job.admitted.is_set():
+                job.refused = exc
+            elif not self._closing:
+                self._finish(job, "failed", error=error_object(exc))
+        except Exception:
+            log.exception("job %s failed", job.id)
+            self._finish(
+                job,
+                "failed",
+                error={
+                    "message": f"the server hit an internal error running job {job.id}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "internal_error",
+                },
+            )
+        else:
+            rendered = self.serving.render(result, job.body, job.base_url)
+            self._finish(job, "succeeded", result=rendered)
+        finally:
+            job.admitted.set()
+
+    def _service_events(self, job: LiveJob) -> Any:
+        loop = asyncio.get_running_loop()
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            # Progress comes from the worker thread; job state is only touched on the loop.
+            if kind == "progress":
+                with contextlib.suppress(RuntimeError):  # the loop is gone
+                    loop.call_soon_threadsafe(
+                        self._on_progress, job, int(data["step"]), int(data["total"])
+                    )
+
+        return on_event
+
+    def _on_queued(self, job: LiveJob, worker: DeviceWorker, item: WorkItem, position: int) -> None:
+        job.admitted.set()
+        if job.status in TERMINAL_STATUSES:
+            return
+        # The position when it joined the queue (the worker may have taken it since: then
+        # `started` follows right behind).
+        job.item, job.worker, job.position = item, worker, position
+        if job.status != "queued":
+            job.status = "queued"  # the quality check's retry queues it once more
+            self.store.update(job.id, "queued")
+        self._publish(job, "queued", {"position": job.position})
+
+    def _on_started(self, job: LiveJob) -> None:
+        if job.status in TERMINAL_STATUSES:
+            return
+        job.status, job.position = "running", None
+        self.store.update(job.id, "running")
+        self._publish(job, "started", {})
+
+    def _on_progress(self, job: LiveJob, step: int, total: int) -> None:
+        if job.status in TERMINAL_STATUSES:
+            return
+        job.step, job.total = step, total
+        self._publish(job, "progress", {"step": step, "total": total})
+
+    def _finish(
+        self,
+        job: LiveJob,
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        job.status, job.result, job.error, job.position = status, result, error, None
+        self.store.update(
+            job.id, status, result=result, error=error, progress=(job.step, job.total)
+        )
+        event = terminal_event(job.snapshot())
+        for queue in job.subscribers:
+            queue.put_nowait(event)
+        job.subscribers.clear()
+        self.live.pop(job.id, None)
+
+    def _publish(self, job: LiveJob, kind: str, data: dict[str, Any]) -> None:
+        event = Event(kind, {"id": job.id, "status": job.status, **data})
+        for queue in job.subscribers:
+            queue.put_nowait(event)
+
+    async def _watch_positions(self) -> None:
+        """Queued jobs move up as batches leave the queue; tell their subscribers."""
+        while True:
+            await asyncio.sleep(POSITION_POLL_S)
+            for job in list(self.live.values()):
+                if job.status != "queued" or job.item is None or job.worker is None:
+                    continue
+                position = job.worker.position(job.item)
+                if position is not None and position != job.position:
+                    job.position = position
+                    self._publish(job, "queued", {"position": position})
+
+
+def terminal_or_state(job: Job) -> Event:
+    if job.status in TERMINAL_STATUSES:
+        return terminal_event(job)
+    return Event(job.status, {"id": job.id, "status": job.status})

@@ -1,0 +1,49 @@
+"""Routes: POST /v1/images/generations and GET /v1/files/{id} (images by content hash)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.http.errors import NotFoundError
+from server.http.middleware import request_id_of
+from server.http.protocol import ImageGenerationRequest
+from server.http.serving import response_headers, unless_disconnected
+from server.http.state import app_state
+
+router = APIRouter()
+
+_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@router.post("/v1/images/generations")
+async def create_image(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    state = app_state(request)
+    result = await unless_disconnected(
+        request.is_disconnected,
+        state.serving.generate(body, endpoint="images", request_id=request_id_of(request.scope)),
+    )
+    return JSONResponse(
+        state.serving.render(result, body, str(request.base_url)),
+        headers=response_headers(result),
+    )
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(file_id: str, request: Request) -> Response:
+    state = app_state(request)
+    found = await asyncio.to_thread(state.service.cache.read_object, file_id)
+    if found is None:
+        raise NotFoundError(
+            f"no file with id '{file_id}' (files are kept while they are in the result cache)",
+            param="file_id",
+        )
+    data, fmt = found
+    return Response(
+        data,
+        media_type=_MEDIA_TYPES.get(fmt, "application/octet-stream"),
+        # Content-addressed: the bytes behind an id never change.
+        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )

@@ -1,0 +1,181 @@
+"""Image generation over HTTP: wire request -> service call (cancelled when the client goes away)
+-> OpenAI-shaped response. The routes and the job runner both go through ImagesServing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from server import errors
+from server.http.metrics import Metrics
+from server.http.protocol import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagegenInfo,
+    ImagesResponse,
+)
+from server.service import EventFn, GenerationResult, ImageService
+from server.settings import Settings
+
+T = TypeVar("T")
+
+# How often a waiting request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.1
+
+
+class Readiness:
+    """Whether the server takes generation work: models loaded and warmed up, not draining."""
+
+    def __init__(self, models: list[str]) -> None:
+        self.models = list(models)
+        self.ready = not self.models
+        self.draining = False
+        self.load_error: str | None = None
+
+    def reason(self) -> str | None:
+        if self.draining:
+            return "the server is shutting down and takes no new work"
+        if self.load_error is not None:
+            return f"model loading failed: {self.load_error}"
+        if not self.ready:
+            return f"models are still loading ({', '.join(self.models)}); retry shortly"
+        return None
+
+    def check(self) -> None:
+        reason = self.reason()
+        if reason is not None:
+            raise errors.NotReadyError(reason)
+
+
+class ImagesServing:
+    def __init__(
+        self,
+        settings: Settings,
+        service: ImageService,
+        metrics: Metrics,
+        readiness: Readiness,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.metrics = metrics
+        self.readiness = readiness
+
+    async def generate(
+        self,
+        body: ImageGenerationRequest,
+        *,
+        endpoint: str,
+        request_id: str | None = None,
+        on_event: EventFn | None = None,
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        try:
+            self.readiness.check()
+            request = body.to_image_request(request_id=request_id)
+            result = await self.service.generate(request, on_event=on_event)
+        except errors.ImagegenError as exc:
+            self.metrics.failed(endpoint, self._model_label(body), exc.http_status)
+            raise
+        except asyncio.CancelledError:
+            self.metrics.failed(endpoint, self._model_label(body), 499)
+            raise
+        except Exception:
+            self.metrics.failed(endpoint, self._model_label(body), 500)
+            raise
+        self.metrics.served(endpoint, result, time.perf_counter() - started)
+        return result
+
+    def _model_label(self, body: ImageGenerationRequest) -> str:
+        # Only catalogue names become label values: a client must not be able to grow the
+        # metric's label set with made-up model names.
+        name = body.model or self.settings.default_model
+        return name if self.service.catalogue.get(name) is not None else "unknown"
+
+    def render(
+        self, result: GenerationResult, body: ImageGenerationRequest, base_url: str
+    ) -> dict[str, Any]:
+        """The /v1/images/generations response body."""
+        as_url = body.response_format == "url"
+        if as_url:
+            self._keep_for_download(result)
+        base = (self.settings.server.public_base_url or base_url).rstrip("/")
+        data = []
+        for image in result.images:
+            item = ImageData(revised_prompt=result.revised_prompt, seed=image.seed)
+            if as_url:
+                item.url = f"{base}/v1/files/{image.sha256}"
+            else:
+                item.b64_json = base64.b64encode(image.data).decode("ascii")
+            data.append(item)
+        first = result.images[0] if result.images else None
+        dropped = sorted({*result.dropped_params, *body.edge_dropped_params()})
+        response = ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            output_format=first.format if first else result.params.output_format,
+            size=f"{result.params.width}x{result.params.height}",
+            imagegen=ImagegenInfo(
+                request_id=result.request_id,
+                model=result.model,
+                provider=result.provider,
+                cached=result.cached,
+                cost_usd=result.cost_usd,
+                gpu_seconds=result.gpu_seconds,
+                saved_usd=result.saved_usd,
+                timings=result.timings,
+                dropped_params=dropped,
+                notices=list(result.notices),
+            ),
+        )
+        body_out = response.model_dump()
+        unused = "b64_json" if as_url else "url"
+        for item_out in body_out["data"]:
+            item_out.pop(unused, None)
+        return body_out
+
+    def _keep_for_download(self, result: GenerationResult) -> None:
+        """A `url` must resolve: results that the cache did not keep (a provider that ignores
+        seeds) are stored under an entry of their own, evicted like any other."""
+        cache = self.service.cache
+        missing = [
+            img for img in result.images if not cache.object_path(img.sha256, img.format).is_file()
+        ]
+        if missing:
+            cache.put(
+                "files:" + result.request_id,
+                [(img.data, img.seed, img.width, img.height, img.format) for img in missing],
+                {"model": result.model, "provider": result.provider, "files_only": True},
+            )
+
+
+def response_headers(result: GenerationResult) -> dict[str, str]:
+    return {
+        "X-Request-Id": result.request_id,
+        "X-Imagegen-Cache": "hit" if result.cached else "miss",
+        # Positional notation, every digit of the float kept: "0.0000352887", not "3.5e-05".
+        "X-Imagegen-Cost-USD": format(Decimal(repr(result.cost_usd)), "f"),
+    }
+
+
+async def unless_disconnected(
+    is_disconnected: Callable[[], Awaitable[bool]], work: Awaitable[T]
+) -> T:
+    """Run `work`, cancelling it if the client disconnects first: a request still queued is
+    dropped before it reaches the device, a running one is discarded (never cached or billed)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise errors.CancelledError("the client disconnected before the result was ready")
+    finally:
+        if not task.done():
+            task.cancel()

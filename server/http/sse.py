@@ -1,0 +1,61 @@
+"""Server-sent events: the wire encoding and the stream loop (keep-alives, end on a terminal
+event or when the server drains)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+KEEPALIVE = b": keep-alive\n\n"
+KEEPALIVE_S = 15.0
+# How often an idle stream checks whether the server is shutting down.
+DRAIN_CHECK_S = 0.5
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    data: dict[str, Any]
+    terminal: bool = False
+
+
+def encode(event: Event) -> bytes:
+    payload = json.dumps(event.data, separators=(",", ":"), allow_nan=False)
+    return f"event: {event.kind}\ndata: {payload}\n\n".encode()
+
+
+async def stream(
+    initial: Iterable[Event],
+    queue: asyncio.Queue[Event] | None,
+    *,
+    draining: Callable[[], bool],
+    on_close: Callable[[], None] = lambda: None,
+) -> AsyncIterator[bytes]:
+    """The current state first (a client that connects late sees where things stand), then
+    live events until a terminal one."""
+    try:
+        for event in initial:
+            yield encode(event)
+            if event.terminal:
+                return
+        if queue is None:
+            return
+        idle = 0.0
+        while not draining():
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=DRAIN_CHECK_S)
+            except TimeoutError:
+                idle += DRAIN_CHECK_S
+                if idle >= KEEPALIVE_S:
+                    idle = 0.0
+                    yield KEEPALIVE
+                continue
+            idle = 0.0
+            yield encode(event)
+            if event.terminal:
+                return
+    finally:
+        on_close()

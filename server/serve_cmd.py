@@ -1,0 +1,118 @@
+"""`imagegen serve`: check the bind is safe, build the app and run it under uvicorn; the named
+models load in the background and stay resident."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from types import FrameType
+
+import uvicorn
+
+from server import errors
+from server.http.state import AppState
+from server.settings import Settings
+
+log = logging.getLogger("server.http")
+
+# After SIGTERM, requests in flight get this long to finish before the server stops anyway.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+class InsecureBindError(errors.InvalidRequestError):
+    code = "insecure_bind"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything, so treat it as public
+
+
+def check_bind(host: str, *, has_keys: bool, insecure_no_auth: bool) -> None:
+    if has_keys or insecure_no_auth or is_loopback(host):
+        return
+    raise InsecureBindError(
+        f"refusing to listen on {host} without API keys: anyone who can reach this port could "
+        "generate images. Set keys with IMAGEGEN_SERVER__API_KEYS='[\"your-key\"]' or "
+        '`api_keys = ["your-key"]` under [server] in the --config file (a key may also be '
+        'given as "sha256:<hex digest>"), or pass --insecure-no-auth to serve without '
+        "authentication",
+        param="host",
+    )
+
+
+def run(
+    settings: Settings,
+    *,
+    models: list[str],
+    host: str | None = None,
+    port: int | None = None,
+    insecure_no_auth: bool = False,
+) -> None:
+    from server.http.app import create_app
+
+    names = list(models) or list(settings.server.models) or [settings.default_model]
+    server_settings = settings.server.model_copy(
+        update={
+            "host": host or settings.server.host,
+            "port": port if port is not None else settings.server.port,
+            "models": names,
+            "insecure_no_auth": insecure_no_auth or settings.server.insecure_no_auth,
+        }
+    )
+    check_bind(
+        server_settings.host,
+        has_keys=bool(server_settings.api_keys),
+        insecure_no_auth=server_settings.insecure_no_auth,
+    )
+    settings = settings.model_copy(update={"server": server_settings})
+    _configure_logging()
+    app = create_app(settings)
+    state: AppState = app.state.imagegen
+    for name in names:
+        state.service.registry.spec(name)  # unknown names fail here, before the bind
+    if server_settings.insecure_no_auth and not server_settings.api_keys:
+        log.warning("serving without authentication (--insecure-no-auth)")
+
+    config = uvicorn.Config(
+        app,
+        host=server_settings.host,
+        port=server_settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _DrainingServer(config, state)
+    failure: list[str] = []
+
+    def on_load_failed(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    state.on_load_failed = on_load_failed
+    server.run()
+    if failure:
+        raise errors.ModelUnavailableError(f"could not load the models to serve: {failure[0]}")
+
+
+class _DrainingServer(uvicorn.Server):
+    """On SIGINT/SIGTERM the app starts draining at once: /readyz turns 503 (load balancers
+    stop sending work), new generations are refused with 503 and event streams end, while
+    requests in flight finish."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.app_state.readiness.draining = True
+        super().handle_exit(sig, frame)
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")

@@ -1,0 +1,133 @@
+"""A live server for end-to-end tests: `create_app` under uvicorn on 127.0.0.1 (a free port,
+bound before the thread starts) in a background thread, ready once /readyz says so."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from server.http import create_app
+from server.http.state import AppState
+from server.service import ImageService
+from server.settings import Settings
+
+API_KEY = "test-key-0123456789"
+
+
+def fresh_data_dir(parent: Path, tiny_models_dir: Path | None = None) -> Path:
+    """A new data dir under `parent`; with conftest's `tiny_models_dir` the built tiny models
+    are copied in (loading stays the normal path), otherwise they build on first use."""
+    parent.mkdir(parents=True, exist_ok=True)
+    target = Path(os.path.join(parent, f"data-{os.urandom(4).hex()}"))
+    if tiny_models_dir is not None and (tiny_models_dir / "models").is_dir():
+        shutil.copytree(tiny_models_dir / "models", target / "models")
+    return target
+
+
+def tiny_settings(data_dir: Path, **server: Any) -> Settings:
+    """Settings for a test server: a fresh data dir, tiny-sdxl loaded at start, and any
+    `local` overrides passed as local={...}."""
+    local = server.pop("local", {})
+    top = server.pop("top", {})
+    server.setdefault("models", ["tiny-sdxl"])
+    return Settings(data_dir=data_dir, server=server, local=local, **top)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: Any
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def state(self) -> AppState:
+        state: AppState = self.app.state.imagegen
+        return state
+
+    @property
+    def service(self) -> ImageService:
+        return self.state.service
+
+    def client(self, api_key: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        kwargs.setdefault("timeout", 60.0)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
+
+    def stop(self) -> None:
+        self.state.readiness.draining = True
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(
+    settings: Settings,
+    *,
+    service: ImageService | None = None,
+    ready_timeout: float = 90.0,
+    wait_ready: bool = True,
+) -> LiveServer:
+    app = create_app(settings, service=service)
+    # IPPROTO_TCP spelled out: asyncio only sets TCP_NODELAY on sockets whose proto says TCP,
+    # and without it every request pays Nagle + delayed ACK (40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="test-uvicorn"
+    )
+    thread.start()
+    live = LiveServer(url=f"http://127.0.0.1:{port}", app=app, server=server, thread=thread)
+    deadline = time.monotonic() + ready_timeout
+    probe = "/readyz" if wait_ready else "/livez"
+    with httpx.Client(base_url=live.url, timeout=5.0) as client:
+        while True:
+            try:
+                if client.get(probe).status_code == 200:
+                    return live
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                live.stop()
+                raise RuntimeError(f"test server did not become ready ({probe})")
+            time.sleep(0.05)
+
+
+@contextmanager
+def live_server(settings: Settings, **kwargs: Any) -> Iterator[LiveServer]:
+    live = start_server(settings, **kwargs)
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
