@@ -18,7 +18,7 @@ from models.base import (
     ProgressFn,
     PromptTooLongError,
 )
-from models.local import schedulers, sources
+from models.local import schedulers
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.worker import DeviceWorker, WorkItem
 
@@ -110,7 +110,7 @@ class DiffusersBackend(Backend):
             pipeline=self.runner.pipeline_name(),
             dtype=dtype,
             device=device.split(":")[0],
-            scheduler_config=sources.scheduler_config(resolved),
+            scheduler_config=self.runner.shipped_scheduler_config(),
             extra={
                 "attention": self.runner.options.attention,
                 "true_cfg_scale": (

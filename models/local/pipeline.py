@@ -101,6 +101,8 @@ class PipelineRunner:
         self._base_scheduler_config: Any = None
         self._current_scheduler = ""
         self._interrupt = False
+        self._count_tokenizer: Any = None
+        self._scheduler_config: dict[str, object] | None = None
 
     # -- loading -------------------------------------------------------------------------
 
@@ -201,14 +203,22 @@ class PipelineRunner:
         return int(tok.model_max_length) - (1 if self.spec.kind == "flux" else 2)
 
     def tokenizer(self) -> Any:
-        """The tokenizer that bounds the prompt, loaded alone (cheap) before the model is."""
-        if self.pipe is not None:
-            return self.pipe.tokenizer_2 if self.spec.kind == "flux" else self.pipe.tokenizer
-        return _load_tokenizer(self.spec.kind, self.resolve_source())
+        """The tokenizer that bounds the prompt: its own instance, loaded once (cheap, without
+        the model). Never the pipeline's: prompts are counted on the caller's thread while the
+        worker thread encodes with the pipeline's, and fast tokenizers are not thread-safe."""
+        if self._count_tokenizer is None:
+            self._count_tokenizer = _load_tokenizer(self.spec.kind, self.resolve_source())
+        return self._count_tokenizer
 
     def count_tokens(self, text: str) -> int:
         tok = self.tokenizer()
         return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def shipped_scheduler_config(self) -> dict[str, object]:
+        """The scheduler config that came with the weights (read once; part of the cache key)."""
+        if self._scheduler_config is None:
+            self._scheduler_config = sources.scheduler_config(self.resolve_source())
+        return self._scheduler_config
 
     def pipeline_name(self) -> str:
         return "FluxPipeline" if self.spec.kind == "flux" else "StableDiffusionXLPipeline"

@@ -24,6 +24,7 @@ from models.base import (
     CancelledError,
     GeneratedImage,
     GenerationParams,
+    InvalidParamsError,
     ProgressFn,
     QueueFullError,
 )
@@ -206,10 +207,17 @@ class DeviceWorker:
         with self._cond:
             if self._stopping:
                 raise CancelledError("the server is shutting down")
+            if item.images > self.max_queue_images:
+                # Waiting would never help: this request is larger than the whole queue.
+                raise InvalidParamsError(
+                    f"n must be at most {self.max_queue_images} on this server (the local "
+                    f"queue holds {self.max_queue_images} images), got {item.images}",
+                    param="n",
+                )
             queued = sum(i.images for i in self._queue if not i.cancelled)
             if queued + item.images > self.max_queue_images:
                 raise QueueFullError(
-                    f"the {self.name} queue is full ({queued} of {self.max_queue_images} "
+                    f"the local ({self.name}) queue is full ({queued} of {self.max_queue_images} "
                     f"images queued); retry later",
                     retry_after_s=self._retry_after(queued + item.images),
                 )
