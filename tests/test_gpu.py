@@ -70,6 +70,10 @@ def test_precise_mode_runs_the_vae_in_fp32_and_restores_it(cuda_service: Any) ->
 
     backend = cuda_service.registry.backend_for("tiny-sdxl", local_only=False)
     params = cuda_service.prepare(ImageRequest(prompt="a road", seed=1)).params
+    backend.runner.load()
+    vae = backend.runner.pipe.vae
+    vae.register_to_config(force_upcast=False)  # as a fixed fp16 VAE ships
     result = asyncio.run(backend.generate(params, precise=True))
-    assert result.images
-    assert backend.runner.pipe.vae.dtype == torch.float16
+    assert result.images and not result.images[0].warnings
+    assert vae.dtype == torch.float16
+    assert vae.config.force_upcast is False

@@ -280,11 +280,12 @@ class PipelineRunner:
             return cb_kwargs
 
         kwargs["callback_on_step_end"] = callback
-        upcast = precise and self.spec.kind == "sdxl" and pipe.vae.dtype != torch.float32
+        # The precise mode asks diffusers itself to decode in fp32 (force_upcast: it upcasts the
+        # VAE and the latents, then casts the VAE back), which a fixed fp16 VAE turns off.
+        upcast = precise and self.spec.kind == "sdxl"
         if upcast:
-            original_vae_dtype = pipe.vae.dtype
-            pipe.vae.to(torch.float32)
-            pipe.vae.config.force_upcast = True
+            original_force_upcast = bool(pipe.vae.config.get("force_upcast", False))
+            pipe.vae.register_to_config(force_upcast=True)
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -303,7 +304,7 @@ class PipelineRunner:
             raise InvalidParamsError(f"{self.spec.name}: {exc}") from None
         finally:
             if upcast:
-                pipe.vae.to(original_vae_dtype)
+                pipe.vae.register_to_config(force_upcast=original_force_upcast)
         elapsed = time.perf_counter() - start
         arrays = out.images
         encoded: list[list[GeneratedImage]] = []
