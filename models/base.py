@@ -156,6 +156,11 @@ class GenerationParams:
     moderation: str | None = None
     output_compression: int | None = None
 
+    def given(self, *names: str) -> list[str]:
+        """Which of `names` are set (not None): what a backend without them must report as
+        dropped."""
+        return [name for name in names if getattr(self, name) is not None]
+
     def image_seeds(self) -> tuple[int, ...]:
         return tuple(self.seed + i for i in range(self.n))
 

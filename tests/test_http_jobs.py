@@ -150,7 +150,7 @@ def test_cancelling_one_job_of_a_batch_keeps_the_other(server: LiveServer) -> No
         busy = client.post("/v1/jobs", json={"prompt": "busy", "steps": LONG}).json()
         events(client, busy["id"], until="progress")
         # Both wait behind the busy batch, so they leave the queue together as one batch.
-        body = {"steps": 40, "guidance_scale": 4.0}
+        body = {"steps": 20, "guidance_scale": 4.0}
         keep = client.post("/v1/jobs", json={"prompt": "keep", **body}).json()
         drop = client.post("/v1/jobs", json={"prompt": "drop", **body}).json()
         assert (keep["queue_position"], drop["queue_position"]) == (1, 2)
@@ -159,7 +159,7 @@ def test_cancelling_one_job_of_a_batch_keeps_the_other(server: LiveServer) -> No
         events(client, drop["id"], until="progress")
         assert client.get(f"/v1/jobs/{keep['id']}").json()["status"] == "running"
         assert client.delete(f"/v1/jobs/{drop['id']}").json()["status"] == "cancelled"
-        kept = wait_status(client, keep["id"], "succeeded", timeout=60)
+        kept = wait_status(client, keep["id"], "succeeded", timeout=180)
         assert kept["status"] == "succeeded"
         # The stopped busy batch, then one batch for both: the cancel did not stop it.
         assert pipeline_calls(client, at_least=calls + 2) == calls + 2

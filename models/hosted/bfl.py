@@ -155,21 +155,17 @@ class BFLBackend(HostedBackend):
         return body
 
     def _dropped(self, params: GenerationParams) -> tuple[str, ...]:
-        dropped = [
-            name
-            for name in (
-                "negative_prompt",
-                "scheduler",
-                "quality",
-                "style",
-                "background",
-                "moderation",
-                "output_compression",
-            )
-            if getattr(params, name) is not None
-        ]
+        dropped = params.given(
+            "negative_prompt",
+            "scheduler",
+            "quality",
+            "style",
+            "background",
+            "moderation",
+            "output_compression",
+        )
         if not self.is_dev:
-            dropped += [n for n in ("steps", "guidance_scale") if getattr(params, n) is not None]
+            dropped += params.given("steps", "guidance_scale")
         return tuple(dropped)
 
     async def generate(

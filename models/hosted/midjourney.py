@@ -112,20 +112,16 @@ class MidjourneyBackend(HostedBackend):
             self._task(params, seed, reporter(i)) for i, seed in enumerate(params.image_seeds())
         ]
         pieces = await gather_pieces(self.provider, jobs)
-        dropped = [
-            name
-            for name in (
-                "steps",
-                "guidance_scale",
-                "scheduler",
-                "quality",
-                "style",
-                "background",
-                "moderation",
-                "output_compression",
-            )
-            if getattr(params, name) is not None
-        ]
+        dropped = params.given(
+            "steps",
+            "guidance_scale",
+            "scheduler",
+            "quality",
+            "style",
+            "background",
+            "moderation",
+            "output_compression",
+        )
         notices = ["midjourney returns one 2x2 grid of four candidates per image"]
         if self.config.usd_per_image is None:
             notices.append(

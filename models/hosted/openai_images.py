@@ -196,11 +196,7 @@ class OpenAIImagesBackend(HostedBackend):
         """The SDK keyword arguments for one call, and the params it cannot honour."""
         check_size(family, params.width, params.height)
         dropped = ["seed"]  # no OpenAI image model takes a seed
-        dropped += [
-            name
-            for name in ("negative_prompt", "steps", "guidance_scale", "scheduler")
-            if getattr(params, name) is not None
-        ]
+        dropped += params.given("negative_prompt", "steps", "guidance_scale", "scheduler")
         body: dict[str, Any] = {
             "prompt": params.prompt,
             "size": f"{params.width}x{params.height}",
@@ -216,11 +212,7 @@ class OpenAIImagesBackend(HostedBackend):
                 body["style"] = params.style
             if params.output_format != "png":
                 dropped.append("output_format")
-            dropped += [
-                name
-                for name in ("background", "moderation", "output_compression")
-                if getattr(params, name) is not None
-            ]
+            dropped += params.given("background", "moderation", "output_compression")
             return body, tuple(dropped)
         if not 1 <= params.n <= _GPT_MAX_N:
             raise InvalidParamsError(

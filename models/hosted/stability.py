@@ -95,18 +95,9 @@ class StabilityBackend(HostedBackend):
                 f"was sent as aspect_ratio {ratio}"
             )
         sd3 = self.endpoint == "sd3"
-        dropped += [
-            name
-            for name in (
-                "steps",
-                "scheduler",
-                "quality",
-                "background",
-                "moderation",
-                "output_compression",
-            )
-            if getattr(params, name) is not None
-        ]
+        dropped += params.given(
+            "steps", "scheduler", "quality", "background", "moderation", "output_compression"
+        )
         if params.guidance_scale is not None and not sd3:
             dropped.append("guidance_scale")
         if 0 in params.image_seeds():

@@ -80,11 +80,7 @@ class DiffusersBackend(Backend):
 
     def dropped_params(self, params: GenerationParams) -> tuple[str, ...]:
         """OpenAI knobs a local diffusion model has no equivalent for."""
-        dropped = []
-        for name in ("quality", "style", "background", "moderation"):
-            if getattr(params, name) is not None:
-                dropped.append(name)
-        return tuple(dropped)
+        return tuple(params.given("quality", "style", "background", "moderation"))
 
     def check_prompt(self, prompt: str) -> None:
         limit = self.runner.max_prompt_tokens
