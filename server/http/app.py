@@ -16,8 +16,9 @@ from models import base
 from models.catalogue import Catalogue
 from server import errors
 from server.http import errors as http_errors
-from server.http import routes_images, routes_jobs, routes_models, routes_ops
+from server.http import routes_batches, routes_images, routes_jobs, routes_models, routes_ops
 from server.http.auth import ApiKeys, AuthMiddleware
+from server.http.batches import BatchesServing
 from server.http.jobs import JobRunner, JobStore
 from server.http.metrics import Metrics
 from server.http.middleware import RequestContextMiddleware
@@ -42,13 +43,15 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
         service.registry.worker.observer = metrics
     readiness = Readiness(settings.server.models)
     serving = ImagesServing(settings, service, metrics, readiness)
+    jobs = JobRunner(JobStore(service.db), serving)
     state = AppState(
         settings=settings,
         service=service,
         metrics=metrics,
         readiness=readiness,
         serving=serving,
-        jobs=JobRunner(JobStore(service.db), serving),
+        jobs=jobs,
+        batches=BatchesServing(settings, service, jobs, readiness),
         owns_service=owns_service,
         started=time.time(),
     )
@@ -74,7 +77,7 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     )
     app.state.imagegen = state
     http_errors.install(app)
-    for module in (routes_images, routes_jobs, routes_models, routes_ops):
+    for module in (routes_images, routes_jobs, routes_batches, routes_models, routes_ops):
         app.include_router(module.router)
     # Added last = runs first: every response, a 401 included, carries its request id.
     app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.server.api_keys))

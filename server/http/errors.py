@@ -106,7 +106,7 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
         return f"{param} is required", param
     if kind == "json_invalid":
         return "the request body is not valid JSON", None
-    if kind in ("model_attributes_type", "dict_type") and param is None:
+    if kind in ("model_attributes_type", "model_type", "dict_type") and param is None:
         return "the request body must be a JSON object", None
     message = str(error.get("msg", "invalid value"))
     if "input" in error and kind not in ("model_attributes_type",):

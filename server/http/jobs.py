@@ -1,6 +1,7 @@
 """Async generation jobs: records in the service's SQLite database (so finished jobs outlive a
 restart and in-flight ones read as interrupted, never stuck) and the runner that executes them
-through ImagesServing, reporting queue position, start, progress and the result as events."""
+through ImagesServing, reporting queue position, start, progress and the result as events.
+Other kinds of work (a batch) run through the same records, cancel and events via `launch`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from models.local.worker import DeviceWorker, WorkItem, submit_listener
 from server import errors
@@ -51,6 +54,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
+# What a job is ("image": POST /v1/jobs; "batch": POST /v1/batches). Added after the table
+# first shipped, so older databases gain it on open.
+_ADD_KIND = "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'image'"
+_OBJECT_BY_KIND: dict[str, Literal["image.job", "batch"]] = {"image": "image.job", "batch": "batch"}
 
 
 def error_object(exc: errors.ImagegenError) -> dict[str, Any]:
@@ -61,6 +68,17 @@ class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.executescript(_SCHEMA)
+        self._add_kind_column()
+
+    def _add_kind_column(self) -> None:
+        if any(row["name"] == "kind" for row in self.db.execute("PRAGMA table_info(jobs)")):
+            return
+        try:
+            self.db.executescript(_ADD_KIND)
+        except sqlite3.OperationalError:
+            # Another process sharing the data directory added it first.
+            if not any(row["name"] == "kind" for row in self.db.execute("PRAGMA table_info(jobs)")):
+                raise
 
     def recover(self) -> int:
         """Jobs a previous process left queued or running will never finish: mark them."""
@@ -88,12 +106,26 @@ class JobStore:
             return int(cursor.rowcount)
 
     def insert(self, job_id: str, created: float, body: ImageGenerationRequest) -> None:
+        self.insert_record(job_id, created, body.model_dump_json(exclude_none=True))
+
+    def insert_record(
+        self, job_id: str, created: float, request: str, *, kind: str = "image"
+    ) -> None:
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO jobs (id, created, updated, status, request) "
-                "VALUES (?, ?, ?, 'queued', ?)",
-                (job_id, created, created, body.model_dump_json(exclude_none=True)),
+                "INSERT INTO jobs (id, created, updated, status, request, kind) "
+                "VALUES (?, ?, ?, 'queued', ?, ?)",
+                (job_id, created, created, request, kind),
             )
+
+    def request_of(self, job_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The job's kind and the request it was created with, or None if there is no such
+        job."""
+        rows = self.db.execute("SELECT kind, request FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        request = json.loads(rows[0]["request"])
+        return str(rows[0]["kind"]), request if isinstance(request, dict) else {}
 
     def update(
         self,
@@ -125,7 +157,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         rows = self.db.execute(
-            "SELECT id, created, status, step, total, result, error FROM jobs WHERE id = ?",
+            "SELECT id, created, status, step, total, result, error, kind FROM jobs WHERE id = ?",
             (job_id,),
         )
         if not rows:
@@ -133,6 +165,7 @@ class JobStore:
         row = rows[0]
         return Job(
             id=row["id"],
+            object=_OBJECT_BY_KIND.get(row["kind"], "image.job"),
             created=int(row["created"]),
             status=row["status"],
             progress=JobProgress(step=row["step"], total=row["total"]) if row["total"] else None,
@@ -147,8 +180,10 @@ class LiveJob:
 
     id: str
     created: float
-    body: ImageGenerationRequest
+    # The generation request; None for work started with JobRunner.launch.
+    body: ImageGenerationRequest | None
     base_url: str
+    kind: str = "image"
     status: JobStatus = "queued"
     position: int | None = None
     step: int = 0
@@ -163,10 +198,13 @@ class LiveJob:
     accepted: bool = False
     refused: errors.ImagegenError | None = None
     subscribers: list[asyncio.Queue[Event]] = field(default_factory=list)
+    # Extra members of "progress" events (a batch's counts and running cost).
+    detail: dict[str, Any] = field(default_factory=dict)
 
     def snapshot(self) -> Job:
         return Job(
             id=self.id,
+            object=_OBJECT_BY_KIND.get(self.kind, "image.job"),
             created=int(self.created),
             status=self.status,
             queue_position=self.position if self.status == "queued" else None,
@@ -182,7 +220,9 @@ class LiveJob:
         if self.status == "running":
             events = [self._event("started", {})]
             if self.total:
-                events.append(self._event("progress", {"step": self.step, "total": self.total}))
+                events.append(
+                    self._event("progress", {"step": self.step, "total": self.total, **self.detail})
+                )
             return events
         return [terminal_event(self.snapshot())]
 
@@ -197,6 +237,8 @@ def terminal_event(job: Job) -> Event:
         data["result"] = job.result
     elif job.status == "failed":
         data["error"] = job.error
+    if job.status != "succeeded" and job.result is not None:
+        data["result"] = job.result  # what a batch got done before it stopped
     return Event(kind, data, terminal=True)
 
 
@@ -218,6 +260,10 @@ class _Listener:
         # Both run off the loop's thread (`started` on the worker's); job state is the loop's.
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
             self.loop.call_soon_threadsafe(fn, *args)
+
+
+# Work run as a job (JobRunner.launch): given its LiveJob, returns the job's result.
+Work = Callable[[LiveJob], Awaitable[dict[str, Any]]]
 
 
 class JobRunner:
@@ -271,6 +317,25 @@ class JobRunner:
         job.accepted = True
         return job.snapshot()
 
+    def launch(self, job_id: str, *, kind: str, request: dict[str, Any], work: Work) -> Job:
+        """Run `work` as a job of `kind`, with the same record, cancel and events as a
+        generation job. `work` reports with `report` and returns the result; if it is cancelled
+        or fails, the job keeps whatever `job.result` holds by then."""
+        job = LiveJob(id=job_id, created=time.time(), body=None, base_url="", kind=kind)
+        self.store.insert_record(job.id, job.created, json.dumps(request), kind=kind)
+        job.accepted = True
+        job.admitted.set()
+        self.live[job.id] = job
+        job.task = asyncio.create_task(self._run_work(job, work), name=f"imagegen-{job.id}")
+        return job.snapshot()
+
+    def report(self, job: LiveJob, step: int, total: int, detail: dict[str, Any]) -> None:
+        """Progress of launched work (call it on the event loop)."""
+        if job.status in TERMINAL_STATUSES:
+            return
+        job.step, job.total, job.detail = step, total, detail
+        self._publish(job, "progress", {"step": step, "total": total, **detail})
+
     def get(self, job_id: str) -> Job:
         job = self.live.get(job_id)
         if job is not None:
@@ -307,9 +372,11 @@ class JobRunner:
 
     async def _run(self, job: LiveJob) -> None:
         submit_listener.set(_Listener(self, job, asyncio.get_running_loop()))
+        body = job.body
+        assert body is not None
         try:
             result = await self.serving.generate(
-                job.body, endpoint="jobs", on_event=self._service_events(job)
+                body, endpoint="jobs", on_event=self._service_events(job)
             )
         except asyncio.CancelledError:
             if not self._closing:
@@ -333,10 +400,37 @@ class JobRunner:
                 },
             )
         else:
-            rendered = self.serving.render(result, job.body, job.base_url)
+            rendered = self.serving.render(result, body, job.base_url)
             self._finish(job, "succeeded", result=rendered)
         finally:
             job.admitted.set()
+
+    async def _run_work(self, job: LiveJob, work: Work) -> None:
+        self._on_started(job)
+        try:
+            result = await work(job)
+        except asyncio.CancelledError:
+            if not self._closing:
+                self._finish(job, "cancelled", result=job.result)
+            raise
+        except errors.ImagegenError as exc:
+            if not self._closing:
+                self._finish(job, "failed", result=job.result, error=error_object(exc))
+        except Exception:
+            log.exception("job %s failed", job.id)
+            self._finish(
+                job,
+                "failed",
+                result=job.result,
+                error={
+                    "message": f"the server hit an internal error running job {job.id}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "internal_error",
+                },
+            )
+        else:
+            self._finish(job, "succeeded", result=result)
 
     def _service_events(self, job: LiveJob) -> Any:
         loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
 """Wire schemas of the HTTP API (pydantic): the OpenAI Images request and response shapes plus
-imagegen's extensions, the model list, jobs, and the mapping onto the service's ImageRequest."""
+imagegen's extensions, the model list, jobs, batches, and the mapping onto the service's
+ImageRequest."""
 
 from __future__ import annotations
 
@@ -157,12 +158,105 @@ class JobProgress(BaseModel):
 
 class Job(BaseModel):
     id: str
-    object: Literal["image.job"] = "image.job"
+    # "batch" for a job made by POST /v1/batches (its progress counts rows, not steps).
+    object: Literal["image.job", "batch"] = "image.job"
     created: int
     status: JobStatus
     queue_position: int | None = None
     progress: JobProgress | None = None
-    # The /v1/images/generations response, once the job has succeeded.
+    # The /v1/images/generations response, once the job has succeeded; for a batch, its
+    # BatchCounts (also once it was cancelled or failed part way).
     result: dict[str, Any] | None = None
     # The OpenAI error object ({"message", "type", "param", "code"}) once it failed.
     error: dict[str, Any] | None = None
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+class BatchOptionsFields(BaseModel):
+    """The options of POST /v1/batches: JSON members, or form fields next to an upload. `model`
+    and `preset` are defaults that a row's own fields win over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    preset: str | None = None
+    concurrency: int = Field(default=4, ge=1, le=64)
+    budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    dry_run: bool = False
+
+
+class BatchCreateRequest(BatchOptionsFields):
+    """POST /v1/batches with a JSON body. Each request has the fields of POST
+    /v1/images/generations; a bad one fails alone (its index is its line number)."""
+
+    requests: list[Any] = Field(min_length=1)
+
+
+class BatchRowProblem(BaseModel):
+    row: int
+    # The line of the uploaded file (for an inline list: the 1-based index) the row came from.
+    line: int
+    message: str
+    param: str | None = None
+
+
+class BatchCounts(BaseModel):
+    """Where a batch stands: outcomes by row, and what it has cost (the ledger: failed
+    attempts included)."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    # Done rows served from the result cache.
+    cached: int = 0
+    skipped_budget: int = 0
+    # Rows without an outcome: not run yet, or never (the batch was cancelled or interrupted).
+    pending: int = 0
+    images: int = 0
+    cost_usd: float = 0.0
+    saved_usd: float = 0.0
+
+
+class Batch(BatchCounts):
+    id: str
+    object: Literal["batch"] = "batch"
+    created: int
+    status: JobStatus
+    concurrency: int
+    budget_usd: float | None = None
+    model: str | None = None
+    preset: str | None = None
+    # Rows refused when the input was read; they are also in the manifest as failed.
+    invalid_rows: list[BatchRowProblem] = Field(default_factory=list)
+    manifest_url: str
+    archive_url: str
+    # The OpenAI error object when the batch as a whole failed (a server restart, say).
+    error: dict[str, Any] | None = None
+
+
+class BatchModelProjection(BaseModel):
+    provider: str
+    model: str
+    rows: int
+    images: int
+    cached_rows: int
+    usd: float
+    # Rows without a figure (a local model never run here, a hosted one without a price).
+    unpriced_rows: int
+    basis: str
+
+
+class BatchDryRun(BaseModel):
+    """POST /v1/batches with dry_run: every row checked and priced, nothing run or spent."""
+
+    object: Literal["batch.dry_run"] = "batch.dry_run"
+    total: int
+    valid: int
+    invalid: int
+    problems: list[BatchRowProblem]
+    models: list[BatchModelProjection]
+    cost_by_provider: dict[str, float]
+    projected_usd: float
+    unpriced_rows: int

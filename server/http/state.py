@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from server.http.batches import BatchesServing
 from server.http.jobs import JobRunner
 from server.http.metrics import Metrics
 from server.http.serving import ImagesServing, Readiness
@@ -22,6 +23,7 @@ class AppState:
     readiness: Readiness
     serving: ImagesServing
     jobs: JobRunner
+    batches: BatchesServing
     # Whether the app built the service (and so closes it at shutdown).
     owns_service: bool
     started: float

@@ -1,0 +1,515 @@
+"""Batch jobs over HTTP: the body of POST /v1/batches (an inline list, or a JSONL or CSV upload)
+read into server.batch rows; the dry-run projection; batches run by server.batch in folders
+under data_dir/batches/<id> as jobs of the JobRunner (one record, cancel and progress events
+with generation jobs); and what the result routes read back from a folder."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import uuid
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+
+from server import errors
+from server.batch import (
+    MANIFEST_NAME,
+    BatchDefaults,
+    BatchFolder,
+    BatchOptions,
+    BatchRow,
+    ManifestEntry,
+    parse_csv,
+    parse_jsonl,
+    plan_batch,
+    read_manifest,
+    request_from_fields,
+    rows_fingerprint,
+    run_batch,
+)
+from server.http.errors import NotFoundError
+from server.http.jobs import JobRunner, LiveJob
+from server.http.protocol import (
+    Batch,
+    BatchCounts,
+    BatchCreateRequest,
+    BatchDryRun,
+    BatchModelProjection,
+    BatchOptionsFields,
+    BatchRowProblem,
+    Job,
+)
+from server.http.serving import Readiness
+from server.service import ImageService
+from server.settings import Settings
+
+BATCHES_DIR = "batches"
+# Sidecar of a batch folder: {"<image name>": "<sha256 hex>"} per manifest line with images,
+# written with it, so the manifest route can give digests without hashing every image again.
+DIGESTS_NAME = "sha256.jsonl"
+_ID_PREFIX = "batch_"
+_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+_JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/json"})
+_FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    """A POST /v1/batches body, validated: every row (a bad one carries its error) and the
+    options."""
+
+    rows: list[BatchRow]
+    options: BatchOptionsFields
+    # "inline", or "upload:<file name>".
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge: JSON body or form upload -> BatchSubmission.
+# ---------------------------------------------------------------------------------------------
+
+
+async def read_submission(request: Request) -> BatchSubmission:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in _FORM_TYPES:
+        async with request.form() as form:
+            return await submission_from_form(form)
+    return submission_from_json(await request.body())
+
+
+def submission_from_json(raw: bytes) -> BatchSubmission:
+    try:
+        body = BatchCreateRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        # The app's one validation handler turns it into the 400 envelope naming the field.
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    defaults = BatchDefaults(model=body.model, preset=body.preset)
+    rows = [_row_from_object(i, obj, defaults) for i, obj in enumerate(body.requests, 1)]
+    options = BatchOptionsFields.model_validate(body.model_dump(exclude={"requests"}))
+    return BatchSubmission(rows=rows, options=options, source="inline")
+
+
+def _row_from_object(index: int, obj: Any, defaults: BatchDefaults) -> BatchRow:
+    if not isinstance(obj, dict):
+        message = f"each request must be a JSON object, got {type(obj).__name__}"
+        return BatchRow(index, index, None, message)
+    try:
+        return BatchRow(index, index, request_from_fields(obj, defaults=defaults))
+    except errors.ImagegenError as exc:
+        return BatchRow(index, index, None, exc.message, exc.param)
+
+
+async def submission_from_form(form: FormData) -> BatchSubmission:
+    files = form.getlist("file")
+    if len(files) != 1:
+        raise errors.InvalidRequestError(
+            "file is required: upload the requests as one multipart field 'file' (JSONL, one "
+            "JSON object per line, or CSV with a header row)"
+            if not files
+            else f"file was sent {len(files)} times; send one file per batch",
+            param="file",
+        )
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if name == "file":
+            continue
+        if not isinstance(value, str):
+            raise errors.InvalidRequestError(
+                f"{name} must be a form value, not a file; only 'file' holds the requests",
+                param=name,
+            )
+        if value.strip():  # an empty field means "not given"
+            fields[name] = value.strip()
+    try:
+        options = BatchOptionsFields.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    upload = files[0]
+    if isinstance(upload, UploadFile):
+        data, filename = await upload.read(), upload.filename or ""
+        content_type = (upload.content_type or "").split(";")[0].strip().lower()
+    else:
+        data, filename, content_type = upload.encode("utf-8"), "", ""
+    defaults = BatchDefaults(model=options.model, preset=options.preset)
+    rows = rows_from_upload(data, filename=filename, content_type=content_type, defaults=defaults)
+    return BatchSubmission(rows=rows, options=options, source=f"upload:{filename}")
+
+
+def rows_from_upload(
+    data: bytes, *, filename: str, content_type: str, defaults: BatchDefaults
+) -> list[BatchRow]:
+    """Rows of an uploaded JSONL or CSV file, chosen by the file name's suffix, else its
+    content type, else its first character (as `imagegen batch` does)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise errors.InvalidRequestError(
+            "file must be UTF-8 text: JSONL (one JSON object per line) or CSV", param="file"
+        ) from None
+    start = text.lstrip()[:1]
+    if start == "[":
+        raise errors.InvalidRequestError(
+            "file holds a JSON array; write one JSON object per line (JSONL), or send the list "
+            'as a JSON body {"requests": [...]}',
+            param="file",
+        )
+    suffix = PurePosixPath(filename).suffix.lower()
+    if suffix == ".csv" or content_type == "text/csv":
+        rows = parse_csv(text, defaults)
+    elif suffix in (".jsonl", ".ndjson", ".json") or content_type in _JSONL_TYPES:
+        rows = parse_jsonl(text, defaults)
+    else:
+        rows = (parse_jsonl if start == "{" else parse_csv)(text, defaults)
+    if not rows:
+        raise errors.InvalidRequestError(
+            "file holds no requests; write one JSON object per line, or a CSV header row "
+            "(prompt,seed,...) and one row per request",
+            param="file",
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Running batches and reading their folders.
+# ---------------------------------------------------------------------------------------------
+
+
+class _GuardedFolder(BatchFolder):
+    """A BatchFolder that records image digests, and whose close() waits for an append in
+    progress: a cancelled row's task stops waiting for its append, but the thread making it
+    goes on, and the descriptor (whose number the next open file would reuse) must not close
+    under it. Appends run in a worker thread (run_batch), so the hashing does too."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._guard = threading.Lock()
+
+    def append(self, entry: ManifestEntry) -> None:
+        with self._guard:
+            if entry.images:
+                # The images are on disk before their manifest line; the sidecar line goes
+                # first too (a line too many is harmless, a missing one is hashed on read).
+                digests = {name: _sha256(self.path / name) for name in entry.images}
+                with open(self.path / DIGESTS_NAME, "a", encoding="utf-8") as sidecar:
+                    sidecar.write(_json_line(digests))
+            super().append(entry)
+
+    def close(self) -> None:
+        with self._guard:
+            super().close()
+
+
+class _ManifestNames:
+    """The image names of recently read manifests, read again only when the file changes:
+    a client fetching every file of a large batch must not make each fetch parse it all."""
+
+    KEEP = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[tuple[int, int], frozenset[str]]] = {}
+
+    def get(self, manifest: Path) -> frozenset[str]:
+        try:
+            info = manifest.stat()
+        except FileNotFoundError:
+            return frozenset()
+        version = (info.st_size, info.st_mtime_ns)
+        with self._lock:
+            seen = self._seen.get(manifest)
+        if seen is not None and seen[0] == version:
+            return seen[1]
+        names = frozenset(n for e in read_manifest(manifest).values() for n in e.images)
+        with self._lock:
+            self._seen.pop(manifest, None)
+            while len(self._seen) >= self.KEEP:
+                del self._seen[next(iter(self._seen))]
+            self._seen[manifest] = (version, names)
+        return names
+
+
+class BatchesServing:
+    def __init__(
+        self, settings: Settings, service: ImageService, jobs: JobRunner, readiness: Readiness
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.jobs = jobs
+        self.readiness = readiness
+        self.root = settings.data_dir / BATCHES_DIR
+        self._names = _ManifestNames()
+
+    # -- creating ------------------------------------------------------------------------
+
+    def plan(self, submission: BatchSubmission) -> BatchDryRun:
+        """Every row checked as a run would and priced; nothing is run, spent or written."""
+        plan = plan_batch(self.service, submission.rows)
+        return BatchDryRun(
+            total=plan.total,
+            valid=plan.valid,
+            invalid=len(plan.problems),
+            problems=[
+                BatchRowProblem(row=p.row, line=p.line, message=p.message, param=p.param)
+                for p in plan.problems
+            ],
+            models=[
+                BatchModelProjection(
+                    provider=m.provider,
+                    model=m.model,
+                    rows=m.rows,
+                    images=m.images,
+                    cached_rows=m.cached_rows,
+                    usd=m.usd,
+                    unpriced_rows=m.unpriced_rows,
+                    basis=m.basis,
+                )
+                for m in plan.models
+            ],
+            cost_by_provider=plan.by_provider(),
+            projected_usd=plan.usd,
+            unpriced_rows=plan.unpriced_rows,
+        )
+
+    async def submit(self, submission: BatchSubmission, base_url: str) -> Batch:
+        self.readiness.check()
+        rows = submission.rows
+        opts = submission.options
+        options = BatchOptions(concurrency=opts.concurrency, budget_usd=opts.budget_usd)
+        fingerprint = rows_fingerprint(rows)
+        path = await asyncio.to_thread(self._create_folder, fingerprint, submission.source)
+        record = {
+            "total": len(rows),
+            "concurrency": opts.concurrency,
+            "budget_usd": opts.budget_usd,
+            "model": opts.model,
+            "preset": opts.preset,
+            "source": submission.source,
+            "invalid_rows": [
+                BatchRowProblem(
+                    row=r.row, line=r.line, message=r.error or "invalid row", param=r.param
+                ).model_dump()
+                for r in rows
+                if r.request is None
+            ],
+        }
+
+        async def work(job: LiveJob) -> dict[str, Any]:
+            return await self._run(job, rows, path, fingerprint, options, submission.source)
+
+        job = self.jobs.launch(path.name, kind="batch", request=record, work=work)
+        return self._view(job, record, BatchCounts(total=len(rows), pending=len(rows)), base_url)
+
+    def _create_folder(self, fingerprint: str, source: str) -> Path:
+        """A new batch folder named by its batch id (the job id and the ledger tag alike).
+        BatchFolder chooses the id as it opens a folder, so the folder is made under a
+        temporary name and renamed; opening it again keeps the id (nothing recorded yet)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".new-{uuid.uuid4().hex}"
+        with BatchFolder.open(staging, fingerprint=fingerprint, resume=False, source=source) as f:
+            batch_id = f.batch_id
+        path = self.root / batch_id
+        staging.rename(path)
+        return path
+
+    async def _run(
+        self,
+        job: LiveJob,
+        rows: Sequence[BatchRow],
+        path: Path,
+        fingerprint: str,
+        options: BatchOptions,
+        source: str,
+    ) -> dict[str, Any]:
+        outcomes: dict[int, ManifestEntry] = {}
+
+        def on_row(entry: ManifestEntry) -> None:
+            outcomes[entry.row] = entry
+            job.result = self._counts(job.id, outcomes.values(), len(rows)).model_dump()
+            detail = {**job.result, "row": _row_event(entry)}
+            self.jobs.report(job, len(outcomes), len(rows), detail)
+
+        # On the loop (a few small file operations): opened in a thread, a cancel arriving
+        # meanwhile would leave the folder open with no one to close it.
+        folder = _GuardedFolder.open(path, fingerprint=fingerprint, resume=False, source=source)
+        try:
+            await run_batch(self.service, rows, folder, options=options, on_row=on_row)
+        finally:
+            # Synchronously, so that a cancelled run still closes the folder: at most one
+            # manifest append (a write and an fsync) is waited for.
+            folder.close()
+            job.result = self._counts(job.id, folder.latest.values(), len(rows)).model_dump()
+        return job.result
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def get(self, batch_id: str, base_url: str) -> Batch:
+        record = self._record(batch_id)
+        job = self.jobs.get(batch_id)
+        entries = await self._entries(batch_id)
+        counts = self._counts(batch_id, entries, int(record["total"]))
+        return self._view(job, record, counts, base_url)
+
+    async def cancel(self, batch_id: str, base_url: str) -> Batch:
+        self._record(batch_id)
+        await self.jobs.cancel(batch_id)
+        return await self.get(batch_id, base_url)
+
+    async def manifest(self, batch_id: str, base_url: str) -> bytes:
+        """The manifest as JSON lines in row order, each with the `sha256` and `urls` of its
+        images (`images` stay file names, relative to the batch folder and the archive)."""
+        self._record(batch_id)
+        files_url = f"{self._base(base_url)}/v1/batches/{batch_id}/files/"
+        objects = await asyncio.to_thread(_rendered_manifest, self.root / batch_id, files_url)
+        return "".join(_json_line(obj) for obj in objects).encode("utf-8")
+
+    async def file(self, batch_id: str, name: str) -> tuple[Path, str]:
+        """An image of the batch: only names its manifest lists are served."""
+        self._record(batch_id)
+        names = await asyncio.to_thread(self._names.get, self.root / batch_id / MANIFEST_NAME)
+        path = self.root / batch_id / name
+        if name not in names or PurePosixPath(name).name != name or not path.is_file():
+            raise NotFoundError(
+                f"batch '{batch_id}' has no file '{name}'; its manifest lists the files",
+                param="name",
+            )
+        return path, _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+    async def archive(self, batch_id: str) -> Path:
+        """A zip of the manifest (as GET .../manifest gives it, less the URLs) and the images
+        it names, in a temporary file that the caller removes."""
+        self._record(batch_id)
+        return await asyncio.to_thread(_write_archive, self.root / batch_id)
+
+    def _record(self, batch_id: str) -> dict[str, Any]:
+        found = self.jobs.store.request_of(batch_id)
+        # Only ids of batch records become paths: nothing else names a folder.
+        if found is None or found[0] != "batch" or not batch_id.startswith(_ID_PREFIX):
+            raise NotFoundError(f"no batch with id '{batch_id}'", param="batch_id")
+        return found[1]
+
+    async def _entries(self, batch_id: str) -> list[ManifestEntry]:
+        path = self.root / batch_id / MANIFEST_NAME
+        return list((await asyncio.to_thread(read_manifest, path)).values())
+
+    def _counts(self, batch_id: str, entries: Iterable[ManifestEntry], total: int) -> BatchCounts:
+        outcomes = list(entries)
+        done = [e for e in outcomes if e.status == "done"]
+        return BatchCounts(
+            total=total,
+            done=len(done),
+            failed=sum(e.status == "failed" for e in outcomes),
+            cached=sum(e.cached for e in done),
+            skipped_budget=sum(e.status == "skipped_budget" for e in outcomes),
+            pending=total - len(outcomes),
+            images=sum(len(e.images) for e in done),
+            # The ledger, not the manifest: failed attempts that cost something count too.
+            cost_usd=self.service.ledger.spent(batch_id),
+            saved_usd=sum(e.saved_usd for e in done),
+        )
+
+    def _view(
+        self, job: Job, record: Mapping[str, Any], counts: BatchCounts, base_url: str
+    ) -> Batch:
+        base = f"{self._base(base_url)}/v1/batches/{job.id}"
+        return Batch(
+            **counts.model_dump(),
+            id=job.id,
+            created=job.created,
+            status=job.status,
+            concurrency=int(record.get("concurrency", 1)),
+            budget_usd=record.get("budget_usd"),
+            model=record.get("model"),
+            preset=record.get("preset"),
+            invalid_rows=[BatchRowProblem(**p) for p in record.get("invalid_rows", ())],
+            manifest_url=f"{base}/manifest",
+            archive_url=f"{base}/archive",
+            error=job.error,
+        )
+
+    def _base(self, base_url: str) -> str:
+        return (self.settings.server.public_base_url or base_url).rstrip("/")
+
+
+def _row_event(entry: ManifestEntry) -> dict[str, Any]:
+    return {
+        "row": entry.row,
+        "line": entry.line,
+        "status": entry.status,
+        "cached": entry.cached,
+        "images": list(entry.images),
+        "error": entry.error,
+    }
+
+
+def _json_line(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return _sha256(path)
+    except FileNotFoundError:
+        return None  # removed from the folder by hand
+
+
+def _rendered_manifest(folder: Path, files_url: str | None) -> list[dict[str, Any]]:
+    """The manifest's outcomes in row order with the `sha256` of each image (and, given the
+    file route's URL prefix, its `urls`). Only complete lines are read: a run in progress may
+    be writing the last one."""
+    digests: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in (folder / DIGESTS_NAME).read_text(encoding="utf-8").splitlines(True):
+            with contextlib.suppress(ValueError):
+                if line.endswith("\n") and isinstance(found := json.loads(line), dict):
+                    digests.update({str(k): str(v) for k, v in found.items()})
+    objects = []
+    for entry in sorted(read_manifest(folder / MANIFEST_NAME).values(), key=lambda e: e.row):
+        obj = entry.to_json()
+        obj["sha256"] = [digests.get(n) or _sha256_or_none(folder / n) for n in entry.images]
+        if files_url is not None:
+            obj["urls"] = [files_url + name for name in entry.images]
+        objects.append(obj)
+    return objects
+
+
+def _write_archive(folder: Path) -> Path:
+    objects = _rendered_manifest(folder, None)
+    fd, name = tempfile.mkstemp(prefix="imagegen-batch-", suffix=".zip")
+    os.close(fd)
+    target = Path(name)
+    try:
+        with zipfile.ZipFile(target, "w") as archive:
+            manifest = "".join(_json_line(obj) for obj in objects)
+            archive.writestr(MANIFEST_NAME, manifest, compress_type=zipfile.ZIP_DEFLATED)
+            for obj in objects:
+                for image, digest in zip(obj["images"], obj["sha256"], strict=True):
+                    if digest is None:
+                        continue  # removed from the folder by hand
+                    # Images are compressed already: stored as they are.
+                    archive.write(folder / image, image, compress_type=zipfile.ZIP_STORED)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            target.unlink()
+        raise
+    return target
