@@ -360,3 +360,14 @@ def test_batches_survive_a_restart(tmp_path: Path, tiny_models_dir: Path) -> Non
         assert lost["error"]["message"] == "interrupted by a server restart"
         assert client.get(f"/v1/jobs/{busy['id']}").json()["status"] == "failed"
         assert [kind for kind, _ in events(client, busy["id"])] == ["failed"]
+
+
+def test_folders_of_purged_batches_are_pruned(server: LiveServer, client: httpx.Client) -> None:
+    kept = client.post("/v1/batches", json={"requests": [{"prompt": "keep", "steps": 1}]})
+    assert kept.status_code == 202
+    orphan = server.state.batches.root / "batch_00000000000000000000"
+    orphan.mkdir(parents=True)
+    (orphan / "manifest.jsonl").write_text("")
+    assert server.state.batches.prune() == 1
+    assert not orphan.exists()
+    assert (server.state.batches.root / kept.json()["id"]).is_dir()

@@ -59,6 +59,7 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.jobs.start()
+        state.batches.prune()
         loading = asyncio.create_task(_load_and_warm(state), name="imagegen-load-models")
         try:
             yield

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -251,6 +252,19 @@ class BatchesServing:
         self.readiness = readiness
         self.root = settings.data_dir / BATCHES_DIR
         self._names = _ManifestNames()
+
+    def prune(self) -> int:
+        """Remove batch folders whose job record is gone (purged after the retention period):
+        the files go with the record instead of lingering unreachable on disk."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for folder in self.root.iterdir():
+            orphan = folder.name.startswith("batch_") and self.jobs.store.get(folder.name) is None
+            if folder.is_dir() and orphan:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
 
     # -- creating ------------------------------------------------------------------------
 
