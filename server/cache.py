@@ -239,11 +239,25 @@ class ResultCache:
         }
 
 
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; done once per process.
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """temp file in the same folder + fsync + rename: a reader sees the old file or the whole
     new one, never a partial write, even if the process is killed mid-write."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
+        # mkstemp makes 0600 files; an image a user asked for gets the usual umask mode.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -371,10 +371,30 @@ def presets(
 
 def main() -> None:
     try:
-        app()
-    except SystemExit as exc:
-        # click reports usage errors with exit code 2 already; keep it.
-        sys.exit(exc.code)
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        sys.exit(_usage_error(exc))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: Exception) -> int:
+    """Click's own errors (a typo in an option, an unknown command) as one line and exit 2,
+    like every other bad input. Matched by shape: Typer may vendor its own copy of click."""
+    name = type(exc).__name__
+    ctx = getattr(exc, "ctx", None)
+    if name == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help())
+        return 0
+    if name == "Abort":
+        typer.echo("imagegen: error: interrupted", err=True)
+        return 130
+    message = getattr(exc, "format_message", None)
+    exit_code = getattr(exc, "exit_code", None)
+    if not callable(message) or not isinstance(exit_code, int):
+        raise exc
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"imagegen: error: {message()}{hint}", err=True)
+    return exit_code
 
 
 if __name__ == "__main__":

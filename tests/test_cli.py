@@ -166,3 +166,25 @@ def test_pull_while_offline_fails_at_once_with_what_to_do(cli_env: dict[str, str
     assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60  # never a hang
     assert imagegen(cli_env, "pull", "tiny-sdxl").returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "a boat", "--sizee", "64x64"], "No such option: --sizee"),
+        (["frobnicate"], "No such command"),
+        (["generate", "a boat", "-n", "two"], "'-n'"),
+    ],
+)
+def test_usage_errors_are_one_line_too(
+    cli_env: dict[str, str], args: list[str], needle: str
+) -> None:
+    proc = imagegen(cli_env, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagegen: error:") and needle in lines[0]
+
+
+def test_written_images_are_readable_by_others(cli_env: dict[str, str], tmp_path: Path) -> None:
+    res = generate_json(cli_env, tmp_path, "a comet", "--seed", "1", "--steps", "1")
+    assert Path(res["images"][0]["path"]).stat().st_mode & 0o044 == 0o044
