@@ -168,6 +168,10 @@ class Router:
         now = dt.datetime.fromtimestamp(self.wall_clock(), tz=dt.UTC)
         return now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
+    def has_budget(self, provider: str) -> bool:
+        """Whether any cap applies to `provider` (so the estimate is worth computing)."""
+        return provider in self.settings.budgets or "total" in self.settings.budgets
+
     def check_budget(self, provider: str, estimate_usd: float) -> None:
         """Refuse work that would take today's spend (UTC day) past a cap: the provider's own
         and the overall `total`."""

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,7 @@ class _Attempt:
     backend: Backend
     params: GenerationParams
     key: str
+    identity: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,9 @@ class ImageService:
             backend.check_prompt(params.prompt)
         except base.BackendError as exc:
             raise _map_backend_error(exc) from None
-        key = cache_key(params.pixel_fields(), self._identity(backend, params))
-        return _Attempt(spec=spec, backend=backend, params=params, key=key)
+        identity = self._identity(backend, params)
+        key = cache_key(params.pixel_fields(), identity)
+        return _Attempt(spec=spec, backend=backend, params=params, key=key, identity=identity)
 
     async def _attempt(
         self,
@@ -251,7 +253,8 @@ class ImageService:
             if hit is not None:
                 return hit
         provider = self.router.provider_of(attempt.spec)
-        self.router.check_budget(provider, self._estimate(attempt.spec, params) or 0.0)
+        if self.router.has_budget(provider):
+            self.router.check_budget(provider, self._estimate(attempt.spec, params) or 0.0)
         breaker = self.router.breaker(provider)
         if not breaker.allow():
             raise errors.ProviderError(
@@ -276,7 +279,7 @@ class ImageService:
         timings["generate_ms"] = _ms(gen_start)
         dropped = tuple(sorted({*result.dropped_params, *_dropped_by_service(request)}))
 
-        images = self._finish_images(result, params, backend, revised)
+        images = self._finish_images(result, params, attempt.identity, revised)
         cost = self._cost(result, backend, params)
         if result.deterministic:
             self.cache.put(
@@ -573,11 +576,10 @@ class ImageService:
         self,
         result: BackendResult,
         params: GenerationParams,
-        backend: Backend,
+        identity: Mapping[str, Any],
         revised: str,
     ) -> list[GeneratedImage]:
         """Embed the generation parameters in every PNG so the file reproduces itself."""
-        identity = self._identity(backend, params)
         finished = []
         for img in result.images:
             if img.format != "png":

@@ -300,6 +300,12 @@ class DeviceWorker:
             batch, size = [head], head.images
             expect_company = self._last_batch_requests > 1 or bool(self._queue)
             deadline = time.monotonic() + (self.batch_window_s if expect_company else 0.0)
+            # Gather while requests keep arriving: concurrent clients send their next request
+            # a few ms apart (as their previous results are sent back one by one), so a quiet
+            # gap of a quarter window means the burst is over and waiting longer only adds
+            # latency (to a client that is now alone, say).
+            quiet_s = self.batch_window_s / 4
+            last_arrival = max(time.monotonic(), head.enqueued_at) if expect_company else 0.0
             while True:
                 for item in list(self._queue):
                     if size >= self.max_batch_images:
@@ -311,7 +317,9 @@ class DeviceWorker:
                     self._queue.remove(item)
                     batch.append(item)
                     size += item.images
-                remaining = deadline - time.monotonic()
+                    last_arrival = max(last_arrival, time.monotonic())
+                now = time.monotonic()
+                remaining = min(deadline - now, last_arrival + quiet_s - now)
                 if size >= self.max_batch_images or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
