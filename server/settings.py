@@ -61,7 +61,7 @@ class LocalSettings(BaseModel):
     # Largest number of images in one pipeline call, and how long the worker waits to gather
     # compatible requests into one batch. The wait is adaptive: a lone sequential client whose
     # previous batch ran alone, with nothing else queued, does not wait at all, and gathering
-    # ends after a quiet quarter-window with no new arrival.
+    # ends after a quiet half-window with no new arrival.
     max_batch_size: int = Field(default=8, ge=1)
     batch_window_ms: float = Field(default=40.0, ge=0)
     # Bound on queued work, counted in images (n counts n times).

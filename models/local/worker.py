@@ -302,9 +302,9 @@ class DeviceWorker:
             deadline = time.monotonic() + (self.batch_window_s if expect_company else 0.0)
             # Gather while requests keep arriving: concurrent clients send their next request
             # a few ms apart (as their previous results are sent back one by one), so a quiet
-            # gap of a quarter window means the burst is over and waiting longer only adds
+            # gap of half a window means the burst is over and waiting longer only adds
             # latency (to a client that is now alone, say).
-            quiet_s = self.batch_window_s / 4
+            quiet_s = self.batch_window_s / 2
             last_arrival = max(time.monotonic(), head.enqueued_at) if expect_company else 0.0
             while True:
                 for item in list(self._queue):
