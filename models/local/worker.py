@@ -149,6 +149,7 @@ class DeviceWorker:
         # Requests in the last batch: the gathering window is only worth waiting when
         # requests have recently come together (see _gather).
         self._last_batch_requests = 1
+        self._recent_active = 1
         self.batches_run = 0
         self.pipeline_calls = 0
         self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
@@ -319,13 +320,20 @@ class DeviceWorker:
                     size += item.images
                     last_arrival = max(last_arrival, time.monotonic())
                 now = time.monotonic()
-                remaining = min(deadline - now, last_arrival + quiet_s - now)
+                # Short of the requests recently active, a longer quiet gap is allowed before
+                # giving up on them; once they are all in, a short one ends the batch.
+                gap = quiet_s if len(batch) < self._recent_active else quiet_s / 2
+                remaining = min(deadline - now, last_arrival + gap - now)
                 if size >= self.max_batch_images or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
             self._running = batch
             self._running_runner = head.runner
             self._last_batch_requests = len(batch)
+            # Requests active now: this batch and those still waiting. Next time the worker
+            # waits (within the window) for that many, so concurrent clients do not settle
+            # into two half-size batches that take turns.
+            self._recent_active = len(batch) + sum(1 for i in self._queue if not i.cancelled)
             self._notify_depth()
         return batch
 
