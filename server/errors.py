@@ -50,6 +50,14 @@ class ModelNotFoundError(ImagegenError):
     error_type = "invalid_request_error"
     exit_code = 2
 
+    @classmethod
+    def for_model(cls, name: str) -> ModelNotFoundError:
+        return cls(
+            f"model '{name}' is not in the catalogue; `imagegen models` or GET /v1/models "
+            "lists the available ones",
+            param="model",
+        )
+
 
 class ModelUnavailableError(ImagegenError):
     code = "model_unavailable"

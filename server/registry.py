@@ -38,21 +38,13 @@ class BackendRegistry:
     def spec(self, name: str) -> ModelSpec:
         spec = self.catalogue.get(name)
         if spec is None:
-            raise errors.ModelNotFoundError(
-                f"model '{name}' is not in the catalogue; `imagegen models` or GET /v1/models "
-                "lists the available ones",
-                param="model",
-            )
+            raise errors.ModelNotFoundError.for_model(name)
         return spec
 
-    def backend_for(self, name: str, *, local_only: bool) -> Backend:
+    def backend_for(self, name: str) -> Backend:
+        """The backend of a catalogue model. Which models a request may use (local-only,
+        fallbacks) is the router's decision, made before this is asked."""
         spec = self.spec(name)
-        if local_only and not spec.is_local:
-            raise errors.LocalOnlyError(
-                f"model '{name}' is hosted by {spec.kind} and local-only mode is on: no prompt "
-                "or image may leave this host. Choose a local model (`imagegen models`)",
-                param="model",
-            )
         backend = self._backends.get(name)
         if backend is None:
             backend = self._create(spec)

@@ -101,11 +101,7 @@ class Router:
             return chain
         spec = self.catalogue.get(model)
         if spec is None:
-            raise errors.ModelNotFoundError(
-                f"model '{model}' is not in the catalogue; `imagegen models` or GET /v1/models "
-                "lists the available ones",
-                param="model",
-            )
+            raise errors.ModelNotFoundError.for_model(model)
         if local_only and not spec.is_local:
             raise errors.LocalOnlyError(
                 f"model '{model}' is hosted by {spec.kind} and local-only mode is on: no prompt "

@@ -221,7 +221,7 @@ class ImageService:
     ) -> _Attempt:
         """The request as one model of the route sees it: that model's size defaults, steps,
         guidance and scheduler, its prompt limit, and the cache key of the result."""
-        backend = self.registry.backend_for(spec.name, local_only=False)
+        backend = self.registry.backend_for(spec.name)
         params = dataclasses.replace(
             base_params,
             model=spec.name,
@@ -347,7 +347,7 @@ class ImageService:
             if per_image is None:
                 return None
             return self.cost.local_usd(per_image * params.n)
-        backend = self.registry.backend_for(spec.name, local_only=False)
+        backend = self.registry.backend_for(spec.name)
         estimate = backend.estimate_cost_usd(dataclasses.replace(params, model=spec.name))
         if estimate is not None:
             return float(estimate)
@@ -388,13 +388,8 @@ class ImageService:
         if verdict.blocked:
             raise errors.PromptBlockedError(verdict.category or "policy")
         model = request.model or self.settings.default_model
+        # An unknown model is reported by the router, after the prompt is screened.
         spec = self.catalogue.get(model)
-        if spec is None and model != "auto":
-            raise errors.ModelNotFoundError(
-                f"model '{model}' is not in the catalogue; `imagegen models` lists the "
-                "available ones",
-                param="model",
-            )
         width = request.width or (spec.defaults.width if spec else 1024)
         height = request.height or (spec.defaults.height if spec else 1024)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - MAX_N)
@@ -623,7 +618,7 @@ class ImageService:
 
     async def load(self, models: list[str], on_event: EventFn | None = None) -> None:
         for name in models:
-            backend = self.registry.backend_for(name, local_only=False)
+            backend = self.registry.backend_for(name)
             try:
                 await backend.load()
             except base.BackendError as exc:

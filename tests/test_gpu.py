@@ -48,7 +48,7 @@ def _pixels(data: bytes) -> np.ndarray:
 @pytest.mark.parametrize(("model", "dtype"), [("tiny-sdxl", "float16"), ("tiny-flux", "bfloat16")])
 def test_half_precision_on_cuda(cuda_service: Any, model: str, dtype: str) -> None:
     result = _run(cuda_service, prompt="a red fox", model=model, seed=3, width=128, height=128)
-    backend = cuda_service.registry.backend_for(model, local_only=False)
+    backend = cuda_service.registry.backend_for(model)
     identity = backend.identity(result.params)
     assert identity.device == "cuda" and identity.dtype == dtype
     assert result.images[0].quality["ok"], result.images[0].quality
@@ -68,7 +68,7 @@ def test_precise_mode_runs_the_vae_in_fp32_and_restores_it(cuda_service: Any) ->
 
     from server.service import ImageRequest
 
-    backend = cuda_service.registry.backend_for("tiny-sdxl", local_only=False)
+    backend = cuda_service.registry.backend_for("tiny-sdxl")
     params = cuda_service.prepare(ImageRequest(prompt="a road", seed=1)).params
     backend.runner.load()
     vae = backend.runner.pipe.vae

@@ -132,7 +132,7 @@ def test_queue_bound_in_images_answers_429_beyond_it(tmp_path: Path, tiny_models
 
 
 def test_client_that_leaves_while_queued_never_reaches_the_pipeline(server: LiveServer) -> None:
-    runner = server.service.registry.backend_for("tiny-sdxl", local_only=False).runner  # type: ignore[attr-defined]
+    runner = server.service.registry.backend_for("tiny-sdxl").runner  # type: ignore[attr-defined]
     seen: list[str] = []
     original = runner.run_batch
 

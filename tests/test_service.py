@@ -234,7 +234,7 @@ class _BlackFrames:
 def test_black_frame_retries_once_with_precise_vae(
     service: ImageService, fix_on_retry: bool
 ) -> None:
-    real = service.registry.backend_for("tiny-sdxl", local_only=False)
+    real = service.registry.backend_for("tiny-sdxl")
     fake = _BlackFrames(real, fix_on_retry)
     service.registry._backends["tiny-sdxl"] = fake  # type: ignore[assignment]
     if fix_on_retry:

@@ -94,7 +94,7 @@ async def _load_and_warm(state: AppState) -> None:
         for name in readiness.models:
             started = time.perf_counter()
             await state.service.load([name])
-            backend = state.service.registry.backend_for(name, local_only=False)
+            backend = state.service.registry.backend_for(name)
             if backend.is_local:
                 await _warm_up(backend)
             log.info("model %s ready in %.1f s", name, time.perf_counter() - started)

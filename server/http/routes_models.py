@@ -38,7 +38,4 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     for row in state.service.models():
         if row["name"] == model_id:
             return _card(state, row)
-    raise errors.ModelNotFoundError(
-        f"model '{model_id}' is not in the catalogue; GET /v1/models lists the available ones",
-        param="model",
-    )
+    raise errors.ModelNotFoundError.for_model(model_id)
