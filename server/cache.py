@@ -91,6 +91,9 @@ class ResultCache:
         self.db = db
         self.max_bytes = max_bytes
         db.executescript(_SCHEMA)
+        # A running estimate, so a write does not sum the whole index: exact after start-up
+        # and after each eviction; writes by other processes are counted at their next check.
+        self._bytes_estimate = self.total_bytes()
 
     # -- objects -------------------------------------------------------------------------
 
@@ -185,7 +188,9 @@ class ResultCache:
                 "INSERT INTO cache_images (key, idx, sha256) VALUES (?, ?, ?)",
                 [(key, i, item["sha256"]) for i, item in enumerate(items)],
             )
-        self.evict()
+        self._bytes_estimate += total
+        if self._bytes_estimate > self.max_bytes:
+            self.evict()
         return [str(item["sha256"]) for item in items]
 
     def delete(self, key: str) -> None:
@@ -226,6 +231,7 @@ class ResultCache:
                 break
             self.delete(rows[0]["key"])
             evicted += 1
+        self._bytes_estimate = self.total_bytes()
         return evicted
 
     def stats(self) -> dict[str, int]:
