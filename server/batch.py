@@ -1303,9 +1303,7 @@ def plan_batch(
 def _projected_usd(service: ImageService, prepared: PreparedRequest) -> tuple[float | None, str]:
     params = prepared.params
     if prepared.backend.is_local:
-        seconds = service.ledger.seconds_per_image(params.model) or (
-            service.cost.seconds_per_image(params.model)
-        )
+        seconds = service.ledger.seconds_per_image(params.model)
         rate = service.cost.usd_per_gpu_hour
         if seconds is None:
             return None, "no measured throughput yet (never run here)"

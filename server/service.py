@@ -296,8 +296,6 @@ class ImageService:
                     "quality": [r.as_dict() for r in reports],
                 },
             )
-        if result.gpu_seconds:
-            self.cost.observe_local(params.model, result.gpu_seconds, params.n)
         self.ledger.record(
             LedgerRow(
                 request_id=request_id,

@@ -150,7 +150,6 @@ class DeviceWorker:
         # requests have recently come together (see _gather).
         self._last_batch_requests = 1
         self._recent_active = 1
-        self.batches_run = 0
         self.pipeline_calls = 0
         self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
 
@@ -176,11 +175,6 @@ class DeviceWorker:
             self._thread = None
 
     # -- submitting ----------------------------------------------------------------------
-
-    @property
-    def queued_images(self) -> int:
-        with self._cond:
-            return sum(item.images for item in self._queue if not item.cancelled)
 
     def position(self, item: WorkItem) -> int | None:
         """1-based place of `item` among queued requests (1 runs next); None once it runs."""
@@ -369,7 +363,6 @@ class DeviceWorker:
             self._finish()
             return
         self.pipeline_calls += 1
-        self.batches_run += 1
         total_images = sum(item.images for item in batch)
         share = output.device_seconds / max(total_images, 1)
         if output.device_seconds > 0:
