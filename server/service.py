@@ -25,7 +25,7 @@ from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook, PresetError
 from server.quality import QualityReport, check_image
 from server.registry import BackendRegistry
-from server.router import Router
+from server.router import Candidate, Router
 from server.sanitizer import Sanitizer
 from server.settings import Settings
 
@@ -155,13 +155,8 @@ class ImageService:
         started = time.perf_counter()
         request_id = request.request_id or "img_" + uuid.uuid4().hex[:24]
         emit = on_event or (lambda kind, data: None)
-        base_params, revised = self._prepare(request)
-        chain = self.router.plan(
-            base_params.model,
-            local_only=self._local_only(request),
-            estimate=lambda spec: self._estimate(spec, base_params),
-        )
-        skipped: list[str] = []
+        base_params, revised, chain = self._route(request)
+        skipped: list[tuple[str, str]] = []
         last_error: errors.ImagegenError | None = None
         for index, candidate in enumerate(chain):
             try:
@@ -179,7 +174,7 @@ class ImageService:
                 unfit = index > 0 and type(exc) is errors.InvalidRequestError
                 if not (exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)):
                     raise
-                skipped.append(f"{candidate.spec.name}: {exc.message}")
+                skipped.append((candidate.spec.name, exc.message))
                 last_error = exc
                 emit("fallback", {"model": candidate.spec.name, "reason": exc.message})
                 continue
@@ -188,9 +183,9 @@ class ImageService:
                     result,
                     notices=(
                         *result.notices,
-                        *(f"not served by {reason}" for reason in skipped),
+                        *(f"not served by {name}: {reason}" for name, reason in skipped),
                     ),
-                    fallback_from=tuple(s.split(":", 1)[0] for s in skipped),
+                    fallback_from=tuple(name for name, _ in skipped),
                 )
             return result
         assert last_error is not None  # the plan is never empty
@@ -200,12 +195,7 @@ class ImageService:
         """Everything `generate` does before it runs a backend (validation, preset, sanitizer,
         route, per-model defaults, cache key), for callers that must price or check a request
         first. Raises the same errors `generate` would; prices the first model of the route."""
-        base_params, revised = self._prepare(request)
-        chain = self.router.plan(
-            base_params.model,
-            local_only=self._local_only(request),
-            estimate=lambda spec: self._estimate(spec, base_params),
-        )
+        base_params, revised, chain = self._route(request)
         attempt = self._resolve_for(chain[0].spec, base_params, request)
         cached = request.seed is not None and self.cache.get(attempt.key) is not None
         return PreparedRequest(
@@ -215,6 +205,16 @@ class ImageService:
             cache_key=attempt.key,
             cached=cached,
         )
+
+    def _route(self, request: ImageRequest) -> tuple[GenerationParams, str, list[Candidate]]:
+        """The checked, expanded request and the models that may serve it, in order."""
+        base_params, revised = self._prepare(request)
+        chain = self.router.plan(
+            base_params.model,
+            local_only=self._local_only(request),
+            estimate=lambda spec: self._estimate(spec, base_params),
+        )
+        return base_params, revised, chain
 
     def _resolve_for(
         self, spec: ModelSpec, base_params: GenerationParams, request: ImageRequest
