@@ -149,6 +149,7 @@ class DeviceWorker:
         # Requests in the last batch: the gathering window is only worth waiting when
         # requests have recently come together (see _gather).
         self._last_batch_requests = 1
+        self._last_batch_end = -math.inf
         self._recent_active = 1
         self.pipeline_calls = 0
         self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
@@ -283,9 +284,9 @@ class DeviceWorker:
     def _gather(self) -> list[WorkItem]:
         """The oldest request decides the key; compatible requests that are queued, or that
         arrive within the gathering window, join it up to the batch size. The window is waited
-        only while company is likely (the last batch was shared, or other work is queued): a
-        lone client's next request cannot arrive before it has this one's result, so waiting
-        would only add latency."""
+        only while company is likely (the last batch was shared and has just ended, or other
+        work is queued): a lone client's next request cannot arrive before it has this one's
+        result, so waiting would only add latency."""
         with self._cond:
             while self._queue and self._queue[0].cancelled:
                 self._queue.popleft()
@@ -293,7 +294,13 @@ class DeviceWorker:
                 return []
             head = self._queue.popleft()
             batch, size = [head], head.images
-            expect_company = self._last_batch_requests > 1 or bool(self._queue)
+            # A shared last batch only predicts company while its clients are still coming
+            # back (within a window of its end): a request after a quiet spell is a new start.
+            in_burst = (
+                self._last_batch_requests > 1
+                and head.enqueued_at - self._last_batch_end < self.batch_window_s
+            )
+            expect_company = in_burst or bool(self._queue)
             deadline = time.monotonic() + (self.batch_window_s if expect_company else 0.0)
             # Gather while requests keep arriving: concurrent clients send their next request
             # a few ms apart (as their previous results are sent back one by one), so a quiet
@@ -392,6 +399,7 @@ class DeviceWorker:
 
     def _finish(self) -> None:
         with self._cond:
+            self._last_batch_end = time.monotonic()
             self._running = []
             self._running_runner = None
 

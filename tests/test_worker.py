@@ -1,0 +1,73 @@
+"""The device worker's gathering decision, on the real tiny-sdxl pipeline: requests that come
+together share a pipeline call, and a request after a quiet spell does not wait for company
+that was only there before."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from models.base import GenerationParams
+from models.catalogue import Catalogue
+from models.local.pipeline import PipelineRunner, RuntimeOptions
+from models.local.worker import DeviceWorker, WorkItem
+
+WINDOW_S = 1.0
+
+
+class Waits:
+    """The worker's observer: queue waits per pipeline call."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+
+    def batch_done(
+        self, model: str, images: int, device_seconds: float, queue_waits: list[float]
+    ) -> None:
+        self.batches.append(queue_waits)
+
+    def queue_depth(self, images: int) -> None:
+        pass
+
+
+def _params(seed: int) -> GenerationParams:
+    return GenerationParams(
+        prompt="a lighthouse at dusk",
+        model="tiny-sdxl",
+        width=64,
+        height=64,
+        n=1,
+        seed=seed,
+        steps=2,
+        guidance_scale=5.0,
+        scheduler="euler",
+    )
+
+
+def test_request_after_a_quiet_spell_does_not_wait_for_the_last_burst(data_dir: Path) -> None:
+    spec = Catalogue.load([]).get("tiny-sdxl")
+    assert spec is not None
+    runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
+    waits = Waits()
+    worker = DeviceWorker(batch_window_s=WINDOW_S, observer=waits)
+    try:
+        worker.call(runner.load).result(timeout=120)
+        # Two requests queued behind a held worker run as one pipeline call.
+        release = threading.Event()
+        worker.call(release.wait)
+        pair = [worker.submit(WorkItem(params=_params(s), runner=runner)) for s in (1, 2)]
+        release.set()
+        for item in pair:
+            item.future.result(timeout=120)
+        assert worker.pipeline_calls == 1
+
+        # Longer than the window after that shared batch: a lone request starts at once.
+        # (Before, the worker waited half a window for the two clients of the last batch.)
+        time.sleep(WINDOW_S * 1.2)
+        lone = worker.submit(WorkItem(params=_params(3), runner=runner))
+        lone.future.result(timeout=120)
+        assert worker.pipeline_calls == 2
+        assert waits.batches[-1][0] < WINDOW_S / 4, waits.batches
+    finally:
+        worker.stop()
