@@ -194,6 +194,9 @@ class GeneratedImage:
     format: OutputFormat = "png"
     # Problems the backend saw in the raw output before encoding ("non-finite values").
     warnings: tuple[str, ...] = ()
+    # The 8-bit RGB pixels behind `data` (an HxWx3 numpy array) where the backend has them
+    # (local pipelines): quality checks read these instead of decoding the file again.
+    pixels: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,18 @@ def check_array(pixels: npt.NDArray[np.generic]) -> QualityReport:
     return _analyse(rgb, failure=None, retryable=False)
 
 
+def check_pixels(rgb: ByteArray, *, width: int, height: int) -> QualityReport:
+    """Check 8-bit RGB pixels (HxWx3) that a backend encoded itself against the requested
+    size: the checks of `check_image` without decoding the file again."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"pixels must be an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
+    failure = None
+    if rgb.shape[:2] != (height, width):
+        failure = f"size mismatch: expected {width}x{height}, got {rgb.shape[1]}x{rgb.shape[0]}"
+    return _analyse(rgb, failure=failure, retryable=False)
+
+
 def _undecodable() -> QualityReport:
     return QualityReport(
         ok=False,

@@ -23,7 +23,7 @@ from server.cost import CostModel
 from server.db import Database
 from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook, PresetError
-from server.quality import QualityReport, check_image
+from server.quality import QualityReport, check_image, check_pixels
 from server.registry import BackendRegistry
 from server.router import Candidate, Router
 from server.sanitizer import Sanitizer
@@ -560,7 +560,10 @@ class ImageService:
         # Local pipelines must produce the requested size; hosted ones may map it (aspect
         # ratios, Midjourney grids), so their images must be the size they declare.
         width, height = (params.width, params.height) if exact_size else (image.width, image.height)
-        report = check_image(image.data, width=width, height=height, format=image.format)
+        if image.pixels is not None:
+            report = check_pixels(image.pixels, width=width, height=height)
+        else:
+            report = check_image(image.data, width=width, height=height, format=image.format)
         if "non-finite values" in image.warnings and report.ok:
             return dataclasses.replace(report, ok=False, retryable=True, reason="non-finite values")
         return report

@@ -11,7 +11,14 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from server.quality import QualityReport, check_array, check_image, hamming, near_duplicates
+from server.quality import (
+    QualityReport,
+    check_array,
+    check_image,
+    check_pixels,
+    hamming,
+    near_duplicates,
+)
 
 Pixels = npt.NDArray[np.uint8]
 
@@ -118,6 +125,24 @@ def test_check_image(
         retryable,
         flagged,
     )
+
+
+@pytest.mark.parametrize(
+    "pixels", [_noise(4), _flat(0), _stars(), _smooth(5)], ids=["noise", "black", "stars", "smooth"]
+)
+def test_check_pixels_reports_what_decoding_the_png_reports(pixels: Pixels) -> None:
+    """Local backends hand over the pixels they encoded; checking those must give the report
+    that decoding their PNG gives."""
+    assert check_pixels(pixels, width=64, height=64) == check_image(
+        _png(pixels), width=64, height=64, format="png"
+    )
+
+
+def test_check_pixels_size_mismatch_and_bad_input() -> None:
+    report = check_pixels(_noise(6), width=64, height=32)
+    assert (report.ok, report.reason) == (False, "size mismatch: expected 64x32, got 64x64")
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        check_pixels(_noise(6) / 255.0, width=64, height=64)  # type: ignore[arg-type]
 
 
 def _with(value: float) -> npt.NDArray[np.float64]:

@@ -224,9 +224,11 @@ class _BlackFrames:
         result = await self.inner.generate(params, progress, precise=precise)
         if precise and self.fix_on_retry:
             return result
+        frame = Image.new("RGB", (params.width, params.height))
         buf = io.BytesIO()
-        Image.new("RGB", (params.width, params.height)).save(buf, format="PNG")
-        black = dataclasses.replace(result.images[0], data=buf.getvalue())
+        frame.save(buf, format="PNG")
+        # Like the local pipeline, hand over the pixels with the file.
+        black = dataclasses.replace(result.images[0], data=buf.getvalue(), pixels=np.asarray(frame))
         return dataclasses.replace(result, images=(black,))
 
 

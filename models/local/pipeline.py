@@ -24,6 +24,9 @@ from models.local import schedulers, sources
 
 log = logging.getLogger(__name__)
 
+# Prompt token counts remembered per runner (cleared whole when full: simple and bounded).
+_TOKEN_COUNTS_KEPT = 1024
+
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -102,6 +105,7 @@ class PipelineRunner:
         self._current_scheduler = ""
         self._interrupt = False
         self._count_tokenizer: Any = None
+        self._token_counts: dict[str, int] = {}
         self._scheduler_config: dict[str, object] | None = None
 
     # -- loading -------------------------------------------------------------------------
@@ -211,8 +215,16 @@ class PipelineRunner:
         return self._count_tokenizer
 
     def count_tokens(self, text: str) -> int:
-        tok = self.tokenizer()
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+        # Remembered per prompt text: every request checks its prompt, and clients that vary
+        # only the seed send the same text again and again.
+        used = self._token_counts.get(text)
+        if used is None:
+            tok = self.tokenizer()
+            used = len(tok(text, add_special_tokens=False)["input_ids"])
+            if len(self._token_counts) >= _TOKEN_COUNTS_KEPT:
+                self._token_counts.clear()
+            self._token_counts[text] = used
+        return used
 
     def shipped_scheduler_config(self) -> dict[str, object]:
         """The scheduler config that came with the weights (read once; part of the cache key)."""
@@ -349,6 +361,7 @@ def _encode(pixels: Any, seed: int, params: GenerationParams) -> GeneratedImage:
         height=image.height,
         format=fmt,
         warnings=warnings,
+        pixels=array,
     )
 
 
