@@ -8,6 +8,11 @@ with one sequential client (overhead ratio = server / direct), with 8 concurrent
 (batching gain = that / direct sequential), and cache-hit latency over HTTP (p50/p99 of one
 seeded request repeated). Server requests use distinct seeds, so every one is a cache miss.
 Targets: overhead ratio >= 0.95, batching gain >= 1.4, cache-hit p50 <= 10 ms.
+
+Both sides run in fresh processes, several times over (--trials): two processes running the
+very same pipeline differ by up to about 5% for as long as they live (memory layout, thread
+placement), as much as the margin being measured, so one pair of processes decides nothing.
+The ratios are the median over trials, each trial a new direct process and a new server.
 """
 
 from __future__ import annotations
@@ -56,35 +61,76 @@ def _body(seed: int, prompt: str = "a lighthouse at dusk") -> dict[str, Any]:
 
 
 class Direct:
-    """The same pipeline the server runs, called straight: the ceiling the server is held to."""
+    """The same pipeline the server runs, called straight (the ceiling the server is held
+    to), in a child process of its own, started like the server's."""
 
     def __init__(self, data_dir: Path) -> None:
-        from models.catalogue import Catalogue
-        from models.local.pipeline import PipelineRunner, RuntimeOptions
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--direct-child", str(data_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
 
-        spec = Catalogue.load([]).get(MODEL)
-        assert spec is not None
-        self.runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
-        self.runner.load()
+    def wait_ready(self) -> None:
+        if self._reply() != "ready":
+            raise SystemExit("bench: the direct pipeline process did not start")
 
     def run(self, count: int) -> tuple[int, float]:
-        from models.base import GenerationParams
+        """`count` sequential pipeline calls; (images, seconds)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{count}\n")
+        self.proc.stdin.flush()
+        return count, float(self._reply())
 
-        params = GenerationParams(
-            prompt="a lighthouse at dusk",
-            model=MODEL,
-            width=WIDTH,
-            height=HEIGHT,
-            n=1,
-            seed=7,
-            steps=STEPS,
-            guidance_scale=GUIDANCE,
-            scheduler=SCHEDULER,
-        )
+    def _reply(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            raise SystemExit("bench: the direct pipeline process died")
+        return line
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def direct_child(data_dir: Path) -> None:
+    """The direct process: load the pipeline, then for each line N on stdin run N calls and
+    answer the seconds they took."""
+    from models.base import GenerationParams
+    from models.catalogue import Catalogue
+    from models.local.pipeline import PipelineRunner, RuntimeOptions
+
+    spec = Catalogue.load([]).get(MODEL)
+    assert spec is not None
+    runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
+    runner.load()
+    params = GenerationParams(
+        prompt="a lighthouse at dusk",
+        model=MODEL,
+        width=WIDTH,
+        height=HEIGHT,
+        n=1,
+        seed=7,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+        scheduler=SCHEDULER,
+    )
+    for _ in range(3):  # warm-up
+        runner.run_batch([params])
+    print("ready", flush=True)
+    for line in sys.stdin:
         started = time.perf_counter()
-        for _ in range(count):
-            self.runner.run_batch([params])
-        return count, time.perf_counter() - started
+        for _ in range(int(line)):
+            runner.run_batch([params])
+        print(time.perf_counter() - started, flush=True)
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -253,6 +299,24 @@ class Round:
     concurrent: float
 
 
+@dataclass
+class Trial:
+    """Rounds against one direct process and one server process."""
+
+    rounds: list[Round]
+
+    def used(self) -> list[Round]:
+        return _clean(self.rounds)
+
+    def ratio(self, kind: str) -> float | None:
+        """Median over the used rounds of that kind's rate / the direct rate (ratios within a
+        round: its runs ran back to back, under the same conditions)."""
+        return _median([getattr(r, kind) / r.direct for r in self.used() if r.direct])
+
+    def rate(self, kind: str) -> float | None:
+        return _median([v for r in self.used() if (v := getattr(r, kind)) is not None])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running imagegen server (default: start one here)")
@@ -262,67 +326,80 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=5)
     parser.add_argument("--cache-requests", type=int, default=300)
     parser.add_argument(
+        "--trials",
+        type=int,
+        default=3,
+        help="fresh direct + server process pairs (one against --url)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
-        help="clean rounds to collect (direct, sequential and concurrent runs alternate, so "
+        default=3,
+        help="clean rounds per trial (direct, sequential and concurrent runs alternate, so "
         "each kind sees the same conditions on a shared, drifting host)",
     )
-    parser.add_argument("--max-rounds", type=int, default=12)
+    parser.add_argument("--max-rounds", type=int, default=6, help="per trial")
     parser.add_argument(
         "--batch-window-ms",
         type=float,
         help="local.batch_window_ms for the server started here (default: the server's own)",
     )
     parser.add_argument(
-        "--budget-s", type=float, default=120.0, help="stop adding rounds after this long"
+        "--budget-s", type=float, default=240.0, help="start no new trial after this long"
     )
     parser.add_argument(
-        "--no-direct", action="store_true", help="skip the in-process pipeline (default with --url)"
+        "--no-direct", action="store_true", help="skip the direct pipeline (default with --url)"
     )
+    parser.add_argument("--direct-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.direct_child is not None:
+        direct_child(args.direct_child)
+        return
 
     started = time.perf_counter()
     scratch = tempfile.TemporaryDirectory(prefix="imagegen-bench-")
-    data_dir = Path(scratch.name)
-    direct: Direct | None = None
-    if not (args.no_direct or args.url):
-        direct = Direct(data_dir / "direct")
-        direct.run(3)  # warm-up
-    server: LocalServer | None = None
-    if args.url is None:
-        overrides = {}
-        if args.batch_window_ms is not None:
-            overrides["IMAGEGEN_LOCAL__BATCH_WINDOW_MS"] = str(args.batch_window_ms)
-        server = LocalServer(data_dir / "server", overrides)
-        server.wait_ready()
-    client = Client(args.url or (server.url if server else ""), args.api_key)
-    seeds = secrets.SystemRandom().sample(range(1_000_000, 2**31), 10_000)
-    rounds: list[Round] = []
-    try:
-        client.sequential(3, seeds)  # warm-up: connection, allocator, first batch
-        while len(rounds) < args.max_rounds:
-            rounds.append(
-                Round(
-                    direct=_rate(direct.run(args.requests)) if direct is not None else None,
-                    sequential=_rate(client.sequential(args.requests, seeds)),
-                    concurrent=_rate(client.concurrent(args.clients, args.per_client, seeds)),
+    seeds = secrets.SystemRandom().sample(range(1_000_000, 2**31), 20_000)
+    overrides = {}
+    if args.batch_window_ms is not None:
+        overrides["IMAGEGEN_LOCAL__BATCH_WINDOW_MS"] = str(args.batch_window_ms)
+    trials: list[Trial] = []
+    p50: float | None = None
+    p99: float | None = None
+    for index in range(1 if args.url else max(1, args.trials)):
+        if trials and time.perf_counter() - started > args.budget_s:
+            break
+        folder = Path(scratch.name) / f"trial-{index}"
+        direct = None if (args.no_direct or args.url) else Direct(folder / "direct")
+        server = None if args.url else LocalServer(folder / "server", overrides)
+        try:
+            if server is not None:
+                server.wait_ready()
+            if direct is not None:
+                direct.wait_ready()
+            client = Client(args.url or (server.url if server else ""), args.api_key)
+            client.sequential(3, seeds)  # warm-up: connection, allocator, first batch
+            trial = Trial(rounds=[])
+            while len(trial.rounds) < args.max_rounds and len(trial.used()) < args.rounds:
+                trial.rounds.append(
+                    Round(
+                        direct=_rate(direct.run(args.requests)) if direct is not None else None,
+                        sequential=_rate(client.sequential(args.requests, seeds)),
+                        concurrent=_rate(client.concurrent(args.clients, args.per_client, seeds)),
+                    )
                 )
-            )
-            if len(_clean(rounds)) >= args.rounds or time.perf_counter() - started > args.budget_s:
-                break
-        p50, p99 = client.cache_hits(args.cache_requests)
-    finally:
-        if server is not None:
-            server.stop()
-    used = _clean(rounds)
-    direct_ips = _median([r.direct for r in used if r.direct is not None])
-    overhead = batching = None
-    if direct_ips is not None:
-        # Ratios within a round: its three runs ran back to back under the same conditions.
-        overhead = _median([r.sequential / r.direct for r in used if r.direct])
-        batching = _median([r.concurrent / r.direct for r in used if r.direct])
+            trials.append(trial)
+            if index == 0:
+                p50, p99 = client.cache_hits(args.cache_requests)
+        finally:
+            if server is not None:
+                server.stop()
+            if direct is not None:
+                direct.stop()
+
+    # The median over trials: each trial's ratio already compares runs made side by side.
+    overhead = _median([v for t in trials if (v := t.ratio("sequential")) is not None])
+    batching = _median([v for t in trials if (v := t.ratio("concurrent")) is not None])
     result: dict[str, Any] = {
         "workload": {
             "model": MODEL,
@@ -332,29 +409,36 @@ def main() -> None:
             "scheduler": SCHEDULER,
         },
         "server": args.url or "local (imagegen serve, child process)",
-        "direct_images_per_s": _r(direct_ips),
-        "server_sequential_images_per_s": _r(_median([r.sequential for r in used])),
-        "server_concurrent_images_per_s": _r(_median([r.concurrent for r in used])),
+        "direct_images_per_s": _r(_median_of(trials, "direct")),
+        "server_sequential_images_per_s": _r(_median_of(trials, "sequential")),
+        "server_concurrent_images_per_s": _r(_median_of(trials, "concurrent")),
         "concurrent_clients": args.clients,
         "overhead_ratio": _r(overhead),
         "batching_gain": _r(batching),
         "cache_hit_p50_ms": _r(p50),
         "cache_hit_p99_ms": _r(p99),
-        "rounds": [
+        "trials": [
             {
-                "direct": _r(r.direct),
-                "sequential": _r(r.sequential),
-                "concurrent": _r(r.concurrent),
-                "used": any(r is u for u in used),
+                "overhead_ratio": _r(t.ratio("sequential")),
+                "batching_gain": _r(t.ratio("concurrent")),
+                "rounds": [
+                    {
+                        "direct": _r(r.direct),
+                        "sequential": _r(r.sequential),
+                        "concurrent": _r(r.concurrent),
+                        "used": any(r is u for u in t.used()),
+                    }
+                    for r in t.rounds
+                ],
             }
-            for r in rounds
+            for t in trials
         ],
         "targets": TARGETS,
         "elapsed_s": _r(time.perf_counter() - started),
     }
     result["meets_targets"] = (
         None
-        if overhead is None or batching is None
+        if overhead is None or batching is None or p50 is None
         else bool(
             overhead >= TARGETS["overhead_ratio"]
             and batching >= TARGETS["batching_gain"]
@@ -362,6 +446,10 @@ def main() -> None:
         )
     )
     print(json.dumps(result))
+
+
+def _median_of(trials: list[Trial], kind: str) -> float | None:
+    return _median([v for t in trials if (v := t.rate(kind)) is not None])
 
 
 def _clean(rounds: list[Round]) -> list[Round]:
