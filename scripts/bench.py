@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--trials",
         type=int,
-        default=3,
+        default=5,
         help="fresh direct + server process pairs (one against --url)",
     )
     parser.add_argument(

@@ -97,3 +97,18 @@ def test_single_file_checkpoint_loads_through_from_single_file(data_dir: Path) -
     runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
     with pytest.raises(ModelUnavailableError, match="could not be loaded"):
         runner.load()
+
+
+def test_prompt_token_counts_are_the_tokenizers_and_stay_bounded(data_dir: Path) -> None:
+    from models.catalogue import Catalogue
+    from models.local import pipeline
+    from models.local.pipeline import PipelineRunner, RuntimeOptions
+
+    spec = Catalogue.load().specs["tiny-sdxl"]
+    runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
+    tok = runner.tokenizer()
+    for text in ("a fox", "a fox in the snow, at dawn", "a fox"):
+        assert runner.count_tokens(text) == len(tok(text, add_special_tokens=False)["input_ids"])
+    for i in range(pipeline._TOKEN_COUNTS_KEPT + 5):
+        runner.count_tokens(f"prompt {i}")
+    assert len(runner._token_counts) <= pipeline._TOKEN_COUNTS_KEPT
