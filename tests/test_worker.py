@@ -71,3 +71,20 @@ def test_request_after_a_quiet_spell_does_not_wait_for_the_last_burst(data_dir: 
         assert waits.batches[-1][0] < WINDOW_S / 4, waits.batches
     finally:
         worker.stop()
+
+
+def test_a_cancelled_control_call_is_skipped_and_the_worker_lives_on() -> None:
+    """A load whose caller went away cancels its future before the worker gets to it; the
+    worker must skip it and keep serving (it used to die setting a cancelled future)."""
+    worker = DeviceWorker()
+    try:
+        release = threading.Event()
+        worker.call(release.wait)
+        ran: list[str] = []
+        abandoned = worker.call(lambda: ran.append("abandoned"))
+        assert abandoned.cancel()
+        release.set()
+        assert worker.call(lambda: "alive").result(timeout=30) == "alive"
+        assert ran == []
+    finally:
+        worker.stop()

@@ -272,10 +272,14 @@ class DeviceWorker:
                 control = self._control.popleft() if self._control else None
             if control is not None:
                 fn, future = control
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
+                # A caller that gave up (a load whose request went away) cancelled its future:
+                # skip the call, and never try to set a result on a cancelled future, which
+                # raises and would take this thread down.
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
                 continue
             batch = self._gather()
             if batch:
