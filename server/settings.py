@@ -78,6 +78,9 @@ class ServerSettings(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list)
     insecure_no_auth: bool = False
     public_base_url: str | None = None
+    # The largest request body taken (batch uploads are the big ones); past it, 413 before the
+    # body is read any further.
+    max_body_mb: float = Field(default=64.0, gt=0)
 
 
 class Settings(BaseSettings):

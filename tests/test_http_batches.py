@@ -371,3 +371,31 @@ def test_folders_of_purged_batches_are_pruned(server: LiveServer, client: httpx.
     assert server.state.batches.prune() == 1
     assert not orphan.exists()
     assert (server.state.batches.root / kept.json()["id"]).is_dir()
+
+
+def test_an_upload_past_the_body_limit_is_413_in_the_envelope(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    """A body past server.max_body_mb is refused before it is read further: no batch, no rows."""
+    settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir), max_body_mb=0.01, models=[])
+    with live_server(settings) as live, live.client() as client:
+        rows = requests_for("too many", 400, seed=1)
+        response = client.post(
+            "/v1/batches", files={"file": ("rows.jsonl", jsonl(rows), "application/jsonl")}
+        )
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+        assert "server.max_body_mb" in error["message"]
+        # Chunked, so no Content-Length to go by: cut off once it passes the limit.
+        body = json.dumps({"requests": rows}).encode()
+        chunked = client.post(
+            "/v1/batches",
+            content=(body[i : i + 4096] for i in range(0, len(body), 4096)),
+            headers={"Content-Type": "application/json"},
+        )
+        assert chunked.status_code == 413
+        assert chunked.json()["error"]["code"] == "request_too_large"
+        assert client.get("/v1/stats").json()["requests"] == 0  # nothing ran
+        small = client.post("/v1/batches", json={"requests": requests_for("few", 1, seed=1)})
+        assert small.status_code == 202

@@ -21,7 +21,7 @@ from server.http.auth import ApiKeys, AuthMiddleware
 from server.http.batches import BatchesServing
 from server.http.jobs import JobRunner, JobStore
 from server.http.metrics import Metrics
-from server.http.middleware import RequestContextMiddleware
+from server.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from server.http.serving import ImagesServing, Readiness
 from server.http.state import AppState
 from server.registry import BackendRegistry
@@ -81,6 +81,9 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     for module in (routes_images, routes_jobs, routes_batches, routes_models, routes_ops):
         app.include_router(module.router)
     # Added last = runs first: every response, a 401 included, carries its request id.
+    # Outermost last: request id, then the key check, then the body limit (no one streams a
+    # body at this server without a key).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.server.max_body_mb * 1024**2))
     app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.server.api_keys))
     app.add_middleware(RequestContextMiddleware)
     return app
