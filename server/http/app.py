@@ -80,9 +80,8 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     http_errors.install(app)
     for module in (routes_images, routes_jobs, routes_batches, routes_models, routes_ops):
         app.include_router(module.router)
-    # Added last = runs first: every response, a 401 included, carries its request id.
-    # Outermost last: request id, then the key check, then the body limit (no one streams a
-    # body at this server without a key).
+    # Added last = runs first: the request id (every response, a 401 included, carries it),
+    # then the key check, then the body limit (no one streams a body here without a key).
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.server.max_body_mb * 1024**2))
     app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.server.api_keys))
     app.add_middleware(RequestContextMiddleware)
