@@ -7,15 +7,49 @@ Everything here is torch-free: `import models` must stay cheap so the CLI can re
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
-# Called with (step, total_steps) as a backend makes progress; hosted backends report what the
-# provider tells them (a percentage mapped onto 100 steps).
-ProgressFn = Callable[[int, int], None]
+
+class Events:
+    """What a backend reports while it works, on its way to the client: the one channel from
+    the device (or the provider) to whoever waits (the HTTP job runner, the CLI's progress bar,
+    a batch). Every method is a no-op here, so a caller that does not listen passes
+    `NO_EVENTS` and a backend calls every hook unconditionally.
+
+    Hooks may be called from any thread (the device worker's for `queued` moves, `started` and
+    `progress`): an implementation hands them to its own loop, never blocks, and never raises
+    (a listener's failure must not take the device down; callers guard with `safely`).
+
+    - `queued(position)`: waiting, 1 = next to run; called on submit and whenever the queue
+      ahead moves.
+    - `started()`: the work is on the device, or submitted to the provider.
+    - `progress(step, total, preview)`: denoising step (local) or the provider's percentage
+      mapped onto 100. `preview` is reserved for live previews (an image); None for now.
+    - `retry(reason)`: the service runs the request once more (quality check).
+    - `fallback(model, reason)`: the model could not serve it; the next one of the route will.
+    """
+
+    def queued(self, position: int) -> None:
+        pass
+
+    def started(self) -> None:
+        pass
+
+    def progress(self, step: int, total: int, preview: Any = None) -> None:
+        pass
+
+    def retry(self, reason: str) -> None:
+        pass
+
+    def fallback(self, model: str, reason: str) -> None:
+        pass
+
+
+NO_EVENTS = Events()
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +122,18 @@ class QueueFullError(TransientBackendError):
         self.retry_after_s = retry_after_s
 
 
-class CancelledError(BackendError):
+class DeviceFaultError(BackendError):
+    """The device is in a state no retry recovers from (a CUDA error other than out-of-memory:
+    an illegal address, a lost device, an ECC fault). The worker stops taking work; the server
+    reports not ready and exits so that a supervisor restarts the process."""
+
+    code = "device_fault"
+
+
+class WorkCancelledError(BackendError):
+    """The work was cancelled (its caller went away, or the server is shutting down). Named
+    apart from asyncio.CancelledError and the service's CancelledError on purpose."""
+
     code = "cancelled"
 
 
@@ -271,14 +316,19 @@ class Backend(abc.ABC):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:
-        """Generate `params.n` images. Raises BackendError subclasses only.
+        """Generate `params.n` images, reporting through `events`. Raises BackendError
+        subclasses only.
 
         `precise` asks for the numerically safest mode (the quality check's one retry after a
         NaN or all-black frame: the VAE in fp32); backends without such a mode ignore it."""
+
+    def admit(self, params: GenerationParams) -> None:  # noqa: B027 - optional hook
+        """Raise QueueFullError when this backend cannot take `params` now (a look, not a
+        reservation: the job API answers 429 before it creates a job)."""
 
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load weights / open clients ahead of the first request."""
@@ -292,4 +342,9 @@ class Backend(abc.ABC):
 
     def estimate_cost_usd(self, params: GenerationParams) -> float | None:
         """The expected cost before running (for budgets and `cheapest` routing)."""
+        return None
+
+    def max_cost_usd(self, params: GenerationParams) -> float | None:
+        """An upper bound on the cost where no expected figure exists (a token-billed model
+        before its first usage report): what a daily budget reserves instead of 0."""
         return None

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+from models.base import Events
 from server import errors, pngmeta
 from server.cache import atomic_write
 from server.service import GenerationResult, ImageRequest, ImageService
@@ -131,15 +132,17 @@ async def _generate(settings: Settings, request: ImageRequest) -> GenerationResu
     )
     task = progress.add_task("loading model", total=None)
 
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "started":
-            progress.update(task, description=f"generating ({data.get('model')})")
-        elif kind == "progress":
-            progress.update(task, completed=data["step"], total=data["total"])
+    class Bar(Events):
+        # rich's Progress is thread-safe: the worker thread may update it directly.
+        def started(self) -> None:
+            progress.update(task, description=f"generating ({request.model or 'default'})")
+
+        def progress(self, step: int, total: int, preview: Any = None) -> None:
+            progress.update(task, completed=step, total=total)
 
     try:
         with progress:
-            return await service.generate(request, on_event=on_event)
+            return await service.generate(request, events=Bar())
     finally:
         await service.aclose()
 

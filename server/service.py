@@ -10,12 +10,20 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from models import base
-from models.base import Backend, BackendResult, GeneratedImage, GenerationParams, ModelSpec
+from models.base import (
+    NO_EVENTS,
+    Backend,
+    BackendResult,
+    Events,
+    GeneratedImage,
+    GenerationParams,
+    ModelSpec,
+)
 from models.catalogue import Catalogue
 from server import errors, pngmeta
 from server.cache import ResultCache, cache_key
@@ -127,10 +135,6 @@ class PreparedRequest:
         return self.backend.provider
 
 
-# Progress events: ("progress", {"step": s, "total": t}), ("started", {}), ("loading", {...})
-EventFn = Callable[[str, dict[str, Any]], None]
-
-
 class ImageService:
     def __init__(self, settings: Settings, *, registry: BackendRegistry | None = None) -> None:
         self.settings = settings
@@ -148,13 +152,12 @@ class ImageService:
     # -- the production path -------------------------------------------------------------
 
     async def generate(
-        self, request: ImageRequest, *, on_event: EventFn | None = None
+        self, request: ImageRequest, *, events: Events = NO_EVENTS
     ) -> GenerationResult:
         """Run `request` on the first model of its route that can serve it: the requested
         model, then its fallbacks on a transient failure, an open circuit or a spent budget."""
         started = time.perf_counter()
         request_id = request.request_id or "img_" + uuid.uuid4().hex[:24]
-        emit = on_event or (lambda kind, data: None)
         base_params, revised, chain = self._route(request)
         skipped: list[tuple[str, str]] = []
         last_error: errors.ImagegenError | None = None
@@ -165,7 +168,7 @@ class ImageService:
                     request,
                     request_id,
                     revised,
-                    emit,
+                    events,
                     started,
                 )
             except errors.ImagegenError as exc:
@@ -176,7 +179,7 @@ class ImageService:
                     raise
                 skipped.append((candidate.spec.name, exc.message))
                 last_error = exc
-                emit("fallback", {"model": candidate.spec.name, "reason": exc.message})
+                events.fallback(candidate.spec.name, exc.message)
                 continue
             if skipped:
                 result = dataclasses.replace(
@@ -243,7 +246,7 @@ class ImageService:
         request: ImageRequest,
         request_id: str,
         revised: str,
-        emit: EventFn,
+        events: Events,
         started: float,
     ) -> GenerationResult:
         backend, params, key = attempt.backend, attempt.params, attempt.key
@@ -261,10 +264,9 @@ class ImageService:
                 f"{provider} is failing repeatedly (circuit open); it is probed again shortly",
                 transient=True,
             )
-        emit("started", {"model": params.model})
         gen_start = time.perf_counter()
         try:
-            result, reports = await self._run_checked(backend, params, emit, tag=request.tag)
+            result, reports = await self._run_checked(backend, params, events, tag=request.tag)
         except errors.ImagegenError as exc:
             if exc.transient:
                 breaker.failure()
@@ -482,22 +484,18 @@ class ImageService:
         )
 
     async def _run_checked(
-        self, backend: Backend, params: GenerationParams, emit: EventFn, *, tag: str | None = None
+        self, backend: Backend, params: GenerationParams, events: Events, *, tag: str | None = None
     ) -> tuple[BackendResult, list[QualityReport]]:
         """Run the backend and check every image; one retry in the numerically safe mode
         where a known fix exists (NaN / all-black frames: the fp16 VAE overflow)."""
-
-        def progress(step: int, total: int) -> None:
-            emit("progress", {"step": step, "total": total})
-
-        result = await self._call_backend(backend, params, progress, precise=False, tag=tag)
+        result = await self._call_backend(backend, params, events, precise=False, tag=tag)
         reports = [self._check(img, params, exact_size=backend.is_local) for img in result.images]
         if all(r.ok for r in reports):
             return result, reports
         if any(r.retryable for r in reports if not r.ok):
             first_gpu = result.gpu_seconds
-            emit("retry", {"reason": next(r.reason for r in reports if not r.ok)})
-            result = await self._call_backend(backend, params, progress, precise=True, tag=tag)
+            events.retry(next(r.reason for r in reports if not r.ok) or "quality check")
+            result = await self._call_backend(backend, params, events, precise=True, tag=tag)
             result = dataclasses.replace(result, gpu_seconds=result.gpu_seconds + first_gpu)
             reports = [
                 self._check(img, params, exact_size=backend.is_local) for img in result.images
@@ -527,13 +525,13 @@ class ImageService:
         self,
         backend: Backend,
         params: GenerationParams,
-        progress: base.ProgressFn,
+        events: Events,
         *,
         precise: bool,
         tag: str | None = None,
     ) -> BackendResult:
         try:
-            return await backend.generate(params, progress, precise=precise)
+            return await backend.generate(params, events, precise=precise)
         except base.ContentFilteredError as exc:
             if exc.charged_usd:
                 self.ledger.record(
@@ -617,13 +615,45 @@ class ImageService:
 
     # -- the rest of the service ---------------------------------------------------------
 
-    async def load(self, models: list[str], on_event: EventFn | None = None) -> None:
+    async def load(self, models: list[str]) -> None:
         for name in models:
             backend = self.registry.backend_for(name)
             try:
                 await backend.load()
             except base.BackendError as exc:
                 raise _map_backend_error(exc) from None
+
+    async def admit(self, request: ImageRequest) -> None:
+        """Raise now what `generate` would refuse `request` for before running it: bad fields,
+        an unknown model, a blocked prompt, a spent budget, a full queue."""
+        prepared = await asyncio.to_thread(self.prepare, request)
+        if not prepared.cached:
+            try:
+                prepared.backend.admit(prepared.params)
+            except base.BackendError as exc:
+                raise _map_backend_error(exc) from None
+
+    def knows_model(self, name: str) -> bool:
+        return self.catalogue.get(name) is not None
+
+    def read_file(self, sha256: str) -> tuple[bytes, str] | None:
+        """A generated image by its content hash, while the cache holds it."""
+        return self.cache.read_object(sha256)
+
+    def keep_for_download(self, result: GenerationResult) -> None:
+        """Keep `result`'s images where `read_file` finds them: results the cache did not keep
+        (a provider that ignores seeds) are stored under an entry of their own, evicted like
+        any other."""
+        cache = self.cache
+        missing = [
+            img for img in result.images if not cache.object_path(img.sha256, img.format).is_file()
+        ]
+        if missing:
+            cache.put(
+                "files:" + result.request_id,
+                [(img.data, img.seed, img.width, img.height, img.format) for img in missing],
+                {"model": result.model, "provider": result.provider, "files_only": True},
+            )
 
     def models(self) -> list[dict[str, Any]]:
         return self.registry.describe()
@@ -663,7 +693,7 @@ def _map_backend_error(exc: base.BackendError) -> errors.ImagegenError:
         return errors.ModelUnavailableError(exc.message, param="model")
     if isinstance(exc, base.AuthError):
         return errors.ProviderAuthError(exc.message)
-    if isinstance(exc, base.CancelledError):
+    if isinstance(exc, base.WorkCancelledError):
         return errors.CancelledError(exc.message)
     if isinstance(exc, base.TransientBackendError):
         return errors.ProviderError(exc.message, transient=True)

@@ -20,13 +20,14 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.base import (
+    NO_EVENTS,
     Backend,
     BackendIdentity,
     BackendResult,
+    Events,
     GeneratedImage,
     GenerationParams,
     ModelSpec,
-    ProgressFn,
 )
 from models.catalogue import Catalogue
 from server import batch_cmd, errors
@@ -363,7 +364,7 @@ class FixedPriceBackend(Backend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:

@@ -14,7 +14,16 @@ from models.base import (
 )
 from tests.stubs.bfl_stub import BFLStub
 from tests.stubs.common import delay, reply, require_specs, variant
-from tests.stubs.fixtures import RecordingSleep, backend, config, generate_once, live, params, run
+from tests.stubs.fixtures import (
+    RecordingEvents,
+    RecordingSleep,
+    backend,
+    config,
+    generate_once,
+    live,
+    params,
+    run,
+)
 
 KEY = "bfl-test-good"
 
@@ -34,10 +43,10 @@ def clean(stub: BFLStub) -> Iterator[None]:
 
 
 def test_submit_poll_download(stub: BFLStub) -> None:
-    progress: list[tuple[int, int]] = []
+    events = RecordingEvents()
     b = backend("flux-pro-1.1", config("bfl", stub.url, KEY))
     p = params("flux-pro-1.1", width=1024, height=768, negative_prompt="blurry", steps=10)
-    result = run(generate_once(b, p, progress=lambda s, t: progress.append((s, t))))
+    result = run(generate_once(b, p, events=events))
 
     (image,) = result.images
     assert (image.width, image.height, image.format, image.seed) == (1024, 768, "png", 42)
@@ -57,8 +66,8 @@ def test_submit_poll_download(stub: BFLStub) -> None:
     polls = stub.state.of("poll")
     assert len(polls) == 3 and all(p.path == "/eu/v1/get_result" for p in polls)
     assert stub.state.count("download") == 1
-    assert progress[-1] == (100, 100)
-    assert [s for s, _ in progress] == sorted(s for s, _ in progress)
+    assert events.steps[-1] == (100, 100)
+    assert [s for s, _ in events.steps] == sorted(s for s, _ in events.steps)
 
 
 def test_flux_dev_sends_steps_and_guidance(stub: BFLStub) -> None:

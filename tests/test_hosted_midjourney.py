@@ -16,7 +16,16 @@ from models.base import (
 from models.hosted.config import ProviderConfig
 from models.hosted.midjourney import imagine_prompt, parse_progress
 from tests.stubs.common import delay, reply, variant
-from tests.stubs.fixtures import RecordingSleep, backend, config, generate_once, live, params, run
+from tests.stubs.fixtures import (
+    RecordingEvents,
+    RecordingSleep,
+    backend,
+    config,
+    generate_once,
+    live,
+    params,
+    run,
+)
 from tests.stubs.midjourney_stub import MidjourneyStub, banned
 
 SECRET = "mj-test-secret"
@@ -40,10 +49,10 @@ def cfg(stub: MidjourneyStub, secret: str | None = SECRET, **overrides: Any) -> 
 
 
 def test_imagine_poll_download(stub: MidjourneyStub) -> None:
-    progress: list[tuple[int, int]] = []
+    events = RecordingEvents()
     b = backend("midjourney", cfg(stub))
     p = params("midjourney", width=1344, height=768, negative_prompt="text, watermark")
-    result = run(generate_once(b, p, progress=lambda s, t: progress.append((s, t))))
+    result = run(generate_once(b, p, events=events))
 
     (image,) = result.images
     assert image.seed == 42 and image.format == "png"
@@ -59,8 +68,8 @@ def test_imagine_poll_download(stub: MidjourneyStub) -> None:
         "notifyHook": "",
         "state": "",
     }
-    assert (37, 100) in progress and (81, 100) in progress
-    assert progress[-1] == (100, 100)
+    assert (37, 100) in events.steps and (81, 100) in events.steps
+    assert events.steps[-1] == (100, 100)
 
 
 def test_prompt_parameters() -> None:

@@ -14,11 +14,12 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from models.base import (
+    NO_EVENTS,
     BackendResult,
     ContentFilteredError,
+    Events,
     GenerationParams,
     InvalidParamsError,
-    ProgressFn,
     TransientBackendError,
 )
 from models.hosted import HostedBackend
@@ -171,7 +172,7 @@ class BFLBackend(HostedBackend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:
@@ -183,8 +184,7 @@ class BFLBackend(HostedBackend):
 
         def report(index: int, fraction: float) -> None:
             shares[index] = min(max(fraction, 0.0), 1.0)
-            if progress is not None:
-                progress(int(100 * sum(shares) / len(shares)), 100)
+            events.progress(int(100 * sum(shares) / len(shares)), 100)
 
         jobs = [self._task(params, seed, i, report) for i, seed in enumerate(params.image_seeds())]
         pieces = await gather_pieces(self.provider, jobs)

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from models.base import (
+    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
+    Events,
     GenerationParams,
     InvalidParamsError,
-    ProgressFn,
     TransientBackendError,
 )
 from models.hosted import HostedBackend
@@ -92,7 +93,7 @@ class MidjourneyBackend(HostedBackend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:
@@ -102,8 +103,7 @@ class MidjourneyBackend(HostedBackend):
 
         def report(index: int, percent: int) -> None:
             shares[index] = min(max(percent, 0), 100)
-            if progress is not None:
-                progress(sum(shares) // len(shares), 100)
+            events.progress(sum(shares) // len(shares), 100)
 
         def reporter(index: int) -> Callable[[int], None]:
             return lambda percent: report(index, percent)

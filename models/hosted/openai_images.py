@@ -18,13 +18,14 @@ import openai
 from openai import AsyncOpenAI
 
 from models.base import (
+    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
+    Events,
     GenerationParams,
     InvalidParamsError,
     ModelSpec,
-    ProgressFn,
     TransientBackendError,
 )
 from models.catalogue import Catalogue
@@ -139,7 +140,7 @@ class OpenAIImagesBackend(HostedBackend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:

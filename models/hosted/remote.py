@@ -13,12 +13,13 @@ from typing import Any
 import httpx
 
 from models.base import (
+    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
+    Events,
     GenerationParams,
     InvalidParamsError,
-    ProgressFn,
 )
 from models.hosted import HostedBackend
 from models.hosted.http import decode_b64, scrub, to_image
@@ -83,7 +84,7 @@ class RemoteImagegenBackend(HostedBackend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:
@@ -128,8 +129,7 @@ class RemoteImagegenBackend(HostedBackend):
                 f"served from the cache of the imagegen server at {self.config.host}"
                 + (f" (request {meta['request_id']})" if meta.get("request_id") else "")
             )
-        if progress is not None:
-            progress(1, 1)
+        events.progress(1, 1)
         first = items[0]
         return BackendResult(
             images=tuple(images),

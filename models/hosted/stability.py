@@ -13,12 +13,13 @@ from typing import Any
 import httpx
 
 from models.base import (
+    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
+    Events,
     GenerationParams,
     InvalidParamsError,
-    ProgressFn,
 )
 from models.hosted import HostedBackend
 from models.hosted.http import (
@@ -77,7 +78,7 @@ class StabilityBackend(HostedBackend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
     ) -> BackendResult:
@@ -109,8 +110,7 @@ class StabilityBackend(HostedBackend):
             nonlocal done
             piece = await self._one(params, seed, ratio, sd3)
             done += 1
-            if progress is not None:
-                progress(done, params.n)
+            events.progress(done, params.n)
             return piece
 
         pieces = await gather_pieces(self.provider, [one(s) for s in params.image_seeds()])

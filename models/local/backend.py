@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from models.base import (
+    NO_EVENTS,
     Backend,
     BackendIdentity,
     BackendResult,
+    Events,
     GenerationParams,
     InvalidParamsError,
     ModelSpec,
-    ProgressFn,
     PromptTooLongError,
 )
 from models.local import schedulers
@@ -132,18 +133,16 @@ class DiffusersBackend(Backend):
     async def generate(
         self,
         params: GenerationParams,
-        progress: ProgressFn | None = None,
+        events: Events = NO_EVENTS,
         *,
         precise: bool = False,
-        on_start: Callable[[], None] | None = None,
     ) -> BackendResult:
         await self.load()
         item = WorkItem(
             params=params,
             runner=self.runner,
             precise=precise,
-            progress=progress,
-            on_start=on_start,
+            events=events,
         )
         result = await self.worker.run(item)
         return BackendResult(

@@ -15,18 +15,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from models.base import (
+    NO_EVENTS,
     BackendError,
-    CancelledError,
+    Events,
     GeneratedImage,
     GenerationParams,
     InvalidParamsError,
-    ProgressFn,
     QueueFullError,
+    WorkCancelledError,
 )
 
 log = logging.getLogger(__name__)
@@ -77,23 +77,6 @@ class WorkerObserver(Protocol):
     def queue_depth(self, images: int) -> None: ...
 
 
-class SubmitListener(Protocol):
-    """Watches the work items that one caller's task submits (the HTTP job runner reports
-    queue position and the moment its batch starts). Set through `submit_listener` around a
-    service call; `started` runs on the worker thread."""
-
-    def queued(self, worker: DeviceWorker, item: WorkItem, position: int) -> None: ...
-
-    def started(self, item: WorkItem) -> None: ...
-
-
-# A context variable rather than a parameter: the service and backends between the caller and
-# the worker stay unaware of it (asyncio tasks carry their context into `submit`).
-submit_listener: ContextVar[SubmitListener | None] = ContextVar(
-    "imagegen_submit_listener", default=None
-)
-
-
 @dataclass(frozen=True)
 class ItemResult:
     images: list[GeneratedImage]
@@ -107,12 +90,12 @@ class WorkItem:
     params: GenerationParams
     runner: Runner
     precise: bool = False
-    progress: ProgressFn | None = None
-    on_start: Callable[[], None] | None = None
+    events: Events = NO_EVENTS
     future: concurrent.futures.Future[ItemResult] = field(default_factory=concurrent.futures.Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    listener: SubmitListener | None = None
+    # The place last reported through `events.queued` (reported again only when it moves).
+    reported_position: int | None = None
 
     @property
     def key(self) -> BatchKey:
@@ -170,24 +153,12 @@ class DeviceWorker:
             self._queue.clear()
             self._cond.notify_all()
         for item in pending:
-            _set_exception(item.future, CancelledError("the server is shutting down"))
+            _set_exception(item.future, WorkCancelledError("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     # -- submitting ----------------------------------------------------------------------
-
-    def position(self, item: WorkItem) -> int | None:
-        """1-based place of `item` among queued requests (1 runs next); None once it runs."""
-        with self._cond:
-            place = 0
-            for queued in self._queue:
-                if queued.cancelled:
-                    continue
-                place += 1
-                if queued is item:
-                    return place
-            return None
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         """Run `fn` on the worker thread (loading weights: the thread that owns the
@@ -202,7 +173,7 @@ class DeviceWorker:
     def submit(self, item: WorkItem) -> WorkItem:
         with self._cond:
             if self._stopping:
-                raise CancelledError("the server is shutting down")
+                raise WorkCancelledError("the server is shutting down")
             if item.images > self.max_queue_images:
                 # Waiting would never help: this request is larger than the whole queue.
                 raise InvalidParamsError(
@@ -217,14 +188,12 @@ class DeviceWorker:
                     f"images queued); retry later",
                     retry_after_s=self._retry_after(queued + item.images),
                 )
-            item.listener = item.listener or submit_listener.get()
             self._queue.append(item)
-            position = sum(1 for i in self._queue if not i.cancelled)
             self._notify_depth()
+            moved = self._moved_positions()
             self._cond.notify_all()
         self.start()
-        if item.listener is not None:
-            _notify(item.listener.queued, self, item, position)
+        _report_positions(moved)
         return item
 
     def cancel(self, item: WorkItem) -> None:
@@ -232,16 +201,19 @@ class DeviceWorker:
         once every request in it is cancelled."""
         with self._cond:
             item.cancelled = True
+            moved: list[tuple[WorkItem, int]] = []
             if item in self._queue:
                 self._queue.remove(item)
                 self._notify_depth()
-                _set_exception(item.future, CancelledError("cancelled while queued"))
+                moved = self._moved_positions()
+                _set_exception(item.future, WorkCancelledError("cancelled while queued"))
             elif (
                 item in self._running
                 and all(i.cancelled for i in self._running)
                 and self._running_runner is not None
             ):
                 self._running_runner.interrupt()
+        _report_positions(moved)
 
     async def run(self, item: WorkItem) -> ItemResult:
         """Submit and await; cancelling the awaiting task cancels the work."""
@@ -255,6 +227,20 @@ class DeviceWorker:
     def _retry_after(self, images_ahead: int) -> int:
         rate = self._images_per_s or 1.0
         return max(1, math.ceil(images_ahead / rate))
+
+    def _moved_positions(self) -> list[tuple[WorkItem, int]]:
+        """Queued items whose place changed since it was last reported, with the new place
+        (1 runs next). Called with the lock held; reported after it is released."""
+        moved = []
+        place = 0
+        for item in self._queue:
+            if item.cancelled:
+                continue
+            place += 1
+            if item.reported_position != place:
+                item.reported_position = place
+                moved.append((item, place))
+        return moved
 
     def _notify_depth(self) -> None:
         if self.observer is not None:
@@ -340,21 +326,20 @@ class DeviceWorker:
             # into two half-size batches that take turns.
             self._recent_active = len(batch) + sum(1 for i in self._queue if not i.cancelled)
             self._notify_depth()
+            moved = self._moved_positions()
+        _report_positions(moved)
         return batch
 
     def _run(self, batch: list[WorkItem]) -> None:
         started = time.monotonic()
         waits = [started - item.enqueued_at for item in batch]
         for item in batch:
-            if item.on_start is not None:
-                item.on_start()
-            if item.listener is not None:
-                _notify(item.listener.started, item)
+            _safely(item.events.started)
 
         def on_step(step: int, total: int) -> None:
             for item in batch:
-                if item.progress is not None and not item.cancelled:
-                    item.progress(step, total)
+                if not item.cancelled:
+                    _safely(item.events.progress, step, total)
 
         runner = batch[0].runner
         try:
@@ -388,7 +373,7 @@ class DeviceWorker:
             )
         for item, images, wait in zip(batch, output.images, waits, strict=True):
             if item.cancelled:
-                _set_exception(item.future, CancelledError("cancelled while running"))
+                _set_exception(item.future, WorkCancelledError("cancelled while running"))
                 continue
             if not item.future.done():
                 item.future.set_result(
@@ -408,12 +393,17 @@ class DeviceWorker:
             self._running_runner = None
 
 
-def _notify(hook: Callable[..., None], *args: Any) -> None:
+def _report_positions(moved: list[tuple[WorkItem, int]]) -> None:
+    for item, place in moved:
+        _safely(item.events.queued, place)
+
+
+def _safely(hook: Callable[..., None], *args: Any) -> None:
     """A listener's failure is its own: it must not take the queue or the worker down."""
     try:
         hook(*args)
     except Exception:
-        log.exception("submit listener failed")
+        log.exception("event listener failed")
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:

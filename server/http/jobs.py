@@ -1,6 +1,7 @@
 """Async generation jobs: records in the service's SQLite database (so finished jobs outlive a
 restart and in-flight ones read as interrupted, never stuck) and the runner that executes them
-through ImagesServing, reporting queue position, start, progress and the result as events.
+through ImagesServing. What the backend reports on the one event channel (`models.base.Events`:
+queue position, start, progress) becomes the job's state and its server-sent events.
 Other kinds of work (a batch) run through the same records, cancel and events via `launch`."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from models.local.worker import DeviceWorker, WorkItem, submit_listener
+from models.base import Events
 from server import errors
 from server.db import Database
 from server.http.errors import NotFoundError
@@ -33,10 +34,6 @@ from server.http.sse import Event
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted by a server restart"
-# How long POST /v1/jobs waits for the job to reach the device queue, so that errors a
-# request can still be refused for (bad size, full queue) come back as HTTP errors.
-ADMIT_TIMEOUT_S = 10.0
-POSITION_POLL_S = 0.25
 # Finished jobs (their results hold the images) are dropped at start-up after this long.
 RETENTION_S = 7 * 24 * 3600
 
@@ -191,12 +188,6 @@ class LiveJob:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
-    item: WorkItem | None = None
-    worker: DeviceWorker | None = None
-    admitted: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set once POST /v1/jobs has answered 202: from then on every error is the job's.
-    accepted: bool = False
-    refused: errors.ImagegenError | None = None
     subscribers: list[asyncio.Queue[Event]] = field(default_factory=list)
     # Extra members of "progress" events (a batch's counts and running cost).
     detail: dict[str, Any] = field(default_factory=dict)
@@ -242,22 +233,25 @@ def terminal_event(job: Job) -> Event:
     return Event(kind, data, terminal=True)
 
 
-class _Listener:
-    """The worker's view of one job's work items (models.local.worker.SubmitListener)."""
+class JobEvents(Events):
+    """One job's view of the event channel. Hooks arrive from the worker thread (local) or the
+    loop (hosted); job state is only ever touched on the loop, so each is handed over."""
 
     def __init__(self, runner: JobRunner, job: LiveJob, loop: asyncio.AbstractEventLoop):
         self.runner = runner
         self.job = job
         self.loop = loop
 
-    def queued(self, worker: DeviceWorker, item: WorkItem, position: int) -> None:
-        self._call(self.runner._on_queued, self.job, worker, item, position)
+    def queued(self, position: int) -> None:
+        self._call(self.runner._on_queued, self.job, position)
 
-    def started(self, item: WorkItem) -> None:
+    def started(self) -> None:
         self._call(self.runner._on_started, self.job)
 
+    def progress(self, step: int, total: int, preview: Any = None) -> None:
+        self._call(self.runner._on_progress, self.job, step, total)
+
     def _call(self, fn: Any, *args: Any) -> None:
-        # Both run off the loop's thread (`started` on the worker's); job state is the loop's.
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
             self.loop.call_soon_threadsafe(fn, *args)
 
@@ -272,22 +266,18 @@ class JobRunner:
         self.serving = serving
         self.live: dict[str, LiveJob] = {}
         self._closing = False
-        self._watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.store.purge()
         recovered = self.store.recover()
         if recovered:
             log.warning("%d job(s) from a previous run marked failed: %s", recovered, INTERRUPTED)
-        self._watcher = asyncio.create_task(self._watch_positions())
 
     async def aclose(self) -> None:
         """Stop running jobs without touching their records: the next start marks them
         interrupted, exactly as after a crash."""
         self._closing = True
         tasks = [job.task for job in self.live.values() if job.task is not None]
-        if self._watcher is not None:
-            tasks.append(self._watcher)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -296,8 +286,10 @@ class JobRunner:
     # -- the API -------------------------------------------------------------------------
 
     async def submit(self, body: ImageGenerationRequest, base_url: str) -> Job:
-        self.serving.readiness.check()
-        body.to_image_request()  # edge errors (size, stream) before a record exists
+        """Check the request exactly as a generation would be checked (bad fields, unknown
+        model, blocked prompt, a spent budget or a full queue are HTTP errors, with no job
+        record), then answer at once: the job reports queued -> running -> its end."""
+        await self.serving.admit(body)
         job = LiveJob(
             id="job_" + uuid.uuid4().hex[:24],
             created=time.time(),
@@ -307,14 +299,6 @@ class JobRunner:
         self.store.insert(job.id, job.created, body)
         self.live[job.id] = job
         job.task = asyncio.create_task(self._run(job), name=f"imagegen-{job.id}")
-        # On a timeout (a model still loading) the job stays queued and reports as it moves.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(job.admitted.wait()), ADMIT_TIMEOUT_S)
-        if job.refused is not None:
-            self.live.pop(job.id, None)
-            self.store.delete(job.id)
-            raise job.refused
-        job.accepted = True
         return job.snapshot()
 
     def launch(self, job_id: str, *, kind: str, request: dict[str, Any], work: Work) -> Job:
@@ -323,8 +307,6 @@ class JobRunner:
         or fails, the job keeps whatever `job.result` holds by then."""
         job = LiveJob(id=job_id, created=time.time(), body=None, base_url="", kind=kind)
         self.store.insert_record(job.id, job.created, json.dumps(request), kind=kind)
-        job.accepted = True
-        job.admitted.set()
         self.live[job.id] = job
         job.task = asyncio.create_task(self._run_work(job, work), name=f"imagegen-{job.id}")
         return job.snapshot()
@@ -371,21 +353,17 @@ class JobRunner:
     # -- running -------------------------------------------------------------------------
 
     async def _run(self, job: LiveJob) -> None:
-        submit_listener.set(_Listener(self, job, asyncio.get_running_loop()))
         body = job.body
         assert body is not None
+        events = JobEvents(self, job, asyncio.get_running_loop())
         try:
-            result = await self.serving.generate(
-                body, endpoint="jobs", on_event=self._service_events(job)
-            )
+            result = await self.serving.generate(body, endpoint="jobs", events=events)
         except asyncio.CancelledError:
             if not self._closing:
                 self._finish(job, "cancelled")
             raise
         except errors.ImagegenError as exc:
-            if not job.accepted and not job.admitted.is_set():
-                job.refused = exc
-            elif not self._closing:
+            if not self._closing:
                 self._finish(job, "failed", error=error_object(exc))
         except Exception:
             log.exception("job %s failed", job.id)
@@ -400,10 +378,8 @@ class JobRunner:
                 },
             )
         else:
-            rendered = self.serving.render(result, body, job.base_url)
+            rendered = await self.serving.render(result, body, job.base_url)
             self._finish(job, "succeeded", result=rendered)
-        finally:
-            job.admitted.set()
 
     async def _run_work(self, job: LiveJob, work: Work) -> None:
         self._on_started(job)
@@ -432,30 +408,14 @@ class JobRunner:
         else:
             self._finish(job, "succeeded", result=result)
 
-    def _service_events(self, job: LiveJob) -> Any:
-        loop = asyncio.get_running_loop()
-
-        def on_event(kind: str, data: dict[str, Any]) -> None:
-            # Progress comes from the worker thread; job state is only touched on the loop.
-            if kind == "progress":
-                with contextlib.suppress(RuntimeError):  # the loop is gone
-                    loop.call_soon_threadsafe(
-                        self._on_progress, job, int(data["step"]), int(data["total"])
-                    )
-
-        return on_event
-
-    def _on_queued(self, job: LiveJob, worker: DeviceWorker, item: WorkItem, position: int) -> None:
-        job.admitted.set()
+    def _on_queued(self, job: LiveJob, position: int) -> None:
         if job.status in TERMINAL_STATUSES:
             return
-        # The position when it joined the queue (the worker may have taken it since: then
-        # `started` follows right behind).
-        job.item, job.worker, job.position = item, worker, position
+        job.position = position
         if job.status != "queued":
             job.status = "queued"  # the quality check's retry queues it once more
             self.store.update(job.id, "queued")
-        self._publish(job, "queued", {"position": job.position})
+        self._publish(job, "queued", {"position": position})
 
     def _on_started(self, job: LiveJob) -> None:
         if job.status in TERMINAL_STATUSES:
@@ -492,18 +452,6 @@ class JobRunner:
         event = Event(kind, {"id": job.id, "status": job.status, **data})
         for queue in job.subscribers:
             queue.put_nowait(event)
-
-    async def _watch_positions(self) -> None:
-        """Queued jobs move up as batches leave the queue; tell their subscribers."""
-        while True:
-            await asyncio.sleep(POSITION_POLL_S)
-            for job in list(self.live.values()):
-                if job.status != "queued" or job.item is None or job.worker is None:
-                    continue
-                position = job.worker.position(job.item)
-                if position is not None and position != job.position:
-                    job.position = position
-                    self._publish(job, "queued", {"position": position})
 
 
 def terminal_or_state(job: Job) -> Event:

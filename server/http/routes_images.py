@@ -26,7 +26,7 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> JSONRe
         state.serving.generate(body, endpoint="images", request_id=request_id_of(request.scope)),
     )
     return JSONResponse(
-        state.serving.render(result, body, str(request.base_url)),
+        await state.serving.render(result, body, str(request.base_url)),
         headers=response_headers(result),
     )
 
@@ -34,7 +34,7 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> JSONRe
 @router.get("/v1/files/{file_id}")
 async def get_file(file_id: str, request: Request) -> Response:
     state = app_state(request)
-    found = await asyncio.to_thread(state.service.cache.read_object, file_id)
+    found = await asyncio.to_thread(state.service.read_file, file_id)
     if found is None:
         raise NotFoundError(
             f"no file with id '{file_id}' (files are kept while they are in the result cache)",

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from models.base import NO_EVENTS, Events
 from server import errors
 from server.http.metrics import Metrics
 from server.http.protocol import (
@@ -18,7 +19,7 @@ from server.http.protocol import (
     ImagegenInfo,
     ImagesResponse,
 )
-from server.service import EventFn, GenerationResult, ImageService
+from server.service import GenerationResult, ImageService
 from server.settings import Settings
 
 T = TypeVar("T")
@@ -70,13 +71,13 @@ class ImagesServing:
         *,
         endpoint: str,
         request_id: str | None = None,
-        on_event: EventFn | None = None,
+        events: Events = NO_EVENTS,
     ) -> GenerationResult:
         started = time.perf_counter()
         try:
             self.readiness.check()
             request = body.to_image_request(request_id=request_id)
-            result = await self.service.generate(request, on_event=on_event)
+            result = await self.service.generate(request, events=events)
         except errors.ImagegenError as exc:
             self.metrics.failed(endpoint, self._model_label(body), exc.http_status)
             raise
@@ -89,19 +90,27 @@ class ImagesServing:
         self.metrics.served(endpoint, result, time.perf_counter() - started)
         return result
 
+    async def admit(self, body: ImageGenerationRequest) -> None:
+        """Refuse, now, what a generation of `body` would be refused for (the job API answers
+        these as HTTP errors and creates no job)."""
+        self.readiness.check()
+        await self.service.admit(body.to_image_request())
+
     def _model_label(self, body: ImageGenerationRequest) -> str:
         # Only catalogue names become label values: a client must not be able to grow the
         # metric's label set with made-up model names.
         name = body.model or self.settings.default_model
-        return name if self.service.catalogue.get(name) is not None else "unknown"
+        return name if self.service.knows_model(name) else "unknown"
 
-    def render(
+    async def render(
         self, result: GenerationResult, body: ImageGenerationRequest, base_url: str
     ) -> dict[str, Any]:
         """The /v1/images/generations response body."""
         as_url = body.response_format == "url"
         if as_url:
-            self._keep_for_download(result)
+            # A `url` must resolve: results the cache did not keep (a provider that ignores
+            # seeds) are stored for download (disk work: off the event loop).
+            await asyncio.to_thread(self.service.keep_for_download, result)
         base = (self.settings.server.public_base_url or base_url).rstrip("/")
         data = []
         for image in result.images:
@@ -136,20 +145,6 @@ class ImagesServing:
         for item_out in body_out["data"]:
             item_out.pop(unused, None)
         return body_out
-
-    def _keep_for_download(self, result: GenerationResult) -> None:
-        """A `url` must resolve: results that the cache did not keep (a provider that ignores
-        seeds) are stored under an entry of their own, evicted like any other."""
-        cache = self.service.cache
-        missing = [
-            img for img in result.images if not cache.object_path(img.sha256, img.format).is_file()
-        ]
-        if missing:
-            cache.put(
-                "files:" + result.request_id,
-                [(img.data, img.seed, img.width, img.height, img.format) for img in missing],
-                {"model": result.model, "provider": result.provider, "files_only": True},
-            )
 
 
 def response_headers(result: GenerationResult) -> dict[str, str]:

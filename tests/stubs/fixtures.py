@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from models.base import Backend, GenerationParams, ModelSpec
+from models.base import Backend, Events, GenerationParams, ModelSpec
 from models.catalogue import Catalogue
 from models.hosted import make_hosted_backend
 from models.hosted.config import ProviderConfig
@@ -87,6 +87,26 @@ def backend(
     model: str, cfg: ProviderConfig, sleep: RecordingSleep | None = None, **kwargs: Any
 ) -> Backend:
     return make_hosted_backend(spec(model), cfg, sleep=sleep or RecordingSleep(), **kwargs)
+
+
+class RecordingEvents(Events):
+    """Keeps every event a backend reports, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, tuple[Any, ...]]] = []
+
+    def queued(self, position: int) -> None:
+        self.seen.append(("queued", (position,)))
+
+    def started(self) -> None:
+        self.seen.append(("started", ()))
+
+    def progress(self, step: int, total: int, preview: Any = None) -> None:
+        self.seen.append(("progress", (step, total)))
+
+    @property
+    def steps(self) -> list[tuple[int, int]]:
+        return [(int(a[0]), int(a[1])) for kind, a in self.seen if kind == "progress"]
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
