@@ -64,11 +64,21 @@ class BackendError(Exception):
     # Whether the router may send the request to the next backend in a fallback chain.
     transient = False
 
-    def __init__(self, message: str, *, provider: str = "", param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        param: str | None = None,
+        charged_usd: float = 0.0,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.provider = provider
         self.param = param
+        # What the provider billed before the failure (images of an n>1 request already
+        # paid for, a charged moderation): the service books it, so nothing paid is lost.
+        self.charged_usd = charged_usd
 
 
 class InvalidParamsError(BackendError):
@@ -93,8 +103,7 @@ class ContentFilteredError(BackendError):
     code = "content_filtered"
 
     def __init__(self, message: str, *, provider: str = "", charged_usd: float = 0.0) -> None:
-        super().__init__(message, provider=provider)
-        self.charged_usd = charged_usd
+        super().__init__(message, provider=provider, charged_usd=charged_usd)
 
 
 class AuthError(BackendError):

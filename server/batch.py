@@ -736,7 +736,7 @@ class _Budget:
         self.per_image: dict[_ShapeKey, float] = {}
 
     def spent(self) -> float:
-        return self.service.ledger.spent(self.tag)
+        return self.service.spent(self.tag)
 
     def headroom(self) -> float:
         return self.cap_usd - self.spent() - sum(self.reserved.values())
@@ -1147,7 +1147,7 @@ class _BatchRun:
             resumed=resumed,
             ran=self._ran,
             images=self._images,
-            cost_usd=self.service.ledger.spent(self.tag),
+            cost_usd=self.service.spent(self.tag),
             saved_usd=sum(e.saved_usd for e in done),
             gpu_seconds=sum(e.gpu_seconds for e in done),
             near_duplicates=sum(d is not None for e in done for d in e.near_duplicate_of),
@@ -1301,20 +1301,4 @@ def plan_batch(
 
 
 def _projected_usd(service: ImageService, prepared: PreparedRequest) -> tuple[float | None, str]:
-    params = prepared.params
-    if prepared.backend.is_local:
-        seconds = service.ledger.seconds_per_image(params.model)
-        rate = service.cost.usd_per_gpu_hour
-        if seconds is None:
-            return None, "no measured throughput yet (never run here)"
-        return (
-            service.cost.local_usd(seconds * params.n),
-            f"measured {seconds:.4f} s/image x ${rate:g}/GPU-hour",
-        )
-    quoted = prepared.backend.estimate_cost_usd(params)
-    if quoted is not None:
-        return float(quoted), "provider price table"
-    past = service.ledger.usd_per_image(params.model)
-    if past is not None:
-        return past * params.n, f"past average ${past:.4f}/image (billed by usage)"
-    return None, "no price per image (billed by usage) and no past requests"
+    return prepared.estimate.usd, prepared.estimate.basis

@@ -61,8 +61,9 @@ class CircuitBreaker:
 @dataclass(frozen=True)
 class Candidate:
     spec: ModelSpec
-    # Why this candidate is in the plan ("requested", "fallback of flux-pro-1.1", "auto").
-    reason: str = "requested"
+    # Told to the client when this candidate serves the request ("dall-e-3 is retired:
+    # served by gpt-image-2").
+    notice: str | None = None
 
 
 @dataclass
@@ -73,8 +74,6 @@ class Router:
     clock: Clock = time.monotonic
     wall_clock: Callable[[], float] = time.time
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
-    # Local seconds-per-image estimate for `cheapest` before a model has run here.
-    default_local_seconds_per_image: float = 10.0
 
     # -- planning ------------------------------------------------------------------------
 
@@ -91,7 +90,7 @@ class Router:
         """The models to try, in order. A hosted model under local-only is refused outright
         (never silently replaced by a local one); fallbacks that are hosted are left out."""
         if model == "auto":
-            chain = [Candidate(s, "auto") for s in self._auto_pool(local_only, estimate)]
+            chain = [Candidate(s) for s in self._auto_pool(local_only, estimate)]
             if not chain:
                 raise errors.ModelNotFoundError(
                     "model 'auto' has no model to route to; set default_model to a local model "
@@ -115,7 +114,7 @@ class Router:
             if fallback is None or name in seen or (local_only and not fallback.is_local):
                 continue
             seen.add(name)
-            chain.append(Candidate(fallback, f"fallback of {model}"))
+            chain.append(Candidate(fallback))
         return chain
 
     def _auto_pool(

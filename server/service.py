@@ -27,7 +27,7 @@ from models.base import (
 from models.catalogue import Catalogue
 from server import errors, pngmeta
 from server.cache import ResultCache, cache_key
-from server.cost import CostModel
+from server.cost import Costs, Estimate
 from server.db import Database
 from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook, PresetError
@@ -129,6 +129,8 @@ class PreparedRequest:
     cache_key: str
     # The request came with a seed and its result is in the cache: `generate` serves it free.
     cached: bool
+    # What running it is expected to cost (0 with the basis "served from the cache" if cached).
+    estimate: Estimate
 
     @property
     def provider(self) -> str:
@@ -145,7 +147,7 @@ class ImageService:
         self.db = Database(settings.db_path)
         self.cache = ResultCache(settings.cache_dir, self.db, max_bytes=settings.cache_max_bytes)
         self.ledger = Ledger(self.db)
-        self.cost = CostModel(settings.cost)
+        self.costs = Costs(settings.cost, self.ledger)
         self.registry = registry or BackendRegistry(settings, self.catalogue)
         self.router = Router(settings, self.catalogue, self.ledger)
 
@@ -201,12 +203,18 @@ class ImageService:
         base_params, revised, chain = self._route(request)
         attempt = self._resolve_for(chain[0].spec, base_params, request)
         cached = request.seed is not None and self.cache.get(attempt.key) is not None
+        estimate = (
+            Estimate(0.0, "served from the cache")
+            if cached
+            else self.costs.estimate(attempt.backend, attempt.params)
+        )
         return PreparedRequest(
             params=attempt.params,
             backend=attempt.backend,
             revised_prompt=revised,
             cache_key=attempt.key,
             cached=cached,
+            estimate=estimate,
         )
 
     def _route(self, request: ImageRequest) -> tuple[GenerationParams, str, list[Candidate]]:
@@ -257,7 +265,7 @@ class ImageService:
                 return hit
         provider = self.router.provider_of(attempt.spec)
         if self.router.has_budget(provider):
-            self.router.check_budget(provider, self._estimate(attempt.spec, params) or 0.0)
+            self.router.check_budget(provider, self.costs.reserve(backend, params))
         breaker = self.router.breaker(provider)
         if not breaker.allow():
             raise errors.ProviderError(
@@ -282,7 +290,7 @@ class ImageService:
         dropped = tuple(sorted({*result.dropped_params, *_dropped_by_service(request)}))
 
         images = self._finish_images(result, params, attempt.identity, revised)
-        cost = self._cost(result, backend, params)
+        cost = self.costs.charged(result, backend, params)
         if result.deterministic:
             self.cache.put(
                 key,
@@ -340,19 +348,8 @@ class ImageService:
         )
 
     def _estimate(self, spec: ModelSpec, params: GenerationParams) -> float | None:
-        """Expected USD for `params` on `spec` before running: the price table (or the
-        provider's measured average) for hosted models, measured GPU-seconds for local ones."""
-        if spec.is_local:
-            per_image = self.ledger.seconds_per_image(spec.name)
-            if per_image is None:
-                return None
-            return self.cost.local_usd(per_image * params.n)
         backend = self.registry.backend_for(spec.name)
-        estimate = backend.estimate_cost_usd(dataclasses.replace(params, model=spec.name))
-        if estimate is not None:
-            return float(estimate)
-        average = self.ledger.usd_per_image(spec.name)
-        return None if average is None else average * params.n
+        return self.costs.estimate(backend, dataclasses.replace(params, model=spec.name)).usd
 
     def _prepare(self, request: ImageRequest) -> tuple[GenerationParams, str]:
         """Validate, expand the preset and check the prompt: everything that must fail before
@@ -510,7 +507,7 @@ class ImageService:
                 provider=result.provider,
                 cached=False,
                 seeds=[img.seed for img in result.images],
-                cost_usd=self._cost(result, backend, params),
+                cost_usd=self.costs.charged(result, backend, params),
                 gpu_seconds=result.gpu_seconds,
                 status="failed",
                 error=reason,
@@ -605,14 +602,6 @@ class ImageService:
             finished.append(dataclasses.replace(img, data=data))
         return finished
 
-    def _cost(self, result: BackendResult, backend: Backend, params: GenerationParams) -> float:
-        if result.cost_usd is not None:
-            return float(result.cost_usd)
-        if backend.is_local:
-            return self.cost.local_usd(result.gpu_seconds)
-        estimate = backend.estimate_cost_usd(params)
-        return float(estimate or 0.0)
-
     # -- the rest of the service ---------------------------------------------------------
 
     async def load(self, models: list[str]) -> None:
@@ -632,6 +621,14 @@ class ImageService:
                 prepared.backend.admit(prepared.params)
             except base.BackendError as exc:
                 raise _map_backend_error(exc) from None
+
+    def spent(self, tag: str) -> float:
+        """USD booked so far under `tag` (a batch run)."""
+        return self.ledger.spent(tag)
+
+    @property
+    def usd_per_gpu_hour(self) -> float:
+        return self.costs.usd_per_gpu_hour
 
     def knows_model(self, name: str) -> bool:
         return self.catalogue.get(name) is not None
@@ -662,7 +659,7 @@ class ImageService:
         return {
             **self.ledger.stats(),
             "cache": self.cache.stats(),
-            "usd_per_gpu_hour": self.cost.usd_per_gpu_hour,
+            "usd_per_gpu_hour": self.costs.usd_per_gpu_hour,
         }
 
     async def aclose(self) -> None:

@@ -44,9 +44,7 @@ def test_generates_png_of_requested_size(service: ImageService, model: str) -> N
     assert img.size == (96, 64)
     assert result.provider == "local"
     assert result.gpu_seconds > 0
-    assert result.cost_usd == pytest.approx(
-        result.gpu_seconds * service.cost.usd_per_gpu_hour / 3600
-    )
+    assert result.cost_usd == pytest.approx(result.gpu_seconds * service.usd_per_gpu_hour / 3600)
 
 
 def test_same_seed_twice_is_a_cache_hit_with_identical_bytes(service: ImageService) -> None:

@@ -430,7 +430,7 @@ class BatchesServing:
             pending=total - len(outcomes),
             images=sum(len(e.images) for e in done),
             # The ledger, not the manifest: failed attempts that cost something count too.
-            cost_usd=self.service.ledger.spent(batch_id),
+            cost_usd=self.service.spent(batch_id),
             saved_usd=sum(e.saved_usd for e in done),
         )
 
