@@ -11,6 +11,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# The errors are part of the contract: re-exported so backends import one module.
+from models.errors import (
+    AuthError,
+    BackendError,
+    ContentFilteredError,
+    DeviceFaultError,
+    ImagegenError,
+    InvalidParamsError,
+    ModelUnavailableError,
+    OutOfMemoryError,
+    PromptTooLongError,
+    QueueFullError,
+    TransientBackendError,
+    WorkCancelledError,
+)
+
+__all__ = [
+    "LOCAL_KINDS",
+    "NO_EVENTS",
+    "AuthError",
+    "Backend",
+    "BackendError",
+    "BackendIdentity",
+    "BackendResult",
+    "ContentFilteredError",
+    "DeviceFaultError",
+    "Events",
+    "GeneratedImage",
+    "GenerationParams",
+    "ImagegenError",
+    "InvalidParamsError",
+    "ModelDefaults",
+    "ModelSpec",
+    "ModelUnavailableError",
+    "OutOfMemoryError",
+    "OutputFormat",
+    "PromptTooLongError",
+    "QueueFullError",
+    "TransientBackendError",
+    "WorkCancelledError",
+]
+
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -50,100 +92,6 @@ class Events:
 
 
 NO_EVENTS = Events()
-
-
-# --------------------------------------------------------------------------------------------
-# Errors: one root for every backend, with a stable `code` that the service and HTTP layer map.
-# --------------------------------------------------------------------------------------------
-
-
-class BackendError(Exception):
-    """Root of every error a backend raises. `code` is stable and machine-readable."""
-
-    code = "backend_error"
-    # Whether the router may send the request to the next backend in a fallback chain.
-    transient = False
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        provider: str = "",
-        param: str | None = None,
-        charged_usd: float = 0.0,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.provider = provider
-        self.param = param
-        # What the provider billed before the failure (images of an n>1 request already
-        # paid for, a charged moderation): the service books it, so nothing paid is lost.
-        self.charged_usd = charged_usd
-
-
-class InvalidParamsError(BackendError):
-    """A parameter this backend cannot accept; `param` names the field."""
-
-    code = "invalid_request"
-
-
-class PromptTooLongError(InvalidParamsError):
-    code = "prompt_too_long"
-
-
-class ModelUnavailableError(BackendError):
-    """The model's weights cannot be loaded (missing folder, offline hub, broken checkpoint)."""
-
-    code = "model_unavailable"
-
-
-class ContentFilteredError(BackendError):
-    """The provider refused or filtered the content. Never retried, never sent to a fallback."""
-
-    code = "content_filtered"
-
-    def __init__(self, message: str, *, provider: str = "", charged_usd: float = 0.0) -> None:
-        super().__init__(message, provider=provider, charged_usd=charged_usd)
-
-
-class AuthError(BackendError):
-    code = "provider_auth_failed"
-
-
-class TransientBackendError(BackendError):
-    """Timeouts, 5xx, 429 after retries, open circuits: a fallback may serve the request."""
-
-    code = "provider_unavailable"
-    transient = True
-
-
-class OutOfMemoryError(TransientBackendError):
-    code = "out_of_memory"
-
-
-class QueueFullError(TransientBackendError):
-    """The device queue is full; `retry_after_s` is estimated from recent throughput."""
-
-    code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after_s: int, provider: str = "local") -> None:
-        super().__init__(message, provider=provider)
-        self.retry_after_s = retry_after_s
-
-
-class DeviceFaultError(BackendError):
-    """The device is in a state no retry recovers from (a CUDA error other than out-of-memory:
-    an illegal address, a lost device, an ECC fault). The worker stops taking work; the server
-    reports not ready and exits so that a supervisor restarts the process."""
-
-    code = "device_fault"
-
-
-class WorkCancelledError(BackendError):
-    """The work was cancelled (its caller went away, or the server is shutting down). Named
-    apart from asyncio.CancelledError and the service's CancelledError on purpose."""
-
-    code = "cancelled"
 
 
 # --------------------------------------------------------------------------------------------

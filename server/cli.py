@@ -37,6 +37,22 @@ class _State:
     debug = False
 
 
+# Exit code per error class (the first class of an error's MRO found here): 2 for what the
+# caller can fix (bad input, a blocked prompt, an unknown or refused model), 1 for failures.
+_EXIT_CODES: dict[type[errors.ImagegenError], int] = {
+    errors.InvalidRequestError: 2,
+    errors.ModelNotFoundError: 2,
+}
+
+
+def exit_code_of(exc: errors.ImagegenError) -> int:
+    for cls in type(exc).__mro__:
+        code = _EXIT_CODES.get(cls)
+        if code is not None:
+            return code
+    return 1
+
+
 def fail(message: str, code: int) -> NoReturn:
     typer.echo(f"imagegen: error: {message}", err=True)
     raise typer.Exit(code)
@@ -44,7 +60,6 @@ def fail(message: str, code: int) -> NoReturn:
 
 def run_guarded(fn: Callable[[], T]) -> T:
     """One place that turns errors into a line on stderr and an exit code."""
-    from models.base import BackendError
     from models.catalogue import CatalogueError
     from server.settings import ConfigFileError
 
@@ -55,13 +70,9 @@ def run_guarded(fn: Callable[[], T]) -> T:
     except errors.ImagegenError as exc:
         if _State.debug:
             traceback.print_exc()
-        fail(exc.message, exc.exit_code)
+        fail(exc.message, exit_code_of(exc))
     except (ConfigFileError, CatalogueError) as exc:
         fail(str(exc), 2)
-    except BackendError as exc:
-        if _State.debug:
-            traceback.print_exc()
-        fail(exc.message, 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as exc:

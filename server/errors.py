@@ -1,31 +1,42 @@
-"""The service's exception root and its stable codes; HTTP and the CLI map these in one place."""
+"""The service's errors: what callers of the ImageService (CLI, HTTP, batch) see, under the one
+root in models/errors.py. How each is shown is the edges' business: the HTTP status and
+OpenAI error type in server/http/errors.py, the exit code in server/cli.py."""
 
 from __future__ import annotations
 
+from models.errors import ImagegenError
 
-class ImagegenError(Exception):
-    """Root of every error the service raises to its callers (CLI, HTTP, batch)."""
+__all__ = [
+    "BudgetExhaustedError",
+    "CancelledError",
+    "ContentFilteredError",
+    "DeviceFaultError",
+    "GenerationFailedError",
+    "ImagegenError",
+    "InvalidRequestError",
+    "LocalOnlyError",
+    "ModelNotFoundError",
+    "ModelUnavailableError",
+    "NotReadyError",
+    "PromptBlockedError",
+    "ProviderAuthError",
+    "ProviderError",
+    "QueueFullError",
+    "RateLimitedError",
+    "ServiceError",
+]
 
-    code = "server_error"
-    http_status = 500
-    error_type = "server_error"
-    # CLI exit code: 2 for bad input / blocked prompt, 1 for failures.
-    exit_code = 1
+
+class ServiceError(ImagegenError):
+    """Root of the errors the service raises to its callers."""
 
     def __init__(self, message: str, *, param: str | None = None, transient: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        # A failure the next model of a fallback chain may recover from (timeouts, 5xx,
-        # 429 after retries, an open circuit, a full local queue).
+        super().__init__(message, param=param)
         self.transient = transient
 
 
-class InvalidRequestError(ImagegenError):
+class InvalidRequestError(ServiceError):
     code = "invalid_request"
-    http_status = 400
-    error_type = "invalid_request_error"
-    exit_code = 2
 
 
 class PromptBlockedError(InvalidRequestError):
@@ -44,11 +55,12 @@ class ContentFilteredError(InvalidRequestError):
     code = "content_filtered"
 
 
-class ModelNotFoundError(ImagegenError):
+class LocalOnlyError(InvalidRequestError):
+    code = "local_only"
+
+
+class ModelNotFoundError(ServiceError):
     code = "model_not_found"
-    http_status = 404
-    error_type = "invalid_request_error"
-    exit_code = 2
 
     @classmethod
     def for_model(cls, name: str) -> ModelNotFoundError:
@@ -59,21 +71,12 @@ class ModelNotFoundError(ImagegenError):
         )
 
 
-class ModelUnavailableError(ImagegenError):
+class ModelUnavailableError(ServiceError):
     code = "model_unavailable"
-    http_status = 503
-    error_type = "server_error"
 
 
-class LocalOnlyError(InvalidRequestError):
-    code = "local_only"
-    http_status = 403
-
-
-class RateLimitedError(ImagegenError):
+class RateLimitedError(ServiceError):
     code = "rate_limited"
-    http_status = 429
-    error_type = "rate_limit_error"
 
     def __init__(
         self,
@@ -88,6 +91,8 @@ class RateLimitedError(ImagegenError):
 
 
 class QueueFullError(RateLimitedError):
+    """The device queue is full: overload, not a failure (it never opens a circuit)."""
+
     code = "queue_full"
 
 
@@ -95,25 +100,29 @@ class BudgetExhaustedError(RateLimitedError):
     code = "budget_exhausted"
 
 
-class ProviderError(ImagegenError):
+class ProviderError(ServiceError):
     code = "provider_error"
-    http_status = 502
 
 
 class ProviderAuthError(ProviderError):
     code = "provider_auth_failed"
 
 
-class NotReadyError(ImagegenError):
+class NotReadyError(ServiceError):
     code = "not_ready"
-    http_status = 503
 
 
-class CancelledError(ImagegenError):
+class DeviceFaultError(ServiceError):
+    """The local device failed in a way no retry recovers from; the process must restart."""
+
+    code = "device_fault"
+
+
+class CancelledError(ServiceError):
+    """The request was cancelled (its client went away). Not asyncio.CancelledError."""
+
     code = "cancelled"
-    http_status = 499
 
 
-class GenerationFailedError(ImagegenError):
+class GenerationFailedError(ServiceError):
     code = "generation_failed"
-    http_status = 500

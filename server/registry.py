@@ -4,12 +4,15 @@ device worker that owns every local pipeline."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from models import base
 from models.base import Backend, ModelSpec
 from models.catalogue import Catalogue
 from models.local.worker import DeviceWorker, WorkerObserver
+
+__all__ = ["BackendRegistry", "WorkerObserver"]
 from server import errors
 from server.settings import Settings
 
@@ -21,9 +24,13 @@ class BackendRegistry:
         catalogue: Catalogue,
         *,
         observer: WorkerObserver | None = None,
+        wrap: Callable[[Backend], Backend] | None = None,
     ) -> None:
         self.settings = settings
         self.catalogue = catalogue
+        # A test seam: every backend passes through `wrap` once, when it is created (a fake
+        # that forces a failure around the real backend).
+        self._wrap = wrap
         local = settings.local
         # One device, one worker thread: diffusers pipelines are not thread-safe.
         self.worker = DeviceWorker(
@@ -48,6 +55,8 @@ class BackendRegistry:
         backend = self._backends.get(name)
         if backend is None:
             backend = self._create(spec)
+            if self._wrap is not None:
+                backend = self._wrap(backend)
             self._backends[name] = backend
         return backend
 
@@ -84,6 +93,15 @@ class BackendRegistry:
                 f"providers.{provider_id}: {exc}", param="model"
             ) from None
         return make_hosted_backend(spec, config)
+
+    def watch(self, observer: WorkerObserver) -> None:
+        if self.worker.observer is None:
+            self.worker.observer = observer
+
+    def device_fault(self) -> str | None:
+        """Why the device worker stopped for good (a sticky device fault), or None."""
+        fault: str | None = getattr(self.worker, "fault", None)
+        return fault
 
     def loaded_backends(self) -> dict[str, Backend]:
         return dict(self._backends)

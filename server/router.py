@@ -57,6 +57,36 @@ class CircuitBreaker:
         if self.failures >= self.threshold or self.opened_at is not None:
             self.opened_at = self.clock()
 
+    def release(self) -> None:
+        """The attempt told nothing about the provider's health (cancelled, or turned away by
+        a full queue): a probe it held may be made by the next request."""
+        self.probing = False
+
+
+class Admission:
+    """One attempt's standing with its provider's circuit breaker; the outcome is recorded
+    once, whatever it was."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    def succeeded(self) -> None:
+        self.breaker.success()
+
+    def failed(self, exc: errors.ImagegenError) -> None:
+        if isinstance(exc, errors.RateLimitedError):
+            # A full queue is overload, not an outage: it must never open the circuit (which
+            # would turn the next requests' 429s into 502s).
+            self.breaker.release()
+        elif exc.transient:
+            self.breaker.failure()
+        else:
+            # The provider answered (a refusal or bad input is not an outage).
+            self.breaker.success()
+
+    def abandoned(self) -> None:
+        self.breaker.release()
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -149,6 +179,22 @@ class Router:
 
     def provider_of(self, spec: ModelSpec) -> str:
         return "local" if spec.is_local else (spec.source or spec.kind)
+
+    # -- admission -----------------------------------------------------------------------
+
+    def admit(self, provider: str, reserve: Callable[[], float]) -> Admission:
+        """Whether an attempt on `provider` may run now: within the daily budgets (`reserve`
+        is what it would hold back, computed only where a cap applies) and with the circuit
+        closed (or this attempt the half-open probe)."""
+        if self.has_budget(provider):
+            self.check_budget(provider, reserve())
+        breaker = self.breaker(provider)
+        if not breaker.allow():
+            raise errors.ProviderError(
+                f"{provider} is failing repeatedly (circuit open); it is probed again shortly",
+                transient=True,
+            )
+        return Admission(breaker)
 
     # -- circuit breakers ----------------------------------------------------------------
 

@@ -74,7 +74,8 @@ def run(
     app = create_app(settings)
     state: AppState = app.state.imagegen
     for name in names:
-        state.service.registry.spec(name)  # unknown names fail here, before the bind
+        if not state.service.knows_model(name):  # unknown names fail here, before the bind
+            raise errors.ModelNotFoundError.for_model(name)
     if server_settings.insecure_no_auth and not server_settings.api_keys:
         log.warning("serving without authentication (--insecure-no-auth)")
 

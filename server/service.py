@@ -1,121 +1,59 @@
 """The ImageService: the one production path every caller (CLI, HTTP, batch) goes through —
-preset, sanitizer, seed, cache, router, backend, quality check, cost and ledger."""
+preset, sanitizer, seed, cache, router, backend, quality check, cost and ledger. Callers use
+its public methods only; what it is made of (cache, ledger, registry) is its own business.
+
+Work that is not the event loop's — tokenizer loading and first-use weight hashing while a
+request is resolved, the quality check, PNG metadata, the cache write and the ledger row after
+generation — runs in a thread, so one slow disk or a first request never stalls other clients.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import hashlib
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from models import base
-from models.base import (
-    NO_EVENTS,
-    Backend,
-    BackendResult,
-    Events,
-    GeneratedImage,
-    GenerationParams,
-    ModelSpec,
-)
+from models.base import NO_EVENTS, Backend, BackendResult, Events, GenerationParams, ModelSpec
 from models.catalogue import Catalogue
-from server import errors, pngmeta
+from server import errors
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
 from server.db import Database
 from server.ledger import Ledger, LedgerRow
-from server.presets import PresetBook, PresetError
-from server.quality import QualityReport, check_image, check_pixels
-from server.registry import BackendRegistry
-from server.router import Candidate, Router
+from server.presets import PresetBook
+from server.quality import QualityReport
+from server.registry import BackendRegistry, WorkerObserver
+from server.request import MAX_N, MAX_SEED, ImageRequest, expand
+from server.result import (
+    GenerationResult,
+    ResultImage,
+    cached_images,
+    check,
+    result_images,
+    with_metadata,
+)
+from server.router import Admission, Candidate, Router
 from server.sanitizer import Sanitizer
 from server.settings import Settings
 
+__all__ = [
+    "MAX_N",
+    "MAX_SEED",
+    "GenerationResult",
+    "ImageRequest",
+    "ImageService",
+    "PreparedRequest",
+    "ResultImage",
+]
+
 log = logging.getLogger(__name__)
-
-MAX_N = 10
-MAX_SEED = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """A request as callers make it, before presets, defaults and seeds are applied."""
-
-    prompt: str
-    model: str | None = None
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    n: int = 1
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str | None = None
-    quality: str | None = None
-    style: str | None = None
-    preset: str | None = None
-    output_format: base.OutputFormat = "png"
-    background: str | None = None
-    moderation: str | None = None
-    output_compression: int | None = None
-    user: str | None = None
-    # Data residency for this request: never leave the host, whatever the server allows.
-    local_only: bool = False
-    # Groups ledger rows (a batch run id).
-    tag: str | None = None
-    # The caller's id for this request (the HTTP layer's X-Request-Id); generated when None.
-    request_id: str | None = None
-
-
-@dataclass(frozen=True)
-class ResultImage:
-    data: bytes
-    sha256: str
-    seed: int | None
-    width: int
-    height: int
-    format: str
-    quality: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    model: str
-    provider: str
-    cached: bool
-    images: tuple[ResultImage, ...]
-    revised_prompt: str
-    negative_prompt: str | None
-    params: GenerationParams
-    cost_usd: float
-    gpu_seconds: float
-    saved_usd: float = 0.0
-    dropped_params: tuple[str, ...] = ()
-    notices: tuple[str, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)
-    cache_key: str = ""
-    # Models of the route that could not serve it before the one that did.
-    fallback_from: tuple[str, ...] = ()
-
-    @property
-    def seeds(self) -> list[int | None]:
-        return [img.seed for img in self.images]
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    spec: ModelSpec
-    backend: Backend
-    params: GenerationParams
-    key: str
-    identity: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -131,6 +69,26 @@ class PreparedRequest:
     cached: bool
     # What running it is expected to cost (0 with the basis "served from the cache" if cached).
     estimate: Estimate
+
+    @property
+    def provider(self) -> str:
+        return self.backend.provider
+
+
+@dataclass
+class Attempt:
+    """One model of the route trying one request: everything the steps after routing share."""
+
+    request_id: str
+    request: ImageRequest
+    candidate: Candidate
+    backend: Backend
+    # The request as this model sees it (its size defaults, steps, guidance, scheduler).
+    params: GenerationParams
+    key: str
+    identity: dict[str, Any]
+    started: float
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def provider(self) -> str:
@@ -157,23 +115,20 @@ class ImageService:
         self, request: ImageRequest, *, events: Events = NO_EVENTS
     ) -> GenerationResult:
         """Run `request` on the first model of its route that can serve it: the requested
-        model, then its fallbacks on a transient failure, an open circuit or a spent budget."""
+        model, then its fallbacks on a transient failure, an open circuit, a full queue or a
+        spent budget."""
         started = time.perf_counter()
         request_id = request.request_id or "img_" + uuid.uuid4().hex[:24]
-        base_params, revised, chain = self._route(request)
+        params, chain = await asyncio.to_thread(self._route, request)
         skipped: list[tuple[str, str]] = []
         last_error: errors.ImagegenError | None = None
         for index, candidate in enumerate(chain):
             try:
-                result = await self._attempt(
-                    self._resolve_for(candidate.spec, base_params, request),
-                    request,
-                    request_id,
-                    revised,
-                    events,
-                    started,
+                attempt = await asyncio.to_thread(
+                    self._attempt_for, candidate, params, request, request_id, started
                 )
-            except errors.ImagegenError as exc:
+                result = await self._run(attempt, events)
+            except errors.ServiceError as exc:
                 # A fallback that cannot take these parameters (another size grid, a shorter
                 # prompt limit) is passed over; the model asked for reports its own errors.
                 unfit = index > 0 and type(exc) is errors.InvalidRequestError
@@ -183,13 +138,12 @@ class ImageService:
                 last_error = exc
                 events.fallback(candidate.spec.name, exc.message)
                 continue
-            if skipped:
+            notices = [candidate.notice] if candidate.notice else []
+            notices += [f"not served by {name}: {reason}" for name, reason in skipped]
+            if notices:
                 result = dataclasses.replace(
                     result,
-                    notices=(
-                        *result.notices,
-                        *(f"not served by {name}: {reason}" for name, reason in skipped),
-                    ),
+                    notices=(*result.notices, *notices),
                     fallback_from=tuple(name for name, _ in skipped),
                 )
             return result
@@ -199,9 +153,10 @@ class ImageService:
     def prepare(self, request: ImageRequest) -> PreparedRequest:
         """Everything `generate` does before it runs a backend (validation, preset, sanitizer,
         route, per-model defaults, cache key), for callers that must price or check a request
-        first. Raises the same errors `generate` would; prices the first model of the route."""
-        base_params, revised, chain = self._route(request)
-        attempt = self._resolve_for(chain[0].spec, base_params, request)
+        first. Raises the same errors `generate` would; prices the first model of the route.
+        Blocking (it may load a tokenizer): call it off the event loop."""
+        params, chain = self._route(request)
+        attempt = self._attempt_for(chain[0], params, request, "", time.perf_counter())
         cached = request.seed is not None and self.cache.get(attempt.key) is not None
         estimate = (
             Estimate(0.0, "served from the cache")
@@ -211,89 +166,190 @@ class ImageService:
         return PreparedRequest(
             params=attempt.params,
             backend=attempt.backend,
-            revised_prompt=revised,
+            revised_prompt=params.prompt,
             cache_key=attempt.key,
             cached=cached,
             estimate=estimate,
         )
 
-    def _route(self, request: ImageRequest) -> tuple[GenerationParams, str, list[Candidate]]:
-        """The checked, expanded request and the models that may serve it, in order."""
-        base_params, revised = self._prepare(request)
-        chain = self.router.plan(
-            base_params.model,
-            local_only=self._local_only(request),
-            estimate=lambda spec: self._estimate(spec, base_params),
-        )
-        return base_params, revised, chain
+    async def admit(self, request: ImageRequest) -> None:
+        """Raise now what `generate` would refuse `request` for before running a backend: bad
+        fields, an unknown model, a blocked prompt, and — where no model of the route could
+        take it now — a spent budget, an open circuit or a full queue."""
+        await asyncio.to_thread(self._admit, request)
 
-    def _resolve_for(
-        self, spec: ModelSpec, base_params: GenerationParams, request: ImageRequest
-    ) -> _Attempt:
+    def _admit(self, request: ImageRequest) -> None:
+        params, chain = self._route(request)
+        last: errors.ServiceError | None = None
+        for index, candidate in enumerate(chain):
+            try:
+                attempt = self._attempt_for(candidate, params, request, "", time.perf_counter())
+                if request.seed is not None and self.cache.get(attempt.key) is not None:
+                    return
+                # A look, not the attempt: a half-open probe is left for the real one.
+                self._admission(attempt).abandoned()
+                with _mapped():
+                    attempt.backend.admit(attempt.params)
+                return
+            except errors.ServiceError as exc:
+                unfit = index > 0 and type(exc) is errors.InvalidRequestError
+                if not (exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)):
+                    raise
+                last = exc
+        assert last is not None
+        raise last
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def _route(self, request: ImageRequest) -> tuple[GenerationParams, list[Candidate]]:
+        """The checked, expanded request and the models that may serve it, in order."""
+        params = expand(
+            request,
+            presets=self.presets,
+            sanitizer=self.sanitizer,
+            catalogue=self.catalogue,
+            default_model=self.settings.default_model,
+        )
+        chain = self.router.plan(
+            params.model,
+            local_only=self.router.local_only(request.local_only),
+            estimate=lambda spec: self._estimate(spec, params),
+        )
+        return params, chain
+
+    def _estimate(self, spec: ModelSpec, params: GenerationParams) -> float | None:
+        backend = self.registry.backend_for(spec.name)
+        return self.costs.estimate(backend, dataclasses.replace(params, model=spec.name)).usd
+
+    def _attempt_for(
+        self,
+        candidate: Candidate,
+        params: GenerationParams,
+        request: ImageRequest,
+        request_id: str,
+        started: float,
+    ) -> Attempt:
         """The request as one model of the route sees it: that model's size defaults, steps,
         guidance and scheduler, its prompt limit, and the cache key of the result."""
+        spec = candidate.spec
         backend = self.registry.backend_for(spec.name)
         params = dataclasses.replace(
-            base_params,
+            params,
             model=spec.name,
             width=request.width or spec.defaults.width,
             height=request.height or spec.defaults.height,
         )
-        try:
+        with _mapped():
             params = backend.resolve(params)
             backend.check_prompt(params.prompt)
-        except base.BackendError as exc:
-            raise _map_backend_error(exc) from None
-        identity = self._identity(backend, params)
-        key = cache_key(params.pixel_fields(), identity)
-        return _Attempt(spec=spec, backend=backend, params=params, key=key, identity=identity)
+            identity = backend.identity(params).as_dict()
+        return Attempt(
+            request_id=request_id,
+            request=request,
+            candidate=candidate,
+            backend=backend,
+            params=params,
+            key=cache_key(params.pixel_fields(), identity),
+            identity=identity,
+            started=started,
+            timings={"prepare_ms": _ms(started)},
+        )
 
-    async def _attempt(
-        self,
-        attempt: _Attempt,
-        request: ImageRequest,
-        request_id: str,
-        revised: str,
-        events: Events,
-        started: float,
-    ) -> GenerationResult:
-        backend, params, key = attempt.backend, attempt.params, attempt.key
-        timings: dict[str, float] = {"prepare_ms": _ms(started)}
-        if request.seed is not None:
-            hit = self._from_cache(key, request_id, params, revised, request, timings, started)
+    async def _run(self, attempt: Attempt, events: Events) -> GenerationResult:
+        if attempt.request.seed is not None:
+            hit = await asyncio.to_thread(self._from_cache, attempt)
             if hit is not None:
                 return hit
-        provider = self.router.provider_of(attempt.spec)
-        if self.router.has_budget(provider):
-            self.router.check_budget(provider, self.costs.reserve(backend, params))
-        breaker = self.router.breaker(provider)
-        if not breaker.allow():
-            raise errors.ProviderError(
-                f"{provider} is failing repeatedly (circuit open); it is probed again shortly",
-                transient=True,
-            )
-        gen_start = time.perf_counter()
+        backend, params = attempt.backend, attempt.params
+        admission = self.router.admit(attempt.provider, lambda: self.costs.reserve(backend, params))
         try:
-            result, reports = await self._run_checked(backend, params, events, tag=request.tag)
+            result = await self._call(attempt, events, precise=False)
+            finished = await asyncio.to_thread(self._finish, attempt, result)
+            if isinstance(finished, list):
+                retryable = [r for r in finished if not r.ok and r.retryable]
+                if retryable:
+                    # One retry in the numerically safe mode where a known fix exists (NaN or
+                    # all-black frames: the fp16 VAE overflow).
+                    events.retry(retryable[0].reason or "quality check")
+                    second = await self._call(attempt, events, precise=True)
+                    result = dataclasses.replace(
+                        second, gpu_seconds=second.gpu_seconds + result.gpu_seconds
+                    )
+                    finished = await asyncio.to_thread(self._finish, attempt, result)
+            if isinstance(finished, list):
+                reason = next(r.reason for r in finished if not r.ok) or "quality check failed"
+                await asyncio.to_thread(
+                    self._book,
+                    attempt,
+                    provider=result.provider,
+                    seeds=[img.seed for img in result.images],
+                    cost_usd=self.costs.charged(result, backend, params),
+                    gpu_seconds=result.gpu_seconds,
+                    status="failed",
+                    error=reason,
+                )
+                raise errors.GenerationFailedError(
+                    f"the generated image failed the quality check: {reason}"
+                )
         except errors.ImagegenError as exc:
-            if exc.transient:
-                breaker.failure()
-            else:
-                # The provider answered (a refusal or bad input is not an outage).
-                breaker.success()
+            admission.failed(exc)
             raise
         except BaseException:
-            breaker.probing = False  # cancelled: the probe did not happen
+            admission.abandoned()  # cancelled: the attempt told nothing about the provider
             raise
-        breaker.success()
-        timings["generate_ms"] = _ms(gen_start)
-        dropped = tuple(sorted({*result.dropped_params, *_dropped_by_service(request)}))
+        admission.succeeded()
+        return finished
 
-        images = self._finish_images(result, params, attempt.identity, revised)
-        cost = self.costs.charged(result, backend, params)
+    def _admission(self, attempt: Attempt) -> Admission:
+        """Budgets and the circuit breaker, in one step (the budget reserves this attempt's
+        estimate, or a conservative bound where there is none)."""
+        return self.router.admit(
+            attempt.provider, lambda: self.costs.reserve(attempt.backend, attempt.params)
+        )
+
+    async def _call(self, attempt: Attempt, events: Events, *, precise: bool) -> BackendResult:
+        """The backend call. Whatever a provider billed before failing (a charged moderation,
+        the images of an n>1 request already paid for) is booked under the request's id."""
+        generating = time.perf_counter()
+        try:
+            result = await attempt.backend.generate(attempt.params, events, precise=precise)
+            attempt.timings["generate_ms"] = _ms(generating)
+            return result
+        except base.BackendError as exc:
+            if exc.charged_usd > 0:
+                await asyncio.to_thread(
+                    self._book,
+                    attempt,
+                    provider=exc.provider or attempt.provider,
+                    seeds=[],
+                    cost_usd=exc.charged_usd,
+                    gpu_seconds=0.0,
+                    status="filtered" if isinstance(exc, base.ContentFilteredError) else "failed",
+                    error=exc.message,
+                )
+            raise _map_backend_error(exc, attempt.request_id) from None
+
+    def _finish(
+        self, attempt: Attempt, result: BackendResult
+    ) -> GenerationResult | list[QualityReport]:
+        """Check every image; if all pass, embed the parameters, cache, book and build the
+        result. Otherwise the quality reports, for the caller to retry or refuse. Blocking."""
+        params = attempt.params
+        exact = attempt.backend.is_local
+        reports: list[QualityReport] = [
+            check(img, params, exact_size=exact) for img in result.images
+        ]
+        if not all(r.ok for r in reports):
+            return reports
+        images = with_metadata(result.images, params, attempt.identity, result.provider)
+        cost = self.costs.charged(result, attempt.backend, params)
+        dropped = tuple(sorted({*result.dropped_params, *attempt.request.dropped_by_service()}))
+        # The provider's own rewrite of the prompt where it reports one (OpenAI, a remote
+        # imagegen); otherwise the prompt as expanded by the preset.
+        revised = result.revised_prompt or params.prompt
         if result.deterministic:
             self.cache.put(
-                key,
+                attempt.key,
                 [(img.data, img.seed, img.width, img.height, img.format) for img in images],
                 {
                     "model": params.model,
@@ -306,36 +362,20 @@ class ImageService:
                     "quality": [r.as_dict() for r in reports],
                 },
             )
-        self.ledger.record(
-            LedgerRow(
-                request_id=request_id,
-                model=params.model,
-                provider=result.provider,
-                cached=False,
-                seeds=[img.seed for img in images],
-                cost_usd=cost,
-                gpu_seconds=result.gpu_seconds,
-                tag=request.tag,
-            )
+        self._book(
+            attempt,
+            provider=result.provider,
+            seeds=[img.seed for img in images],
+            cost_usd=cost,
+            gpu_seconds=result.gpu_seconds,
         )
-        timings["total_ms"] = _ms(started)
+        attempt.timings["total_ms"] = _ms(attempt.started)
         return GenerationResult(
-            request_id=request_id,
+            request_id=attempt.request_id,
             model=params.model,
             provider=result.provider,
             cached=False,
-            images=tuple(
-                ResultImage(
-                    data=img.data,
-                    sha256=hashlib.sha256(img.data).hexdigest(),
-                    seed=img.seed,
-                    width=img.width,
-                    height=img.height,
-                    format=img.format,
-                    quality=rep.as_dict(),
-                )
-                for img, rep in zip(images, reports, strict=True)
-            ),
+            images=result_images(images, reports),
             revised_prompt=revised,
             negative_prompt=params.negative_prompt,
             params=params,
@@ -343,284 +383,94 @@ class ImageService:
             gpu_seconds=result.gpu_seconds,
             dropped_params=dropped,
             notices=result.notices,
-            timings=timings,
-            cache_key=key,
+            timings=attempt.timings,
+            cache_key=attempt.key,
         )
 
-    def _estimate(self, spec: ModelSpec, params: GenerationParams) -> float | None:
-        backend = self.registry.backend_for(spec.name)
-        return self.costs.estimate(backend, dataclasses.replace(params, model=spec.name)).usd
-
-    def _prepare(self, request: ImageRequest) -> tuple[GenerationParams, str]:
-        """Validate, expand the preset and check the prompt: everything that must fail before
-        any model loads."""
-        if not request.prompt or not request.prompt.strip():
-            raise errors.InvalidRequestError("prompt must be a non-empty string", param="prompt")
-        if not 1 <= request.n <= MAX_N:
-            raise errors.InvalidRequestError(
-                f"n must be between 1 and {MAX_N}, got {request.n}", param="n"
-            )
-        if request.seed is not None and not 0 <= request.seed <= MAX_SEED - MAX_N:
-            raise errors.InvalidRequestError(
-                f"seed must be between 0 and {MAX_SEED - MAX_N}, got {request.seed}",
-                param="seed",
-            )
-        if request.steps is not None and not 1 <= request.steps <= 200:
-            raise errors.InvalidRequestError(
-                f"steps must be between 1 and 200, got {request.steps}", param="steps"
-            )
-        if request.guidance_scale is not None and not 0 <= request.guidance_scale <= 50:
-            raise errors.InvalidRequestError(
-                f"guidance_scale must be between 0 and 50, got {request.guidance_scale}",
-                param="guidance_scale",
-            )
-        try:
-            prompt, negative = self.presets.expand(
-                request.preset, request.prompt.strip(), request.negative_prompt
-            )
-        except PresetError as exc:
-            raise errors.InvalidRequestError(str(exc), param="preset") from None
-        # Only the positive prompt is screened: negative prompts name what to avoid.
-        verdict = self.sanitizer.check(prompt)
-        if verdict.blocked:
-            raise errors.PromptBlockedError(verdict.category or "policy")
-        model = request.model or self.settings.default_model
-        # An unknown model is reported by the router, after the prompt is screened.
-        spec = self.catalogue.get(model)
-        width = request.width or (spec.defaults.width if spec else 1024)
-        height = request.height or (spec.defaults.height if spec else 1024)
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - MAX_N)
-        params = GenerationParams(
-            prompt=prompt,
-            model=model,
-            width=width,
-            height=height,
-            n=request.n,
-            seed=seed,
-            negative_prompt=negative or None,
-            steps=request.steps,
-            guidance_scale=(
-                float(request.guidance_scale) if request.guidance_scale is not None else None
-            ),
-            scheduler=request.scheduler,
-            quality=request.quality,
-            style=request.style,
-            output_format=request.output_format,
-            background=request.background,
-            moderation=request.moderation,
-            output_compression=request.output_compression,
-        )
-        return params, prompt
-
-    def _local_only(self, request: ImageRequest) -> bool:
-        return self.router.local_only(request.local_only)
-
-    def _identity(self, backend: Backend, params: GenerationParams) -> dict[str, Any]:
-        try:
-            return backend.identity(params).as_dict()
-        except base.BackendError as exc:
-            raise _map_backend_error(exc) from None
-
-    def _from_cache(
-        self,
-        key: str,
-        request_id: str,
-        params: GenerationParams,
-        revised: str,
-        request: ImageRequest,
-        timings: dict[str, float],
-        started: float,
-    ) -> GenerationResult | None:
-        entry = self.cache.get(key)
+    def _from_cache(self, attempt: Attempt) -> GenerationResult | None:
+        entry = self.cache.get(attempt.key)
         if entry is None:
             return None
         meta = entry.meta
         saved = float(meta.get("cost_usd", 0.0))
         provider = str(meta.get("provider", "local"))
-        self.ledger.record(
-            LedgerRow(
-                request_id=request_id,
-                model=params.model,
-                provider=provider,
-                cached=True,
-                seeds=[img.seed for img in entry.images],
-                cost_usd=0.0,
-                gpu_seconds=0.0,
-                saved_usd=saved,
-                tag=request.tag,
-            )
+        self._book(
+            attempt,
+            provider=provider,
+            seeds=[img.seed for img in entry.images],
+            cost_usd=0.0,
+            gpu_seconds=0.0,
+            cached=True,
+            saved_usd=saved,
         )
-        quality = list(meta.get("quality") or [{} for _ in entry.images])
-        timings["total_ms"] = _ms(started)
+        params = attempt.params
+        attempt.timings["total_ms"] = _ms(attempt.started)
         return GenerationResult(
-            request_id=request_id,
+            request_id=attempt.request_id,
             model=params.model,
             provider=provider,
             cached=True,
-            images=tuple(
-                ResultImage(
-                    data=img.data,
-                    sha256=img.sha256,
-                    seed=img.seed,
-                    width=img.width,
-                    height=img.height,
-                    format=img.format,
-                    quality=dict(q),
-                )
-                for img, q in zip(entry.images, quality, strict=False)
-            ),
-            revised_prompt=revised,
+            images=cached_images(entry),
+            revised_prompt=str(meta.get("revised_prompt") or params.prompt),
             negative_prompt=params.negative_prompt,
             params=params,
             cost_usd=0.0,
             gpu_seconds=0.0,
             saved_usd=saved,
             dropped_params=tuple(meta.get("dropped_params", ())),
-            timings=timings,
-            cache_key=key,
+            timings=attempt.timings,
+            cache_key=attempt.key,
         )
 
-    async def _run_checked(
-        self, backend: Backend, params: GenerationParams, events: Events, *, tag: str | None = None
-    ) -> tuple[BackendResult, list[QualityReport]]:
-        """Run the backend and check every image; one retry in the numerically safe mode
-        where a known fix exists (NaN / all-black frames: the fp16 VAE overflow)."""
-        result = await self._call_backend(backend, params, events, precise=False, tag=tag)
-        reports = [self._check(img, params, exact_size=backend.is_local) for img in result.images]
-        if all(r.ok for r in reports):
-            return result, reports
-        if any(r.retryable for r in reports if not r.ok):
-            first_gpu = result.gpu_seconds
-            events.retry(next(r.reason for r in reports if not r.ok) or "quality check")
-            result = await self._call_backend(backend, params, events, precise=True, tag=tag)
-            result = dataclasses.replace(result, gpu_seconds=result.gpu_seconds + first_gpu)
-            reports = [
-                self._check(img, params, exact_size=backend.is_local) for img in result.images
-            ]
-            if all(r.ok for r in reports):
-                return result, reports
-        reason = next(r.reason for r in reports if not r.ok) or "quality check failed"
+    def _book(
+        self,
+        attempt: Attempt,
+        *,
+        provider: str,
+        seeds: list[int | None],
+        cost_usd: float,
+        gpu_seconds: float,
+        cached: bool = False,
+        saved_usd: float = 0.0,
+        status: str = "ok",
+        error: str | None = None,
+    ) -> None:
+        """The one place ledger rows are written: every row carries the request's id."""
         self.ledger.record(
             LedgerRow(
-                request_id="failed_" + uuid.uuid4().hex[:16],
-                model=params.model,
-                provider=result.provider,
-                cached=False,
-                seeds=[img.seed for img in result.images],
-                cost_usd=self.costs.charged(result, backend, params),
-                gpu_seconds=result.gpu_seconds,
-                status="failed",
-                error=reason,
-                tag=tag,
+                request_id=attempt.request_id,
+                model=attempt.params.model,
+                provider=provider,
+                cached=cached,
+                seeds=seeds,
+                cost_usd=cost_usd,
+                gpu_seconds=gpu_seconds,
+                saved_usd=saved_usd,
+                status=status,
+                error=error,
+                tag=attempt.request.tag,
             )
         )
-        raise errors.GenerationFailedError(
-            f"the generated image failed the quality check: {reason}"
-        )
-
-    async def _call_backend(
-        self,
-        backend: Backend,
-        params: GenerationParams,
-        events: Events,
-        *,
-        precise: bool,
-        tag: str | None = None,
-    ) -> BackendResult:
-        try:
-            return await backend.generate(params, events, precise=precise)
-        except base.ContentFilteredError as exc:
-            if exc.charged_usd:
-                self.ledger.record(
-                    LedgerRow(
-                        request_id="filtered_" + uuid.uuid4().hex[:16],
-                        model=params.model,
-                        provider=exc.provider or backend.provider,
-                        cached=False,
-                        seeds=[],
-                        cost_usd=exc.charged_usd,
-                        gpu_seconds=0.0,
-                        status="filtered",
-                        error=exc.message,
-                        tag=tag,
-                    )
-                )
-            raise _map_backend_error(exc) from None
-        except base.BackendError as exc:
-            raise _map_backend_error(exc) from None
-
-    def _check(
-        self, image: GeneratedImage, params: GenerationParams, *, exact_size: bool
-    ) -> QualityReport:
-        # Local pipelines must produce the requested size; hosted ones may map it (aspect
-        # ratios, Midjourney grids), so their images must be the size they declare.
-        width, height = (params.width, params.height) if exact_size else (image.width, image.height)
-        if image.pixels is not None:
-            report = check_pixels(image.pixels, width=width, height=height)
-        else:
-            report = check_image(image.data, width=width, height=height, format=image.format)
-        if "non-finite values" in image.warnings and report.ok:
-            return dataclasses.replace(report, ok=False, retryable=True, reason="non-finite values")
-        return report
-
-    def _finish_images(
-        self,
-        result: BackendResult,
-        params: GenerationParams,
-        identity: Mapping[str, Any],
-        revised: str,
-    ) -> list[GeneratedImage]:
-        """Embed the generation parameters in every PNG so the file reproduces itself."""
-        finished = []
-        for img in result.images:
-            if img.format != "png":
-                finished.append(img)
-                continue
-            seed = img.seed if img.seed is not None else params.seed
-            single = dataclasses.replace(params, seed=seed, n=1)
-            text = pngmeta.a1111_parameters(
-                revised,
-                params.negative_prompt,
-                steps=params.steps,
-                sampler=params.scheduler,
-                cfg_scale=params.guidance_scale,
-                seed=seed,
-                width=img.width,
-                height=img.height,
-                model=params.model,
-                model_hash=str(identity.get("model_revision", ""))[:17] or None,
-            )
-            record = {
-                "request": single.pixel_fields(),
-                "seed": seed,
-                "model": params.model,
-                "provider": result.provider,
-                "model_revision": identity.get("model_revision"),
-                "backend": identity.get("backend"),
-            }
-            data = pngmeta.embed(img.data, parameters=text, record=record)
-            finished.append(dataclasses.replace(img, data=data))
-        return finished
 
     # -- the rest of the service ---------------------------------------------------------
 
     async def load(self, models: list[str]) -> None:
         for name in models:
-            backend = self.registry.backend_for(name)
-            try:
+            backend = self.backend(name)
+            with _mapped():
                 await backend.load()
-            except base.BackendError as exc:
-                raise _map_backend_error(exc) from None
 
-    async def admit(self, request: ImageRequest) -> None:
-        """Raise now what `generate` would refuse `request` for before running it: bad fields,
-        an unknown model, a blocked prompt, a spent budget, a full queue."""
-        prepared = await asyncio.to_thread(self.prepare, request)
-        if not prepared.cached:
-            try:
-                prepared.backend.admit(prepared.params)
-            except base.BackendError as exc:
-                raise _map_backend_error(exc) from None
+    def backend(self, name: str) -> Backend:
+        """The backend of a catalogue model (ModelNotFoundError for an unknown name)."""
+        return self.registry.backend_for(name)
+
+    def watch_device(self, observer: WorkerObserver) -> None:
+        """Report device batches and queue depth to `observer` (the server's metrics)."""
+        self.registry.watch(observer)
+
+    def device_fault(self) -> str | None:
+        """Why the local device can no longer work (a sticky CUDA fault), or None."""
+        return self.registry.device_fault()
 
     def spent(self, tag: str) -> float:
         """USD booked so far under `tag` (a batch run)."""
@@ -670,16 +520,22 @@ class ImageService:
         asyncio.run(self.aclose())
 
 
-def _dropped_by_service(request: ImageRequest) -> tuple[str, ...]:
-    return ("user",) if request.user is not None else ()
-
-
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
 
-def _map_backend_error(exc: base.BackendError) -> errors.ImagegenError:
-    """Backend errors become service errors with the same message (never a stack trace)."""
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    """Backend errors raised in the block leave it as service errors."""
+    try:
+        yield
+    except base.BackendError as exc:
+        raise _map_backend_error(exc) from None
+
+
+def _map_backend_error(exc: base.BackendError, request_id: str = "") -> errors.ServiceError:
+    """Backend errors become service errors with the same message: backends write their
+    messages for clients (field, fix), never internal exception text."""
     if isinstance(exc, base.QueueFullError):
         return errors.QueueFullError(exc.message, retry_after_s=exc.retry_after_s, transient=True)
     if isinstance(exc, base.ContentFilteredError):
@@ -692,6 +548,9 @@ def _map_backend_error(exc: base.BackendError) -> errors.ImagegenError:
         return errors.ProviderAuthError(exc.message)
     if isinstance(exc, base.WorkCancelledError):
         return errors.CancelledError(exc.message)
+    if isinstance(exc, base.DeviceFaultError):
+        log.error("request %s: %s", request_id or "-", exc.message)
+        return errors.DeviceFaultError(exc.message)
     if isinstance(exc, base.TransientBackendError):
         return errors.ProviderError(exc.message, transient=True)
     return errors.GenerationFailedError(exc.message)

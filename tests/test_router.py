@@ -10,6 +10,7 @@ import pytest
 from models.catalogue import Catalogue
 from server import errors
 from server.db import Database
+from server.http.errors import status_of
 from server.ledger import Ledger, LedgerRow
 from server.router import CircuitBreaker, Router
 from server.settings import Settings
@@ -101,7 +102,7 @@ def test_budget_caps_per_provider_and_total(tmp_path: Path) -> None:
     router.check_budget("openai", 0.02)  # exactly at the cap is allowed
     with pytest.raises(errors.BudgetExhaustedError) as info:
         router.check_budget("openai", 0.03)
-    assert info.value.http_status == 429 and info.value.code == "budget_exhausted"
+    assert status_of(info.value)[0] == 429 and info.value.code == "budget_exhausted"
     assert "resets at" in info.value.message and info.value.retry_after_s > 0
     with pytest.raises(errors.BudgetExhaustedError, match="overall"):
         router.check_budget("bfl", 0.08)

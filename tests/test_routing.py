@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from server import errors
+from server.http.errors import status_of
 from server.service import ImageRequest, ImageService
 from server.settings import Settings
 from tests.stubs.bfl_stub import BFLStub, moderated
@@ -189,7 +190,7 @@ def test_budget_cap_refuses_further_spend(data_dir: Path, stubs: dict[str, Any])
         generate(service, prompt="a fox", model="stability-core", seed=1)
         with pytest.raises(errors.BudgetExhaustedError) as info:
             generate(service, prompt="a fox", model="stability-core", seed=2)
-        assert info.value.http_status == 429 and "resets at" in info.value.message
+        assert status_of(info.value)[0] == 429 and "resets at" in info.value.message
         assert stubs["stability"].state.count("generate") == 1
         # A repeat of the paid request is a free cache hit, so the cap does not block it.
         assert generate(service, prompt="a fox", model="stability-core", seed=1).cached

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.base import NO_EVENTS, Backend
+from models.catalogue import Catalogue
 from server import errors
+from server.registry import BackendRegistry
 from server.service import GenerationResult, ImageRequest, ImageService
 from server.settings import Settings
 
@@ -217,9 +220,9 @@ class _BlackFrames:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def generate(self, params: Any, progress: Any = None, *, precise: bool = False) -> Any:
+    async def generate(self, params: Any, events: Any = NO_EVENTS, *, precise: bool = False) -> Any:
         self.calls.append(precise)
-        result = await self.inner.generate(params, progress, precise=precise)
+        result = await self.inner.generate(params, events, precise=precise)
         if precise and self.fix_on_retry:
             return result
         frame = Image.new("RGB", (params.width, params.height))
@@ -231,19 +234,35 @@ class _BlackFrames:
 
 
 @pytest.mark.parametrize("fix_on_retry", [True, False])
-def test_black_frame_retries_once_with_precise_vae(
-    service: ImageService, fix_on_retry: bool
-) -> None:
-    real = service.registry.backend_for("tiny-sdxl")
-    fake = _BlackFrames(real, fix_on_retry)
-    service.registry._backends["tiny-sdxl"] = fake  # type: ignore[assignment]
-    if fix_on_retry:
-        result = run(service, prompt="a road", seed=6)
-        assert result.images[0].quality["ok"] is True
-    else:
-        with pytest.raises(errors.GenerationFailedError, match="all-black"):
-            run(service, prompt="a road", seed=6)
-        # Never cached: the same request misses the cache and runs again.
-        service.registry._backends["tiny-sdxl"] = real
-        assert not run(service, prompt="a road", seed=6).cached
-    assert fake.calls == [False, True]
+def test_black_frame_retries_once_with_precise_vae(settings: Settings, fix_on_retry: bool) -> None:
+    fakes: list[_BlackFrames] = []
+
+    def black_frames(real: Backend) -> Backend:
+        fakes.append(_BlackFrames(real, fix_on_retry))
+        return fakes[-1]  # type: ignore[return-value]
+
+    catalogue = Catalogue.load(settings.models)
+    forced = ImageService(
+        settings, registry=BackendRegistry(settings, catalogue, wrap=black_frames)
+    )
+    try:
+        if fix_on_retry:
+            result = run(forced, prompt="a road", seed=6)
+            assert result.images[0].quality["ok"] is True
+        else:
+            with pytest.raises(errors.GenerationFailedError, match="all-black") as failed:
+                run(forced, prompt="a road", seed=6, request_id="img_blackframes")
+            # The failure is booked (device time was spent) under the request's own id.
+            (row,) = [r for r in forced.ledger.rows() if r["status"] == "failed"]
+            assert row["request_id"] == "img_blackframes"
+            assert "all-black" in failed.value.message
+    finally:
+        forced.close()
+    assert fakes[0].calls == [False, True]
+    if not fix_on_retry:
+        # Never cached: the same request on the real backend misses the cache and runs.
+        service = ImageService(settings)
+        try:
+            assert not run(service, prompt="a road", seed=6).cached
+        finally:
+            service.close()

@@ -39,9 +39,9 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     if service is None:
         registry = BackendRegistry(settings, Catalogue.load(settings.models), observer=metrics)
         service = ImageService(settings, registry=registry)
-    elif service.registry.worker.observer is None:
-        service.registry.worker.observer = metrics
-    readiness = Readiness(settings.server.models)
+    else:
+        service.watch_device(metrics)
+    readiness = Readiness(settings.server.models, fault=service.device_fault)
     serving = ImagesServing(settings, service, metrics, readiness)
     jobs = JobRunner(JobStore(service.db), serving)
     state = AppState(
@@ -96,17 +96,16 @@ async def _load_and_warm(state: AppState) -> None:
         for name in readiness.models:
             started = time.perf_counter()
             await state.service.load([name])
-            backend = state.service.registry.backend_for(name)
+            backend = state.service.backend(name)
             if backend.is_local:
                 await _warm_up(backend)
             log.info("model %s ready in %.1f s", name, time.perf_counter() - started)
     except errors.ImagegenError as exc:
         readiness.load_error = exc.message
-    except base.BackendError as exc:
-        readiness.load_error = exc.message
-    except Exception as exc:
+    except Exception:
+        # Not an error written for clients: its text stays in the log (/readyz is public).
         log.exception("loading models failed")
-        readiness.load_error = f"{type(exc).__name__}: {exc}"
+        readiness.load_error = "an internal error (see the server log)"
     else:
         readiness.ready = True
         state.metrics.ready.set(1)

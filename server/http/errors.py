@@ -30,12 +30,41 @@ _TYPE_BY_STATUS = {
 }
 
 
-class NotFoundError(errors.ImagegenError):
+class NotFoundError(errors.ServiceError):
     """A job or file id that does not exist (or no longer does)."""
 
     code = "not_found"
-    http_status = 404
-    error_type = "invalid_request_error"
+
+
+# Status and OpenAI error type per error class; the first class of an error's MRO found here
+# decides (so a subclass inherits its parent's row unless it has its own). 499 is nginx's
+# "client closed request": only metrics and job records ever see it.
+_STATUS: dict[type[errors.ImagegenError], tuple[int, str]] = {
+    errors.InvalidRequestError: (400, "invalid_request_error"),
+    errors.LocalOnlyError: (403, "invalid_request_error"),
+    errors.ModelNotFoundError: (404, "invalid_request_error"),
+    NotFoundError: (404, "invalid_request_error"),
+    errors.RateLimitedError: (429, "rate_limit_error"),
+    errors.ProviderError: (502, "server_error"),
+    errors.ModelUnavailableError: (503, "server_error"),
+    errors.NotReadyError: (503, "server_error"),
+    errors.DeviceFaultError: (503, "server_error"),
+    errors.CancelledError: (499, "server_error"),
+}
+
+
+def status_of(exc: errors.ImagegenError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of `exc` (500 server_error where none is set)."""
+    for cls in type(exc).__mro__:
+        row = _STATUS.get(cls)
+        if row is not None:
+            return row
+    return 500, "server_error"
+
+
+def error_object(exc: errors.ImagegenError) -> dict[str, Any]:
+    """The inner `error` object of the envelope (job records keep it as is)."""
+    return {"message": exc.message, "type": status_of(exc)[1], "param": exc.param, "code": exc.code}
 
 
 def error_body(
@@ -70,24 +99,31 @@ def from_service_error(exc: errors.ImagegenError) -> JSONResponse:
     retry = exc.retry_after_s if isinstance(exc, errors.RateLimitedError) else None
     if isinstance(exc, errors.NotReadyError):
         retry = 1
+    status, error_type = status_of(exc)
     return error_response(
-        exc.http_status,
+        status,
         exc.message,
         code=exc.code,
         param=exc.param,
-        error_type=exc.error_type,
+        error_type=error_type,
         retry_after_s=retry,
     )
 
 
+def internal_error_object(what: str) -> dict[str, Any]:
+    """The error object for a failure the client cannot fix: the id to quote, never the
+    exception's text (that is in the log, under the same id)."""
+    return {
+        "message": f"the server hit an internal error ({what}); it has been logged",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+
+
 def internal_error(request_id: str | None) -> JSONResponse:
-    suffix = f" (request id {request_id})" if request_id else ""
-    return error_response(
-        500,
-        f"the server hit an internal error{suffix}; it has been logged",
-        code="internal_error",
-        error_type="server_error",
-    )
+    what = f"request id {request_id}" if request_id else "no request id"
+    return JSONResponse({"error": internal_error_object(what)}, status_code=500)
 
 
 def internal_error_bytes(request_id: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

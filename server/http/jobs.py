@@ -20,7 +20,7 @@ from typing import Any, Literal
 from models.base import Events
 from server import errors
 from server.db import Database
-from server.http.errors import NotFoundError
+from server.http.errors import NotFoundError, error_object, internal_error_object
 from server.http.protocol import (
     TERMINAL_STATUSES,
     ImageGenerationRequest,
@@ -55,10 +55,6 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 # first shipped, so older databases gain it on open.
 _ADD_KIND = "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'image'"
 _OBJECT_BY_KIND: dict[str, Literal["image.job", "batch"]] = {"image": "image.job", "batch": "batch"}
-
-
-def error_object(exc: errors.ImagegenError) -> dict[str, Any]:
-    return {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}
 
 
 class JobStore:
@@ -370,12 +366,7 @@ class JobRunner:
             self._finish(
                 job,
                 "failed",
-                error={
-                    "message": f"the server hit an internal error running job {job.id}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "internal_error",
-                },
+                error=internal_error_object(f"job {job.id}"),
             )
         else:
             rendered = await self.serving.render(result, body, job.base_url)
@@ -398,12 +389,7 @@ class JobRunner:
                 job,
                 "failed",
                 result=job.result,
-                error={
-                    "message": f"the server hit an internal error running job {job.id}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "internal_error",
-                },
+                error=internal_error_object(f"job {job.id}"),
             )
         else:
             self._finish(job, "succeeded", result=result)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from models.base import NO_EVENTS, Events
 from server import errors
+from server.http.errors import status_of
 from server.http.metrics import Metrics
 from server.http.protocol import (
     ImageData,
@@ -31,13 +32,20 @@ DISCONNECT_POLL_S = 0.1
 class Readiness:
     """Whether the server takes generation work: models loaded and warmed up, not draining."""
 
-    def __init__(self, models: list[str]) -> None:
+    def __init__(
+        self, models: list[str], *, fault: Callable[[], str | None] = lambda: None
+    ) -> None:
         self.models = list(models)
         self.ready = not self.models
         self.draining = False
         self.load_error: str | None = None
+        # Why the device can no longer work (a sticky fault): not ready for good.
+        self.fault = fault
 
     def reason(self) -> str | None:
+        fault = self.fault()
+        if fault is not None:
+            return f"the device failed and the server must be restarted: {fault}"
         if self.draining:
             return "the server is shutting down and takes no new work"
         if self.load_error is not None:
@@ -79,7 +87,7 @@ class ImagesServing:
             request = body.to_image_request(request_id=request_id)
             result = await self.service.generate(request, events=events)
         except errors.ImagegenError as exc:
-            self.metrics.failed(endpoint, self._model_label(body), exc.http_status)
+            self.metrics.failed(endpoint, self._model_label(body), status_of(exc)[0])
             raise
         except asyncio.CancelledError:
             self.metrics.failed(endpoint, self._model_label(body), 499)
