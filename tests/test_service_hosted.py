@@ -1,0 +1,96 @@
+"""The service around hosted providers (real stubs on loopback): what a provider billed before
+refusing is booked under the request's own id, and a job for a hosted model reports
+queued -> running -> succeeded like a local one, answering 202 before the provider does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import errors
+from server.service import ImageRequest, ImageService
+from server.settings import Settings
+from tests.helpers_server import fresh_data_dir, live_server, tiny_settings
+from tests.stubs.common import delay, variant
+from tests.stubs.fixtures import FAST, live
+from tests.stubs.stability_stub import StabilityStub
+
+KEY = "k-stability"
+
+
+@pytest.fixture(scope="module")
+def stability() -> Iterator[StabilityStub]:
+    with live(StabilityStub(api_key=KEY)) as stub:
+        yield stub
+
+
+@pytest.fixture(autouse=True)
+def clean(stability: StabilityStub) -> Iterator[None]:
+    stability.state.reset()
+    yield
+    assert stability.state.invalid == [], "a request broke the Stability wire contract"
+
+
+def providers(stub: StabilityStub) -> dict[str, Any]:
+    return {"stability": {"base_url": stub.url, "api_key": KEY, **FAST}}
+
+
+def test_charged_moderation_is_booked_under_the_request_id(
+    data_dir: Path, stability: StabilityStub
+) -> None:
+    """Stability answers a filtered image with 200 and bills it: the ledger row of that
+    charge carries the id of the request that paid it (it used to get a random one)."""
+    stability.state.script("generate", variant("filtered"))
+    service = ImageService(Settings(data_dir=data_dir, providers=providers(stability)))
+    try:
+        request = ImageRequest(
+            prompt="a teapot",
+            model="stability-core",
+            width=256,
+            height=256,
+            seed=3,
+            request_id="img_charged_moderation",
+        )
+        with pytest.raises(errors.ContentFilteredError):
+            asyncio.run(service.generate(request))
+        (row,) = service.ledger.rows()
+        assert row["request_id"] == "img_charged_moderation"
+        assert row["status"] == "filtered" and row["cost_usd"] == pytest.approx(0.03)
+    finally:
+        service.close()
+
+
+def test_hosted_job_answers_at_once_and_reports_running(
+    tmp_path: Path, tiny_models_dir: Path, stability: StabilityStub
+) -> None:
+    # The provider takes a while: POST /v1/jobs must not wait for it.
+    stability.state.script("generate", delay(1.0))
+    settings = tiny_settings(
+        fresh_data_dir(tmp_path, tiny_models_dir),
+        models=[],
+        top={"providers": providers(stability)},
+    )
+    with live_server(settings) as server, server.client() as client:
+        created = client.post(
+            "/v1/jobs", json={"prompt": "a lighthouse", "model": "stability-core", "seed": 1}
+        )
+        assert created.status_code == 202, created.text
+        job = created.json()
+        # Answered before the provider: not finished yet.
+        assert job["status"] in ("queued", "running")
+        seen = [job["status"]]
+        deadline = time.monotonic() + 60
+        while seen[-1] not in ("succeeded", "failed") and time.monotonic() < deadline:
+            status = client.get(f"/v1/jobs/{job['id']}").json()["status"]
+            if status != seen[-1]:
+                seen.append(status)
+            time.sleep(0.02)
+        assert "running" in seen and seen[-1] == "succeeded", seen
+        assert seen == sorted(seen, key=["queued", "running", "succeeded"].index)
+        result = client.get(f"/v1/jobs/{job['id']}").json()["result"]
+        assert result["imagegen"]["provider"] == "stability" and len(result["data"]) == 1
