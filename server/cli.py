@@ -3,13 +3,12 @@ features live). Errors are one line on stderr: exit 2 for bad input, 1 for failu
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 import tomllib
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -23,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: flags read as flags (the rich formatter prints a "<bool>" type after each).
+    rich_markup_mode=None,
 )
 
 T = TypeVar("T")
@@ -111,8 +112,20 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(parts[0]), int(parts[1])
 
 
-def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(coro_fn())
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A table for a person at a terminal; for a pipe, one tab-separated line per row with
+    every value whole (a rich table would cut names to the pipe's assumed 80 columns)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    for line in [headers, *rows]:
+        typer.echo("\t".join(value.replace("\t", " ").replace("\n", " ") for value in line))
 
 
 @app.callback()
@@ -219,20 +232,20 @@ def models(
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table("model", "kind", "provider", "available", "on disk", "source")
-        for row in rows:
-            table.add_row(
-                row["name"],
-                row["kind"],
-                row["provider"],
-                "yes" if row["available"] else "no (see --json)",
-                "built-in" if row.get("builtin") else ("yes" if row["on_disk"] else "no"),
-                row["source"],
-            )
-        Console().print(table)
+        print_table(
+            ["model", "kind", "provider", "available", "on disk", "source"],
+            [
+                [
+                    row["name"],
+                    row["kind"],
+                    row["provider"],
+                    "yes" if row["available"] else "no (see --json)",
+                    "built-in" if row.get("builtin") else ("yes" if row["on_disk"] else "no"),
+                    row["source"],
+                ]
+                for row in rows
+            ],
+        )
 
     run_guarded(go)
 
@@ -253,30 +266,27 @@ def stats(
         if as_json:
             typer.echo(json.dumps(data, indent=2))
             return
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console()
-        console.print(
+        typer.echo(
             f"requests {data['requests']}  images {data['images']}  cached {data['cached']}  "
             f"failed {data['failed']}  cost ${data['cost_usd']:.6f}  "
             f"gpu-seconds {data['gpu_seconds']:.3f}  saved ${data['saved_usd']:.6f}"
         )
-        table = Table(
-            "model", "provider", "requests", "images", "cached", "cost USD", "GPU s", "saved USD"
+        print_table(
+            ["model", "provider", "requests", "images", "cached", "cost USD", "GPU s", "saved USD"],
+            [
+                [
+                    r["model"],
+                    r["provider"],
+                    str(r["requests"]),
+                    str(r["images"]),
+                    str(r["cached"]),
+                    f"{r['cost_usd']:.6f}",
+                    f"{r['gpu_seconds']:.3f}",
+                    f"{r['saved_usd']:.6f}",
+                ]
+                for r in data["models"]
+            ],
         )
-        for r in data["models"]:
-            table.add_row(
-                r["model"],
-                r["provider"],
-                str(r["requests"]),
-                str(r["images"]),
-                str(r["cached"]),
-                f"{r['cost_usd']:.6f}",
-                f"{r['gpu_seconds']:.3f}",
-                f"{r['saved_usd']:.6f}",
-            )
-        console.print(table)
 
     run_guarded(go)
 
@@ -369,13 +379,10 @@ def presets(
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table("preset", "template", "negative prompt")
-        for row in rows:
-            table.add_row(row["name"], row["template"], row["negative_prompt"])
-        Console().print(table)
+        print_table(
+            ["preset", "template", "negative prompt"],
+            [[row["name"], row["template"], row["negative_prompt"] or ""] for row in rows],
+        )
 
     run_guarded(go)
 

@@ -69,6 +69,13 @@ def test_generate_json_writes_pngs_then_hits_cache(cli_env: dict[str, str], tmp_
     assert data["requests"] == 2 and data["cached"] == 1
     assert data["cost_usd"] == pytest.approx(first["cost_usd"])
 
+    # Piped (stdout is not a terminal): plain rows with every value whole, one per model.
+    plain = imagegen(cli_env, "stats")
+    assert plain.returncode == 0, plain.stderr
+    header, *rows = plain.stdout.strip().splitlines()[1:]
+    assert header.split("\t")[:3] == ["model", "provider", "requests"]
+    assert [row.split("\t")[:3] for row in rows] == [["tiny-sdxl", "local", "2"]]
+
 
 def test_tiny_flux_from_the_cli(cli_env: dict[str, str], tmp_path: Path) -> None:
     res = generate_json(
@@ -166,6 +173,29 @@ def test_pull_while_offline_fails_at_once_with_what_to_do(cli_env: dict[str, str
     assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60  # never a hang
     assert imagegen(cli_env, "pull", "tiny-sdxl").returncode == 2
+
+
+def test_listings_piped_print_whole_values(cli_env: dict[str, str]) -> None:
+    """`imagegen models | grep ...` must see whole names: a rich table on a pipe cut them to
+    80 columns ('stability-sd…')."""
+    listing = imagegen(cli_env, "models")
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split("\t") for line in listing.stdout.strip().splitlines()]
+    assert rows[0] == ["model", "kind", "provider", "available", "on disk", "source"]
+    names = {row[0] for row in rows[1:]}
+    as_json = {row["name"] for row in json.loads(imagegen(cli_env, "models", "--json").stdout)}
+    assert names == as_json and "stability-sd3.5-large-turbo" in names
+    assert all(len(row) == 6 for row in rows)
+    presets = imagegen(cli_env, "presets").stdout.strip().splitlines()
+    assert presets[0].split("\t") == ["preset", "template", "negative prompt"]
+    assert any(line.startswith("product-photo\t") for line in presets)
+
+
+def test_help_shows_flags_as_flags(cli_env: dict[str, str]) -> None:
+    text = imagegen(cli_env, "generate", "--help").stdout
+    assert "--json" in text and "--local-only" in text
+    assert "<bool>" not in text
+    assert "--steps <int>" in text  # options that take a value still say what
 
 
 @pytest.mark.parametrize(
