@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import string
-import time
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -254,29 +253,16 @@ def test_a_blocklist_needs_a_term() -> None:
         Sanitizer({})
 
 
-def test_a_long_prompt_checks_in_under_two_milliseconds() -> None:
-    prompt = ("a gorgeous sunset over the sea with boats, 4k, highly detailed, violet. " * 60)[
-        :4000
-    ]
-    check = sanitizer().check
-    check(prompt)
-    best = min(_seconds(check, prompt) for _ in range(20))
-    assert best < 0.002, f"{best * 1000:.2f} ms"
+# Separators that could also stand in for letters once made the check cubic (seconds).
+HOSTILE_PROMPTS = ["exp" + "|" * 5000, "v" + "!" * 5000, "e x p " + "| " * 2500, "n" + "." * 5000]
 
 
-@pytest.mark.parametrize(
-    "prompt",
-    ["exp" + "|" * 5000, "v" + "!" * 5000, "e x p " + "| " * 2500, "n" + "." * 5000],
-)
-def test_hostile_prompts_check_in_linear_time(prompt: str) -> None:
-    # Separators that could also stand in for letters once made this cubic (seconds).
-    assert _seconds(sanitizer().check, prompt) < 0.05
-
-
-def _seconds(check: Any, prompt: str) -> float:
-    start = time.perf_counter()
-    check(prompt)
-    return time.perf_counter() - start
+# How fast the check is (a long prompt, and hostile ones that once made it cubic) is measured
+# by scripts/bench_sanitizer.py, not asserted here: timings on a shared machine are noise.
+@pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
+def test_hostile_prompts_get_a_verdict(prompt: str) -> None:
+    verdict = sanitizer().check(prompt)
+    assert not verdict.blocked  # separators alone spell no blocked word
 
 
 # Property-based tests.
