@@ -21,7 +21,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from server.db import Database
-from server.http.jobs import JobStore
+from server.http.job_store import JobStore
 from tests.helpers_server import (
     API_KEY,
     LiveServer,

@@ -19,7 +19,8 @@ from server.http import errors as http_errors
 from server.http import routes_batches, routes_images, routes_jobs, routes_models, routes_ops
 from server.http.auth import ApiKeys, AuthMiddleware
 from server.http.batches import BatchesServing
-from server.http.jobs import JobRunner, JobStore
+from server.http.job_store import JobStore
+from server.http.jobs import JobRunner
 from server.http.metrics import Metrics
 from server.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from server.http.serving import ImagesServing, Readiness
