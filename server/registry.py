@@ -4,6 +4,7 @@ device worker that owns every local pipeline."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ class BackendRegistry:
             observer=observer,
         )
         self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
 
     def spec(self, name: str) -> ModelSpec:
         spec = self.catalogue.get(name)
@@ -52,12 +54,15 @@ class BackendRegistry:
         """The backend of a catalogue model. Which models a request may use (local-only,
         fallbacks) is the router's decision, made before this is asked."""
         spec = self.spec(name)
-        backend = self._backends.get(name)
-        if backend is None:
-            backend = self._create(spec)
-            if self._wrap is not None:
-                backend = self._wrap(backend)
-            self._backends[name] = backend
+        # Asked from the service's worker threads: one backend per model, however many ask at
+        # once (two would mean two copies of the weights).
+        with self._lock:
+            backend = self._backends.get(name)
+            if backend is None:
+                backend = self._create(spec)
+                if self._wrap is not None:
+                    backend = self._wrap(backend)
+                self._backends[name] = backend
         return backend
 
     def _create(self, spec: ModelSpec) -> Backend:

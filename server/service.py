@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,6 +109,7 @@ class ImageService:
         self.costs = Costs(settings.cost, self.ledger)
         self.registry = registry or BackendRegistry(settings, self.catalogue)
         self.router = Router(settings, self.catalogue, self.ledger)
+        self._resolving = threading.Lock()
 
     # -- the production path -------------------------------------------------------------
 
@@ -239,7 +241,10 @@ class ImageService:
             width=request.width or spec.defaults.width,
             height=request.height or spec.defaults.height,
         )
-        with _mapped():
+        # One request resolves at a time: this runs on worker threads, and what it may do on
+        # first use (load a tokenizer, hash weights into the data directory) is not safe to
+        # do twice at once; after first use it is a dictionary lookup.
+        with self._resolving, _mapped():
             params = backend.resolve(params)
             backend.check_prompt(params.prompt)
             identity = backend.identity(params).as_dict()
