@@ -85,10 +85,11 @@ class Job(BaseModel):
 
 
 class BatchOptionsFields(BaseModel):
-    """The options of POST /v1/batches: JSON members, or form fields next to an upload. `model`
-    and `preset` are defaults that a row's own fields win over."""
+    """The options of POST /v1/batches: JSON members (strict), or form fields next to an
+    upload (validated with strict=False: form values are strings). `model` and `preset` are
+    defaults that a row's own fields win over."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text | None = None
     preset: Text | None = None
