@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from server.batch import (
+    FIELD_NAMES,
     MANIFEST_NAME,
     BatchDefaults,
+    BatchError,
     BatchFolder,
     BatchOptions,
     BatchPlan,
     BatchRow,
     BatchSummary,
     ManifestEntry,
+    finished_rows,
     plan_batch,
-    read_manifest,
     read_rows,
     rows_fingerprint,
     run_batch,
@@ -45,16 +47,35 @@ def run(
     dry_run: bool = False,
     preset: str | None = None,
 ) -> int:
-    options = BatchOptions(concurrency=concurrency, budget_usd=budget_usd)
-    rows = read_rows(file, BatchDefaults(model=model, preset=preset))
-    if dry_run:
-        return _dry_run(settings, rows, out)
-    with BatchFolder.open(
-        out, fingerprint=rows_fingerprint(rows), resume=resume, source=str(file)
-    ) as folder:
+    try:
+        options = BatchOptions(concurrency=concurrency, budget_usd=budget_usd)
+        rows = read_rows(file, BatchDefaults(model=model, preset=preset))
+        if dry_run:
+            return _dry_run(settings, rows, out)
+        folder = BatchFolder.open(
+            out, fingerprint=rows_fingerprint(rows), resume=resume, source=str(file)
+        )
+    except BatchError as exc:
+        # The batch names its options neutrally; this edge words them as its flags.
+        raise exc.spelled(cli_names(file)) from None
+    with folder:
         summary = asyncio.run(_run(settings, rows, folder, options))
     print_summary(summary, sys.stdout)
     return EXIT_ROWS_FAILED if summary.failed else EXIT_OK
+
+
+def cli_names(file: Path) -> dict[str, str]:
+    """How `imagegen batch` spells the options a BatchError names."""
+    return {
+        **FIELD_NAMES,
+        "file": f"FILE '{file}'",
+        "out": "--out folder",
+        "resume": "--resume",
+        "concurrency": "--concurrency",
+        "budget_usd": "--budget-usd",
+        "model": "--model",
+        "preset": "--preset",
+    }
 
 
 async def _run(
@@ -176,15 +197,7 @@ def print_summary(summary: BatchSummary, stream: TextIO) -> None:
 
 def _dry_run(settings: Settings, rows: list[BatchRow], out: Path) -> int:
     # A dry run writes nothing: an existing manifest is only read, to leave finished rows out.
-    finished = (
-        {
-            row
-            for row, e in read_manifest(out / MANIFEST_NAME).items()
-            if e.status in ("done", "failed")
-        }
-        if out.is_dir()
-        else set()
-    )
+    finished = finished_rows(out / MANIFEST_NAME) if out.is_dir() else set()
     service = ImageService(settings)
     try:
         plan = plan_batch(service, rows, finished=finished)

@@ -1,10 +1,12 @@
-"""Batch runs on the real tiny pipeline: input parsing with line numbers, one bad row failing
-alone, CSV input, cache-served repeats, near-duplicate flags, the budget cap, dry-run cost
-projection, and resuming after a torn manifest line."""
+"""Batch runs on the real tiny pipeline: input parsing with line numbers (strict JSON, lax CSV),
+one bad row failing alone, CSV input, cache-served repeats, near-duplicate flags, the budget cap
+(its arithmetic in tests/test_batch_budget.py), dry-run cost projection, resuming after a torn
+manifest line, and errors worded for the CLI."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -98,14 +100,21 @@ def test_unknown_field_fails_that_row_naming_field_and_line() -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "needle"),
     [
-        ({"prompt": "a", "n": "two"}, "n", "n must be an integer"),
-        ({"prompt": "a", "seed": True}, "seed", "seed must be an integer"),
+        ({"prompt": "a", "n": "two"}, "n", 'n should be a valid integer, got "two"'),
+        # JSON is strict: a number in a string, or a boolean, is not an integer.
+        ({"prompt": "a", "seed": "16"}, "seed", "seed should be a valid integer"),
+        ({"prompt": "a", "seed": True}, "seed", "seed should be a valid integer"),
         ({"prompt": "a", "size": "64"}, "size", "size must be WIDTHxHEIGHT"),
-        ({"prompt": "a", "guidance_scale": "nan"}, "guidance_scale", "must be a number"),
-        ({"prompt": "a", "output_format": "gif"}, "output_format", "png, jpeg or webp"),
-        ({"prompt": 7}, "prompt", "prompt must be a string"),
+        ({"prompt": "a", "guidance_scale": "nan"}, "guidance_scale", "should be a valid number"),
+        ({"prompt": "a", "output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
+        ({"prompt": "a", "local_only": "yes"}, "local_only", "should be a valid boolean"),
+        ({"prompt": 7}, "prompt", "prompt should be a valid string"),
         ({"seed": 1}, "prompt", "prompt is missing"),
         ({"prompt": "a", "width": 64}, "width", 'size "WIDTHxHEIGHT"'),
+        ({"prompt": "\ud800"}, "prompt", "lone surrogate (U+D800)"),
+        ({"prompt": "a", "negative_prompt": "b\udfff"}, "negative_prompt", "lone surrogate"),
+        # An unknown field is named first: it explains the errors after it.
+        ({"prompt": 7, "colour": "red"}, "colour", "unknown field 'colour'"),
     ],
 )
 def test_field_errors_name_the_field(fields: dict[str, Any], param: str, needle: str) -> None:
@@ -113,18 +122,36 @@ def test_field_errors_name_the_field(fields: dict[str, Any], param: str, needle:
     assert row.request is None
     assert row.param == param
     assert needle in (row.error or "")
+    # Row errors reach the manifest and HTTP clients: always encodable, never a CLI flag.
+    (row.error or "").encode("utf-8")
+    assert "--" not in (row.error or "")
+
+
+def test_a_response_field_is_refused_without_cli_advice() -> None:
+    (row,) = rows_from_objects([{"prompt": "a", "response_format": "url"}])
+    assert row.param == "response_format"
+    assert "drop the field" in (row.error or "") and "--out" not in (row.error or "")
+    (key,) = rows_from_objects([{"prompt": "a", "\udc80": 1}])
+    assert key.param is None
+    assert key.error == 'every field name must be text UTF-8 can encode, got "\\udc80"'
+
+
+def test_local_only_is_a_row_field() -> None:
+    rows = rows_from_objects([{"prompt": "a", "local_only": True}, {"prompt": "b"}])
+    assert [r.request.local_only if r.request else None for r in rows] == [True, False]
 
 
 def test_csv_rows_coerce_types_and_apply_defaults() -> None:
     text = (
-        "prompt,seed,size,steps,guidance_scale,model\n"
-        '"a fox, running",7,64x32,2,4.5,\n'
+        "prompt,seed,size,steps,guidance_scale,model,local_only\n"
+        '"a fox, running",7,64x32,2,4.5,,true\n'
         "\n"
-        "a cat,,,,,tiny-flux\n"
-        "a dog,x,,,,\n"
+        "a cat,,,,,tiny-flux,false\n"
+        "a dog,x,,,,,\n"
+        "a bat, 8 ,,,,,maybe\n"
     )
     rows = parse_csv(text, BatchDefaults(model="tiny-sdxl", preset="photo"))
-    assert [r.line for r in rows] == [2, 4, 5]
+    assert [r.line for r in rows] == [2, 4, 5, 6]
     first = rows[0].request
     assert first == ImageRequest(
         prompt="a fox, running",
@@ -135,10 +162,12 @@ def test_csv_rows_coerce_types_and_apply_defaults() -> None:
         guidance_scale=4.5,
         model="tiny-sdxl",
         preset="photo",
+        local_only=True,
     )
     assert rows[1].request is not None and rows[1].request.model == "tiny-flux"
-    assert rows[1].request.seed is None
+    assert rows[1].request.seed is None and rows[1].request.local_only is False
     assert rows[2].request is None and rows[2].param == "seed"
+    assert rows[3].request is None and rows[3].param == "local_only"
 
 
 def test_duplicate_index_agrees_with_pairwise_hamming() -> None:
@@ -199,13 +228,27 @@ def test_bad_rows_fail_alone_and_csv_input_runs(settings: Settings, tmp_path: Pa
     assert manifest[6].param == "steps" and manifest[6].line == 7
     assert manifest[3].seeds == (13, 14) and len(manifest[3].images) == 2
     for entry in manifest.values():
-        for name in entry.images:
-            assert (out / name).is_file()
+        assert len(entry.sha256) == len(entry.images)
+        for name, digest in zip(entry.images, entry.sha256, strict=True):
+            assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in out.glob("*.png")) == sorted(
         name for e in manifest.values() for name in e.images
     )
     assert manifest[1].provider == "local" and manifest[1].cost_usd > 0
     assert manifest[1].quality[0]["ok"] is True
+
+
+def test_a_lone_surrogate_fails_its_row_and_the_others_run(
+    settings: Settings, tmp_path: Path
+) -> None:
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"prompt": "\\ud800"}\n{"prompt": "a kite", "seed": 3, "steps": 1}\n')
+    out = tmp_path / "out"
+    assert batch_cmd.run(settings, file=src, out=out) == batch_cmd.EXIT_ROWS_FAILED
+    manifest = read_manifest(out / MANIFEST_NAME)
+    assert (manifest[1].status, manifest[1].param) == ("failed", "prompt")
+    assert "lone surrogate" in (manifest[1].error or "")
+    assert manifest[2].status == "done"
 
 
 def test_repeated_rows_are_served_from_the_cache_and_flagged(
@@ -289,60 +332,6 @@ def test_resume_after_torn_line_reuses_persisted_seeds(settings: Settings, tmp_p
     assert generated_per_seed(settings, batch_id(out)) == Counter(sidecar.values())
 
 
-def test_local_budget_stops_at_the_cap_and_skipped_rows_run_on_resume(
-    data_dir: Path, tmp_path: Path
-) -> None:
-    # $1 per GPU-second makes a 2-step 64x64 image cost cents, so a few reach the cap.
-    settings = Settings(data_dir=data_dir, cost={"usd_per_gpu_hour": 3600.0})
-    out = tmp_path / "out"
-    rows = rows_from_objects(
-        [{"prompt": f"budget {i}", "seed": 900 + i, "steps": 2} for i in range(48)]
-    )
-
-    async def go() -> None:
-        service = ImageService(settings)
-        try:
-            # Warm the pipeline, then price one image to size the cap at about four images; 48
-            # rows leave room for a CPU whose speed varies several-fold under load.
-            for seed in (1, 2):
-                calib = await service.generate(ImageRequest(prompt="calibrate", seed=seed, steps=2))
-            cap = 4 * calib.cost_usd
-            options = BatchOptions(concurrency=4, budget_usd=cap)
-            with BatchFolder.open(out, fingerprint=rows_fingerprint(rows), resume=False) as f:
-                summary = await run_batch(service, rows, f, options=options)
-            manifest = read_manifest(out / MANIFEST_NAME)
-            trace = [(e.row, e.status, e.cost_usd, e.reserved_usd) for e in manifest.values()]
-            done = [e for e in manifest.values() if e.status == "done"]
-            skipped = [e for e in manifest.values() if e.status == "skipped_budget"]
-            assert summary.done == len(done) >= 1, trace
-            assert summary.skipped_budget == len(skipped) >= 1, trace
-            assert summary.done + summary.skipped_budget == 48
-            assert all(e.reserved_usd and e.reserved_usd > 0 and not e.images for e in skipped)
-            # Local device time is only known after a row ran: spend can pass the cap only by
-            # what rows cost beyond their reservations (a row of unknown cost runs alone and
-            # reserves nothing). On a GPU that is nothing; a loaded CPU box jitters.
-            beyond = sum(
-                e.cost_usd if e.reserved_usd is None else max(0.0, e.cost_usd - e.reserved_usd)
-                for e in done
-            )
-            spent = service.ledger.spent(summary.batch_id)
-            assert spent == pytest.approx(summary.cost_usd)
-            assert spent <= cap + beyond + 1e-12, (cap, trace)
-
-            # Resumed with room to spare, only the skipped rows run.
-            with BatchFolder.open(out, fingerprint=rows_fingerprint(rows), resume=True) as f:
-                again = await run_batch(
-                    service, rows, f, options=BatchOptions(concurrency=4, budget_usd=cap * 1000)
-                )
-            assert again.done == 48 and again.skipped_budget == 0
-            assert again.resumed == summary.done
-            assert generated_per_seed(settings, summary.batch_id) == Counter(range(900, 948))
-        finally:
-            await service.aclose()
-
-    asyncio.run(go())
-
-
 class FixedPriceBackend(Backend):
     """A hosted-style backend that bills exactly its quoted price: the budget's arithmetic
     tested without device-time jitter."""
@@ -385,7 +374,10 @@ class FixedPriceRegistry(BackendRegistry):
         return FixedPriceBackend(spec, price_usd=0.01)
 
 
-def test_concurrent_rows_never_overshoot_a_priced_budget(data_dir: Path, tmp_path: Path) -> None:
+def test_concurrent_rows_never_overshoot_a_priced_budget_and_skipped_rows_run_on_resume(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The cap end to end (its arithmetic is unit-tested in tests/test_batch_budget.py)."""
     model = {
         "name": "fixed-price",
         "kind": "openai",
@@ -407,14 +399,27 @@ def test_concurrent_rows_never_overshoot_a_priced_budget(data_dir: Path, tmp_pat
             options = BatchOptions(concurrency=8, budget_usd=0.055)
             with BatchFolder.open(out, fingerprint=rows_fingerprint(rows), resume=False) as f:
                 summary = await run_batch(service, rows, f, options=options)
-            assert service.ledger.spent(summary.batch_id) == pytest.approx(0.05)
+            assert service.spent(summary.batch_id) == pytest.approx(0.05)
+            assert (summary.done, summary.skipped_budget, summary.cached) == (6, 15, 1)
+            manifest = read_manifest(out / MANIFEST_NAME)
+            done = [r for r, e in sorted(manifest.items()) if e.status == "done"]
+            assert done == [1, 2, 3, 4, 5, 21]
+            assert manifest[21].cached and manifest[21].cost_usd == 0.0
+            assert all(manifest[r].reserved_usd == pytest.approx(0.01) for r in range(1, 6))
+            skipped = [e for e in manifest.values() if e.status == "skipped_budget"]
+            assert all(e.reserved_usd == pytest.approx(0.01) and not e.images for e in skipped)
+
+            # Resumed with room to spare, only the skipped rows run, and the cap counts what
+            # the first run spent: 0.05 + 15 x 0.01 = 0.20.
+            with BatchFolder.open(out, fingerprint=rows_fingerprint(rows), resume=True) as f:
+                again = await run_batch(
+                    service, rows, f, options=BatchOptions(concurrency=8, budget_usd=0.205)
+                )
+            assert (again.done, again.skipped_budget, again.resumed) == (21, 0, 6)
+            assert service.spent(summary.batch_id) == pytest.approx(0.20)
         finally:
             await service.aclose()
-        assert (summary.done, summary.skipped_budget, summary.cached) == (6, 15, 1)
-        manifest = read_manifest(out / MANIFEST_NAME)
-        assert [r for r, e in sorted(manifest.items()) if e.status == "done"] == [1, 2, 3, 4, 5, 21]
-        assert manifest[21].cached and manifest[21].cost_usd == 0.0
-        assert all(manifest[r].reserved_usd == pytest.approx(0.01) for r in range(1, 6))
+        assert generated_per_seed(settings, summary.batch_id) == Counter(range(20))
 
     asyncio.run(go())
 
@@ -469,10 +474,14 @@ def test_dry_run_projects_cost_per_provider_and_spends_nothing(
         prepared = service.prepare(
             ImageRequest(prompt="c", model="test-hosted", width=1024, height=1024, n=3)
         )
-        per_request = prepared.backend.estimate_cost_usd(prepared.params)
-        assert service.ledger.rows() and len(service.ledger.rows()) == 1  # nothing ran
+        per_request = prepared.estimate.usd
     finally:
         service.close()
+    db = Database(settings.db_path)
+    try:
+        assert len(Ledger(db).rows()) == 1  # nothing ran
+    finally:
+        db.close()
     assert not out.exists()
     assert "line 5: unknown field 'colour'" in printed
     assert "line 6: model 'no-such-model' is not in the catalogue" in printed
@@ -485,11 +494,27 @@ def test_dry_run_projects_cost_per_provider_and_spends_nothing(
 
 def test_options_are_checked_before_anything_runs(settings: Settings, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a"}])
-    with pytest.raises(errors.InvalidRequestError, match="--concurrency"):
+    with pytest.raises(errors.InvalidRequestError, match="--concurrency must be at least 1"):
         batch_cmd.run(settings, file=src, out=tmp_path / "o", concurrency=0)
-    with pytest.raises(errors.InvalidRequestError, match="--budget-usd"):
+    with pytest.raises(errors.InvalidRequestError, match="--budget-usd must be a non-negative"):
         batch_cmd.run(settings, file=src, out=tmp_path / "o", budget_usd=-1)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(BatchError, match="holds no requests"):
+    with pytest.raises(BatchError, match=r"FILE '.*empty\.jsonl' holds no requests"):
         batch_cmd.run(settings, file=tmp_path / "empty.jsonl", out=tmp_path / "o")
+    with pytest.raises(BatchError, match=r"FILE '.*missing\.jsonl' does not exist") as missing:
+        batch_cmd.run(settings, file=tmp_path / "missing.jsonl", out=tmp_path / "o")
+    assert missing.value.param == "file"
     assert not (tmp_path / "o").exists()
+
+
+def test_batch_errors_name_options_as_fields_unless_the_cli_words_them() -> None:
+    """The batch names its options neutrally (the HTTP API's fields); the CLI edge spells them
+    as flags."""
+    with pytest.raises(BatchError) as raised:
+        BatchOptions(budget_usd=-1)
+    error = raised.value
+    assert error.param == "budget_usd"
+    assert error.message == "budget_usd must be a non-negative amount, got -1"
+    cli = error.spelled(batch_cmd.cli_names(Path("rows.jsonl")))
+    assert cli.message == "--budget-usd must be a non-negative amount, got -1"
+    assert (type(cli), cli.param, cli.code) == (BatchError, "budget_usd", "invalid_request")

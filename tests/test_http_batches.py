@@ -176,6 +176,22 @@ def test_jsonl_upload_with_a_bad_row_that_fails_alone(client: httpx.Client) -> N
     assert [lines[r]["status"] for r in (1, 3, 4)] == ["done"] * 3
 
 
+def test_row_and_option_errors_name_json_fields_not_cli_flags(client: httpx.Client) -> None:
+    """Batch messages are worded by the edge: over HTTP they name the JSON field, never an
+    `imagegen batch` flag (--out, --budget-usd)."""
+    rows = [{"prompt": "x", "response_format": "url"}, {"prompt": "y", "seed": "7"}]
+    created = client.post("/v1/batches", json={"requests": rows, "dry_run": True})
+    assert created.status_code == 200, created.text
+    problems = created.json()["problems"]
+    assert [p["param"] for p in problems] == ["response_format", "seed"]
+    assert "drop the field" in problems[0]["message"]
+    assert all("--" not in p["message"] for p in problems), problems
+    refused = client.post("/v1/batches", json={"requests": rows, "budget_usd": -1})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "budget_usd" and "--" not in error["message"]
+
+
 def test_csv_upload_applies_form_defaults_and_a_bad_value_fails_alone(
     client: httpx.Client,
 ) -> None:

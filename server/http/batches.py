@@ -6,15 +6,9 @@ with generation jobs); and what the result routes read back from a folder."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import threading
-import uuid
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -27,19 +21,23 @@ from starlette.datastructures import FormData, UploadFile
 
 from server import errors
 from server.batch import (
+    BATCH_ID_PREFIX,
     MANIFEST_NAME,
     BatchDefaults,
     BatchFolder,
     BatchOptions,
     BatchRow,
     ManifestEntry,
-    parse_csv,
-    parse_jsonl,
+    json_line,
+    new_batch_id,
     plan_batch,
     read_manifest,
-    request_from_fields,
+    rendered_manifest,
     rows_fingerprint,
+    rows_from_bytes,
+    rows_from_objects,
     run_batch,
+    write_archive,
 )
 from server.http.errors import NotFoundError
 from server.http.jobs import JobRunner, LiveJob
@@ -58,12 +56,7 @@ from server.service import ImageService
 from server.settings import Settings
 
 BATCHES_DIR = "batches"
-# Sidecar of a batch folder: {"<image name>": "<sha256 hex>"} per manifest line with images,
-# written with it, so the manifest route can give digests without hashing every image again.
-DIGESTS_NAME = "sha256.jsonl"
-_ID_PREFIX = "batch_"
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
-_JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/json"})
 _FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
 
 
@@ -93,24 +86,22 @@ async def read_submission(request: Request) -> BatchSubmission:
 
 def submission_from_json(raw: bytes) -> BatchSubmission:
     try:
-        body = BatchCreateRequest.model_validate_json(raw)
+        # Decoded by Python, not pydantic's JSON parser: a string that JSON allows but UTF-8
+        # cannot encode (a lone surrogate) fails its own row, naming the field.
+        decoded = json.loads(raw)
+    except ValueError:
+        invalid = {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}
+        raise RequestValidationError([invalid]) from None
+    try:
+        body = BatchCreateRequest.model_validate(decoded)
     except ValidationError as exc:
         # The app's one validation handler turns it into the 400 envelope naming the field.
         raise RequestValidationError(exc.errors(include_url=False)) from None
     defaults = BatchDefaults(model=body.model, preset=body.preset)
-    rows = [_row_from_object(i, obj, defaults) for i, obj in enumerate(body.requests, 1)]
     options = BatchOptionsFields.model_validate(body.model_dump(exclude={"requests"}))
-    return BatchSubmission(rows=rows, options=options, source="inline")
-
-
-def _row_from_object(index: int, obj: Any, defaults: BatchDefaults) -> BatchRow:
-    if not isinstance(obj, dict):
-        message = f"each request must be a JSON object, got {type(obj).__name__}"
-        return BatchRow(index, index, None, message)
-    try:
-        return BatchRow(index, index, request_from_fields(obj, defaults=defaults))
-    except errors.ImagegenError as exc:
-        return BatchRow(index, index, None, exc.message, exc.param)
+    return BatchSubmission(
+        rows=rows_from_objects(body.requests, defaults), options=options, source="inline"
+    )
 
 
 async def submission_from_form(form: FormData) -> BatchSubmission:
@@ -135,7 +126,8 @@ async def submission_from_form(form: FormData) -> BatchSubmission:
         if value.strip():  # an empty field means "not given"
             fields[name] = value.strip()
     try:
-        options = BatchOptionsFields.model_validate(fields)
+        # Form values are all strings: read laxly ("2" is 2, "true" is true).
+        options = BatchOptionsFields.model_validate(fields, strict=False)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
     upload = files[0]
@@ -145,72 +137,13 @@ async def submission_from_form(form: FormData) -> BatchSubmission:
     else:
         data, filename, content_type = upload.encode("utf-8"), "", ""
     defaults = BatchDefaults(model=options.model, preset=options.preset)
-    rows = rows_from_upload(data, filename=filename, content_type=content_type, defaults=defaults)
+    rows = rows_from_bytes(data, name=filename, content_type=content_type, defaults=defaults)
     return BatchSubmission(rows=rows, options=options, source=f"upload:{filename}")
-
-
-def rows_from_upload(
-    data: bytes, *, filename: str, content_type: str, defaults: BatchDefaults
-) -> list[BatchRow]:
-    """Rows of an uploaded JSONL or CSV file, chosen by the file name's suffix, else its
-    content type, else its first character (as `imagegen batch` does)."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise errors.InvalidRequestError(
-            "file must be UTF-8 text: JSONL (one JSON object per line) or CSV", param="file"
-        ) from None
-    start = text.lstrip()[:1]
-    if start == "[":
-        raise errors.InvalidRequestError(
-            "file holds a JSON array; write one JSON object per line (JSONL), or send the list "
-            'as a JSON body {"requests": [...]}',
-            param="file",
-        )
-    suffix = PurePosixPath(filename).suffix.lower()
-    if suffix == ".csv" or content_type == "text/csv":
-        rows = parse_csv(text, defaults)
-    elif suffix in (".jsonl", ".ndjson", ".json") or content_type in _JSONL_TYPES:
-        rows = parse_jsonl(text, defaults)
-    else:
-        rows = (parse_jsonl if start == "{" else parse_csv)(text, defaults)
-    if not rows:
-        raise errors.InvalidRequestError(
-            "file holds no requests; write one JSON object per line, or a CSV header row "
-            "(prompt,seed,...) and one row per request",
-            param="file",
-        )
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Running batches and reading their folders.
 # ---------------------------------------------------------------------------------------------
-
-
-class _GuardedFolder(BatchFolder):
-    """A BatchFolder that records image digests, and whose close() waits for an append in
-    progress: a cancelled row's task stops waiting for its append, but the thread making it
-    goes on, and the descriptor (whose number the next open file would reuse) must not close
-    under it. Appends run in a worker thread (run_batch), so the hashing does too."""
-
-    def __init__(self, path: Path, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self._guard = threading.Lock()
-
-    def append(self, entry: ManifestEntry) -> None:
-        with self._guard:
-            if entry.images:
-                # The images are on disk before their manifest line; the sidecar line goes
-                # first too (a line too many is harmless, a missing one is hashed on read).
-                digests = {name: _sha256(self.path / name) for name in entry.images}
-                with open(self.path / DIGESTS_NAME, "a", encoding="utf-8") as sidecar:
-                    sidecar.write(_json_line(digests))
-            super().append(entry)
-
-    def close(self) -> None:
-        with self._guard:
-            super().close()
 
 
 class _ManifestNames:
@@ -260,7 +193,9 @@ class BatchesServing:
             return 0
         removed = 0
         for folder in self.root.iterdir():
-            orphan = folder.name.startswith("batch_") and self.jobs.store.get(folder.name) is None
+            orphan = (
+                folder.name.startswith(BATCH_ID_PREFIX) and self.jobs.store.get(folder.name) is None
+            )
             if folder.is_dir() and orphan:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
@@ -327,16 +262,14 @@ class BatchesServing:
         return self._view(job, record, BatchCounts(total=len(rows), pending=len(rows)), base_url)
 
     def _create_folder(self, fingerprint: str, source: str) -> Path:
-        """A new batch folder named by its batch id (the job id and the ledger tag alike).
-        BatchFolder chooses the id as it opens a folder, so the folder is made under a
-        temporary name and renamed; opening it again keeps the id (nothing recorded yet)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".new-{uuid.uuid4().hex}"
-        with BatchFolder.open(staging, fingerprint=fingerprint, resume=False, source=source) as f:
-            batch_id = f.batch_id
+        """A new batch folder named by its batch id (the job id and the ledger tag alike);
+        the job opens it again to run (nothing recorded yet, so it keeps the id)."""
+        batch_id = new_batch_id()
         path = self.root / batch_id
-        staging.rename(path)
-        return path
+        with BatchFolder.open(
+            path, fingerprint=fingerprint, resume=False, source=source, batch_id=batch_id
+        ):
+            return path
 
     async def _run(
         self,
@@ -357,7 +290,7 @@ class BatchesServing:
 
         # On the loop (a few small file operations): opened in a thread, a cancel arriving
         # meanwhile would leave the folder open with no one to close it.
-        folder = _GuardedFolder.open(path, fingerprint=fingerprint, resume=False, source=source)
+        folder = BatchFolder.open(path, fingerprint=fingerprint, resume=False, source=source)
         try:
             await run_batch(self.service, rows, folder, options=options, on_row=on_row)
         finally:
@@ -386,8 +319,8 @@ class BatchesServing:
         images (`images` stay file names, relative to the batch folder and the archive)."""
         self._record(batch_id)
         files_url = f"{self._base(base_url)}/v1/batches/{batch_id}/files/"
-        objects = await asyncio.to_thread(_rendered_manifest, self.root / batch_id, files_url)
-        return "".join(_json_line(obj) for obj in objects).encode("utf-8")
+        objects = await asyncio.to_thread(rendered_manifest, self.root / batch_id, files_url)
+        return b"".join(json_line(obj) for obj in objects)
 
     async def file(self, batch_id: str, name: str) -> tuple[Path, str]:
         """An image of the batch: only names its manifest lists are served."""
@@ -405,12 +338,12 @@ class BatchesServing:
         """A zip of the manifest (as GET .../manifest gives it, less the URLs) and the images
         it names, in a temporary file that the caller removes."""
         self._record(batch_id)
-        return await asyncio.to_thread(_write_archive, self.root / batch_id)
+        return await asyncio.to_thread(write_archive, self.root / batch_id)
 
     def _record(self, batch_id: str) -> dict[str, Any]:
         found = self.jobs.store.request_of(batch_id)
         # Only ids of batch records become paths: nothing else names a folder.
-        if found is None or found[0] != "batch" or not batch_id.startswith(_ID_PREFIX):
+        if found is None or found[0] != "batch" or not batch_id.startswith(BATCH_ID_PREFIX):
             raise NotFoundError(f"no batch with id '{batch_id}'", param="batch_id")
         return found[1]
 
@@ -466,64 +399,3 @@ def _row_event(entry: ManifestEntry) -> dict[str, Any]:
         "images": list(entry.images),
         "error": entry.error,
     }
-
-
-def _json_line(obj: Mapping[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sha256_or_none(path: Path) -> str | None:
-    try:
-        return _sha256(path)
-    except FileNotFoundError:
-        return None  # removed from the folder by hand
-
-
-def _rendered_manifest(folder: Path, files_url: str | None) -> list[dict[str, Any]]:
-    """The manifest's outcomes in row order with the `sha256` of each image (and, given the
-    file route's URL prefix, its `urls`). Only complete lines are read: a run in progress may
-    be writing the last one."""
-    digests: dict[str, str] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for line in (folder / DIGESTS_NAME).read_text(encoding="utf-8").splitlines(True):
-            with contextlib.suppress(ValueError):
-                if line.endswith("\n") and isinstance(found := json.loads(line), dict):
-                    digests.update({str(k): str(v) for k, v in found.items()})
-    objects = []
-    for entry in sorted(read_manifest(folder / MANIFEST_NAME).values(), key=lambda e: e.row):
-        obj = entry.to_json()
-        obj["sha256"] = [digests.get(n) or _sha256_or_none(folder / n) for n in entry.images]
-        if files_url is not None:
-            obj["urls"] = [files_url + name for name in entry.images]
-        objects.append(obj)
-    return objects
-
-
-def _write_archive(folder: Path) -> Path:
-    objects = _rendered_manifest(folder, None)
-    fd, name = tempfile.mkstemp(prefix="imagegen-batch-", suffix=".zip")
-    os.close(fd)
-    target = Path(name)
-    try:
-        with zipfile.ZipFile(target, "w") as archive:
-            manifest = "".join(_json_line(obj) for obj in objects)
-            archive.writestr(MANIFEST_NAME, manifest, compress_type=zipfile.ZIP_DEFLATED)
-            for obj in objects:
-                for image, digest in zip(obj["images"], obj["sha256"], strict=True):
-                    if digest is None:
-                        continue  # removed from the folder by hand
-                    # Images are compressed already: stored as they are.
-                    archive.write(folder / image, image, compress_type=zipfile.ZIP_STORED)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            target.unlink()
-        raise
-    return target

@@ -1,6 +1,6 @@
-"""Wire schemas of the HTTP API (pydantic): the OpenAI Images request and response shapes plus
-imagegen's extensions, the model list, jobs, batches, and the mapping onto the service's
-ImageRequest."""
+"""Wire schemas of the HTTP API (pydantic): the OpenAI Images request (defined with batch rows in
+server/request_schema.py, re-exported here) and response shapes plus imagegen's extensions, the
+model list, jobs and batches."""
 
 from __future__ import annotations
 
@@ -8,99 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server import errors
-from server.service import MAX_N, ImageRequest
-
-# The OpenAI fields a local diffusion model has nothing to map onto; when set they are
-# accepted and reported back in `imagegen.dropped_params` (the backend decides which).
-OPENAI_ONLY_FIELDS = ("quality", "style", "background", "moderation", "user")
-
-
-class ImageGenerationRequest(BaseModel):
-    """POST /v1/images/generations and POST /v1/jobs. Unknown fields are refused by name, so
-    a typo (`negative` for `negative_prompt`) fails instead of being silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    model: str | None = None
-    n: int | None = Field(default=None, ge=1, le=MAX_N)
-    size: str | None = None
-    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
-    # b64_json by default: the image comes back in the response, no second request needed.
-    response_format: Literal["b64_json", "url"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(default=None, ge=0, le=100)
-    background: Literal["transparent", "opaque", "auto"] | None = None
-    moderation: Literal["low", "auto"] | None = None
-    user: str | None = None
-    # OpenAI streams partial images; this server reports progress through the jobs API.
-    stream: bool | None = None
-    # imagegen extensions (send them through the OpenAI SDK's `extra_body`).
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str | None = None
-    preset: str | None = None
-
-    def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
-        """The service's request: sizes parsed, OpenAI spellings mapped, once, here."""
-        if self.stream:
-            raise errors.InvalidRequestError(
-                "stream is not supported by /v1/images/generations; create a job with "
-                "POST /v1/jobs and follow GET /v1/jobs/{id}/events for progress",
-                param="stream",
-            )
-        width, height = parse_size(self.size)
-        output_format = self.output_format or "png"
-        return ImageRequest(
-            prompt=self.prompt,
-            model=self.model,
-            negative_prompt=self.negative_prompt,
-            width=width,
-            height=height,
-            n=self.n if self.n is not None else 1,
-            seed=self.seed,
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            scheduler=self.scheduler,
-            quality=self.quality,
-            style=self.style,
-            preset=self.preset,
-            output_format=output_format,
-            background=self.background,
-            moderation=self.moderation,
-            # PNG is lossless: a compression level would only split the cache and the batch.
-            output_compression=None if output_format == "png" else self.output_compression,
-            user=self.user,
-            request_id=request_id,
-        )
-
-    def edge_dropped_params(self) -> tuple[str, ...]:
-        """Fields dropped here rather than by the service or the backend."""
-        if self.output_compression is not None and (self.output_format or "png") == "png":
-            return ("output_compression",)
-        return ()
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """ "WIDTHxHEIGHT" or "auto" (the model's default size)."""
-    if size is None or size == "auto":
-        return None, None
-    parts = size.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
-        raise errors.InvalidRequestError(
-            f"size must be WIDTHxHEIGHT (for example 1024x1024) or 'auto', got '{size}'",
-            param="size",
-        )
-    width, height = int(parts[0]), int(parts[1])
-    if width <= 0 or height <= 0:
-        raise errors.InvalidRequestError(
-            f"size must have both sides above zero, got '{size}'", param="size"
-        )
-    return width, height
+# The request schema is shared with batch rows: it lives in server/request_schema.py.
+from server.request_schema import ImageGenerationRequest as ImageGenerationRequest
+from server.request_schema import Text
 
 
 class ImageData(BaseModel):
@@ -175,13 +85,14 @@ class Job(BaseModel):
 
 
 class BatchOptionsFields(BaseModel):
-    """The options of POST /v1/batches: JSON members, or form fields next to an upload. `model`
-    and `preset` are defaults that a row's own fields win over."""
+    """The options of POST /v1/batches: JSON members (strict), or form fields next to an
+    upload (validated with strict=False: form values are strings). `model` and `preset` are
+    defaults that a row's own fields win over."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = None
-    preset: str | None = None
+    model: Text | None = None
+    preset: Text | None = None
     concurrency: int = Field(default=4, ge=1, le=64)
     budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     dry_run: bool = False

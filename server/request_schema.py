@@ -1,0 +1,138 @@
+"""The one wire schema of an image request (pydantic): the fields of POST /v1/images/generations,
+shared by the HTTP API (server/http/protocol.py re-exports it) and batch rows (server/batch),
+with the size parser and the mapping onto the service's ImageRequest.
+
+It lives here, under neither edge, because both edges read it and server/batch must not import
+server/http. JSON is validated strictly (a seed is a number, not "16"); CSV cells, which are
+all strings, are validated with `strict=False` by the batch reader."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+from server import errors
+from server.service import MAX_N, ImageRequest
+
+
+def _encodable(value: str) -> str:
+    """Refuse text UTF-8 cannot encode: a lone surrogate (the JSON escape "\\ud800", or the
+    raw bytes ED A0 80) passes JSON decoding but breaks every later step that writes the text
+    (tokenizer, database, response)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unicode_surrogate",
+            "must be text UTF-8 can encode: character {position} is a lone surrogate (U+{code});"
+            " send the character itself, or both halves of a surrogate pair",
+            {"position": exc.start, "code": f"{ord(value[exc.start]):04X}"},
+        ) from None
+    return value
+
+
+# Every free-text field of the schema is Text.
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+class ImageFields(BaseModel):
+    """The fields that decide an image: a batch row, and the core of an HTTP request body.
+    Unknown fields are refused by name, so a typo (`negative` for `negative_prompt`) fails
+    instead of being silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Text
+    model: Text | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    size: Text | None = None
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    user: Text | None = None
+    # imagegen extensions (send them through the OpenAI SDK's `extra_body`).
+    negative_prompt: Text | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
+    scheduler: Text | None = None
+    preset: Text | None = None
+    # Data residency for this request: never sent to a hosted provider, whatever the server
+    # allows (a hosted model is refused with code local_only).
+    local_only: bool | None = None
+
+    def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
+        """The service's request: sizes parsed, OpenAI spellings mapped, once, here."""
+        width, height = parse_size(self.size)
+        output_format = self.output_format or "png"
+        return ImageRequest(
+            prompt=self.prompt,
+            model=self.model,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            n=self.n if self.n is not None else 1,
+            seed=self.seed,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            quality=self.quality,
+            style=self.style,
+            preset=self.preset,
+            output_format=output_format,
+            background=self.background,
+            moderation=self.moderation,
+            # PNG is lossless: a compression level would only split the cache and the batch.
+            output_compression=None if output_format == "png" else self.output_compression,
+            user=self.user,
+            local_only=bool(self.local_only),
+            request_id=request_id,
+        )
+
+    def edge_dropped_params(self) -> tuple[str, ...]:
+        """Fields dropped here rather than by the service or the backend."""
+        if self.output_compression is not None and (self.output_format or "png") == "png":
+            return ("output_compression",)
+        return ()
+
+
+class ImageGenerationRequest(ImageFields):
+    """POST /v1/images/generations and POST /v1/jobs: the image fields plus how the response
+    carries the image (a batch writes files instead, so its rows have neither)."""
+
+    # b64_json by default: the image comes back in the response, no second request needed.
+    response_format: Literal["b64_json", "url"] | None = None
+    # OpenAI streams partial images; this server reports progress through the jobs API.
+    stream: bool | None = None
+
+    def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
+        if self.stream:
+            raise errors.InvalidRequestError(
+                "stream is not supported by /v1/images/generations; create a job with "
+                "POST /v1/jobs and follow GET /v1/jobs/{id}/events for progress",
+                param="stream",
+            )
+        return super().to_image_request(request_id=request_id)
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """ "WIDTHxHEIGHT" or "auto" (the model's default size): the one size parser."""
+    if size is None or size.strip() == "auto":
+        return None, None
+    parts = size.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
+        raise errors.InvalidRequestError(
+            f"size must be WIDTHxHEIGHT (for example 1024x1024) or 'auto', got '{size}'",
+            param="size",
+        )
+    width, height = int(parts[0]), int(parts[1])
+    if width <= 0 or height <= 0:
+        raise errors.InvalidRequestError(
+            f"size must have both sides above zero, got '{size}'", param="size"
+        )
+    return width, height
