@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from server import errors
+from server.request_schema import parse_size
 
 app = typer.Typer(
     name="imagegen",
@@ -99,17 +100,6 @@ def load_settings_or_exit(config: Path | None, **overrides: Any) -> Any:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         fail(f"settings: {where}: {first['msg']}", 2)
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    if size is None:
-        return None, None
-    parts = size.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise errors.InvalidRequestError(
-            f"size must be WIDTHxHEIGHT (for example 1024x1024), got '{size}'", param="size"
-        )
-    return int(parts[0]), int(parts[1])
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

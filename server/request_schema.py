@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from server import errors
-from server.service import MAX_N, ImageRequest
+from server.request import MAX_N, ImageRequest
 
 
 def _encodable(value: str) -> str:

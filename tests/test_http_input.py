@@ -77,6 +77,13 @@ def test_a_lone_surrogate_in_a_field_name_is_a_400(client: httpx.Client, path: s
     refused(response, 400, "invalid_request", None)
 
 
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/jobs"])
+def test_a_body_that_is_not_utf8_is_a_400_saying_so(client: httpx.Client, path: str) -> None:
+    response = client.post(path, content=b'{"prompt": "\xff"}', headers=JSON)
+    message = refused(response, 400, "invalid_request", None)
+    assert "JSON (UTF-8)" in message
+
+
 def test_a_lone_surrogate_fails_only_its_batch_row(client: httpx.Client) -> None:
     upload = b'{"prompt": "\\ud800"}\n' + json.dumps(GOOD).encode() + b"\n"
     created = client.post("/v1/batches", files={"file": ("rows.jsonl", upload)})

@@ -21,8 +21,8 @@ from pydantic_core import ErrorDetails
 from server import errors
 from server.batch.errors import BatchError
 from server.cache import canonical_json
+from server.request import ImageRequest
 from server.request_schema import ImageFields
-from server.service import ImageRequest
 
 # The fields a row may carry: those of POST /v1/images/generations that decide an image.
 KNOWN_FIELDS: frozenset[str] = frozenset(ImageFields.model_fields)

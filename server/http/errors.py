@@ -149,7 +149,7 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
         shown = json.dumps(error["input"], default=str)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        return f"{param}: {message}, got {shown}", param
+        return (f"{param}: " if param else "") + f"{message}, got {shown}", param
     return f"{param}: {message}" if param else message, param
 
 
@@ -174,6 +174,10 @@ def install(app: FastAPI) -> None:
             if exc.status_code != 404
             else (f"no route for {request.method} {request.url.path}")
         )
+        if exc.status_code == 400 and message.startswith("There was an error parsing the body"):
+            # FastAPI's answer to a body it cannot decode (not UTF-8, a broken form).
+            code = "invalid_request"
+            message = "the request body could not be read: send JSON (UTF-8) or a multipart form"
         return error_response(exc.status_code, message, code=code, headers=exc.headers)
 
     app.add_exception_handler(errors.ImagegenError, on_service_error)
