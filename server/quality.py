@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import itertools
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -68,27 +66,6 @@ class QualityReport:
 def _normalise_format(name: str) -> str:
     lowered = name.strip().lower()
     return _FORMAT_ALIASES.get(lowered, lowered)
-
-
-def _to_rgb_bytes(pixels: npt.NDArray[np.generic]) -> ByteArray:
-    """HxW or HxWxC (C in 1, 3, 4) floats in [0, 1] -> HxWx3 uint8, alpha dropped."""
-    if not np.issubdtype(np.asarray(pixels).dtype, np.floating):
-        raise ValueError(
-            f"pixels must be floats in [0, 1], got dtype {np.asarray(pixels).dtype}; "
-            "for 8-bit data pass pixels / 255 or encode it and use check_image"
-        )
-    array = np.asarray(pixels, dtype=np.float64)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape[:2]:
-        raise ValueError(
-            f"pixels must be an HxWxC array with C in 1, 3 or 4 and non-zero sides, "
-            f"got shape {tuple(np.shape(pixels))}"
-        )
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    array = np.nan_to_num(array[:, :, :3], nan=0.0, posinf=1.0, neginf=0.0)
-    return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _luminance(rgb: ByteArray) -> FloatArray:
@@ -157,16 +134,6 @@ def _analyse(rgb: ByteArray, *, failure: str | None, retryable: bool) -> Quality
     )
 
 
-def check_array(pixels: npt.NDArray[np.generic]) -> QualityReport:
-    """Check a float HxWxC array in [0, 1] straight from a pipeline (before encoding)."""
-    rgb = _to_rgb_bytes(pixels)
-    finite = bool(np.isfinite(np.asarray(pixels, dtype=np.float64)).all())
-    if not finite:
-        # NaN/inf come from the fp16 VAE overflowing; the same seed in fp32 decodes fine.
-        return _analyse(rgb, failure="non-finite values", retryable=True)
-    return _analyse(rgb, failure=None, retryable=False)
-
-
 def check_pixels(rgb: ByteArray, *, width: int, height: int) -> QualityReport:
     """Check 8-bit RGB pixels (HxWx3) that a backend encoded itself against the requested
     size: the checks of `check_image` without decoding the file again."""
@@ -230,14 +197,3 @@ def hamming(a: str, b: str) -> int:
         return (int(a, 16) ^ int(b, 16)).bit_count()
     except ValueError:
         raise ValueError(f"hamming: hashes must be hex strings, got {a!r} and {b!r}") from None
-
-
-def near_duplicates(hashes: Sequence[str], max_distance: int = 4) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose hashes differ in at most `max_distance` bits."""
-    if max_distance < 0:
-        raise ValueError(f"max_distance must be >= 0, got {max_distance}")
-    return [
-        (i, j)
-        for (i, a), (j, b) in itertools.combinations(enumerate(hashes), 2)
-        if hamming(a, b) <= max_distance
-    ]
