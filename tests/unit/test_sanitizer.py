@@ -17,7 +17,7 @@ from server.sanitizer import SafetyPolicyError, Sanitizer, Verdict, normalise
 
 # Read straight from the data file, not through the module under test, so that a loader that
 # drops a category or a table fails these tests.
-POLICY_PATH = Path(__file__).resolve().parents[1] / "server" / "data" / "safety.toml"
+POLICY_PATH = Path(__file__).resolve().parents[2] / "server" / "data" / "safety.toml"
 POLICY: dict[str, Any] = tomllib.loads(POLICY_PATH.read_text(encoding="utf-8"))
 TERMS: list[tuple[str, str]] = [
     (category, term) for category, terms in POLICY["blocklist"].items() for term in terms
