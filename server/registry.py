@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from models import base
 from models.base import Backend, ModelSpec
 from models.catalogue import Catalogue
 from models.local.worker import DeviceWorker, WorkerObserver
@@ -67,7 +66,7 @@ class BackendRegistry:
 
     def _create(self, spec: ModelSpec) -> Backend:
         if spec.is_local:
-            from models.local.backend import make_local_backend
+            from models.local.backend import DiffusersBackend
             from models.local.pipeline import RuntimeOptions
 
             local = self.settings.local
@@ -80,7 +79,7 @@ class BackendRegistry:
                 compile=local.compile,
                 flux_true_cfg_scale=local.flux_true_cfg_scale,
             )
-            return make_local_backend(
+            return DiffusersBackend(
                 spec, data_dir=self.settings.data_dir, worker=self.worker, options=options
             )
         return self._create_hosted(spec)
@@ -112,7 +111,7 @@ class BackendRegistry:
         return dict(self._backends)
 
     def describe(self) -> list[dict[str, Any]]:
-        from models.local import sources, tiny
+        from models.local import sources
 
         rows = []
         for name in self.catalogue.names():
@@ -127,21 +126,12 @@ class BackendRegistry:
                 "loaded": bool(backend is not None and backend.loaded and spec.is_local),
             }
             if spec.is_local:
-                kind = sources.classify(spec.source)
-                row["builtin"] = kind == "builtin"
-                if kind == "builtin":
-                    folder = tiny.tiny_model_dir(
-                        self.settings.data_dir, spec.source.removeprefix("builtin:")
-                    )
-                    row["on_disk"] = tiny.is_built(folder)
-                    row["available"] = True  # built on first use, offline
-                else:
-                    try:
-                        sources.check_available(spec.source, data_dir=self.settings.data_dir)
-                        row["on_disk"] = row["available"] = True
-                    except base.ModelUnavailableError as exc:
-                        row["on_disk"] = row["available"] = False
-                        row["reason"] = exc.message
+                found = sources.availability(spec.source, data_dir=self.settings.data_dir)
+                row["builtin"] = found.builtin
+                row["on_disk"] = found.on_disk
+                row["available"] = found.available
+                if found.reason is not None:
+                    row["reason"] = found.reason
             else:
                 configured = spec.source in self.settings.providers or (
                     spec.kind in self.settings.providers

@@ -1,12 +1,11 @@
-"""Local diffusers backends (SDXL and Flux): the Backend contract over a PipelineRunner that a
-DeviceWorker thread owns."""
+"""The local diffusers backend (any family of models.local.families): the Backend contract over
+a PipelineRunner that a DeviceWorker thread owns."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import dataclasses
 from pathlib import Path
-from typing import Any
 
 from models.base import (
     NO_EVENTS,
@@ -19,17 +18,14 @@ from models.base import (
     ModelSpec,
     PromptTooLongError,
 )
-from models.local import schedulers
 from models.local.pipeline import PipelineRunner, RuntimeOptions
+from models.local.runtime import dtype_name, pick_device
 from models.local.worker import DeviceWorker, WorkItem
 
 _MAX_SIDE = 4096
 
 
 class DiffusersBackend(Backend):
-    # Latent sides must divide by the VAE factor (8), and Flux packs 2x2 latent patches (16).
-    size_multiple = 8
-
     def __init__(
         self,
         spec: ModelSpec,
@@ -41,21 +37,22 @@ class DiffusersBackend(Backend):
         self.spec = spec
         self.worker = worker
         self.runner = PipelineRunner(spec, data_dir=data_dir, options=options)
+        self.family = self.runner.family
         self._load_lock = asyncio.Lock()
 
     # -- cheap checks (no weights) ------------------------------------------------------
 
     def resolve(self, params: GenerationParams) -> GenerationParams:
         d = self.spec.defaults
-        scheduler = params.scheduler or d.scheduler or self._default_scheduler()
-        valid = schedulers.choices_for(self.spec.kind)
+        scheduler = params.scheduler or d.scheduler or self.family.default_scheduler
+        valid = self.family.schedulers
         if scheduler not in valid:
             raise InvalidParamsError(
                 f"scheduler '{scheduler}' is not available for {self.spec.kind} model "
                 f"'{self.spec.name}'; choose one of: {', '.join(valid)}",
                 param="scheduler",
             )
-        m = self.size_multiple
+        m = self.family.size_multiple
         for side, value in (("width", params.width), ("height", params.height)):
             if value % m or not (m <= value <= _MAX_SIDE):
                 raise InvalidParamsError(
@@ -74,10 +71,9 @@ class DiffusersBackend(Backend):
                 f"output_format must be png, jpeg or webp, got '{params.output_format}'",
                 param="output_format",
             )
-        return _replace(params, scheduler=scheduler, steps=steps, guidance_scale=guidance)
-
-    def _default_scheduler(self) -> str:
-        return "flow_euler" if self.spec.kind == "flux" else "euler"
+        return dataclasses.replace(
+            params, scheduler=scheduler, steps=steps, guidance_scale=guidance
+        )
 
     def dropped_params(self, params: GenerationParams) -> tuple[str, ...]:
         """OpenAI knobs a local diffusion model has no equivalent for."""
@@ -95,12 +91,8 @@ class DiffusersBackend(Backend):
 
     def identity(self, params: GenerationParams) -> BackendIdentity:
         resolved = self.runner.resolve_source()
-        from models.local.pipeline import pick_device, pick_dtype
-
         device = self.runner.device or pick_device(self.runner.options.device)
-        dtype = self.runner.dtype_name or str(pick_dtype(self.spec.kind, device)).removeprefix(
-            "torch."
-        )
+        dtype = self.runner.dtype_name or dtype_name(self.family, device)
         return BackendIdentity(
             backend=f"local:{self.spec.kind}",
             model_revision=resolved.revision,
@@ -112,7 +104,8 @@ class DiffusersBackend(Backend):
                 "attention": self.runner.options.attention,
                 "true_cfg_scale": (
                     self.runner.options.flux_true_cfg_scale
-                    if self.spec.kind == "flux" and params.negative_prompt is not None
+                    if self.family.negative_prompt == "true_cfg"
+                    and params.negative_prompt is not None
                     else None
                 ),
             },
@@ -124,11 +117,14 @@ class DiffusersBackend(Backend):
     def loaded(self) -> bool:
         return self.runner.pipe is not None
 
-    async def load(self, progress: Callable[[str], None] | None = None) -> None:
+    def admit(self, params: GenerationParams) -> None:
+        self.worker.admit(params.n)
+
+    async def load(self) -> None:
         async with self._load_lock:
             if self.loaded:
                 return
-            await asyncio.wrap_future(self.worker.call(lambda: self.runner.load(progress)))
+            await asyncio.wrap_future(self.worker.call(self.runner.load))
 
     async def generate(
         self,
@@ -156,24 +152,3 @@ class DiffusersBackend(Backend):
     async def close(self) -> None:
         if self.loaded:
             await asyncio.wrap_future(self.worker.call(self.runner.unload))
-
-
-class SDXLBackend(DiffusersBackend):
-    size_multiple = 8
-
-
-class FluxBackend(DiffusersBackend):
-    size_multiple = 16
-
-
-def make_local_backend(
-    spec: ModelSpec, *, data_dir: Path, worker: DeviceWorker, options: RuntimeOptions
-) -> DiffusersBackend:
-    cls: type[DiffusersBackend] = FluxBackend if spec.kind == "flux" else SDXLBackend
-    return cls(spec, data_dir=data_dir, worker=worker, options=options)
-
-
-def _replace(params: GenerationParams, **changes: Any) -> GenerationParams:
-    import dataclasses
-
-    return dataclasses.replace(params, **changes)

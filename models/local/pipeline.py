@@ -1,5 +1,6 @@
-"""One loaded diffusers pipeline (SDXL or Flux) and the batched call that turns a group of
-compatible requests into images. Not thread-safe: exactly one worker thread owns each runner."""
+"""One loaded diffusers pipeline (of a family in models.local.families) and the batched call
+that turns a group of compatible requests into images. Not thread-safe: exactly one worker
+thread owns each runner."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from typing import Any
 from models.base import (
     GeneratedImage,
     GenerationParams,
-    InvalidParamsError,
     ModelSpec,
     ModelUnavailableError,
     OutOfMemoryError,
 )
-from models.local import schedulers, sources
+from models.local import families, schedulers, sources
+from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -41,49 +42,6 @@ class RuntimeOptions:
     flux_true_cfg_scale: float = 4.0
 
 
-def quiet_libraries() -> None:
-    """diffusers and transformers print loading bars and advice to stderr; imagegen reports
-    progress itself, so keep them to errors."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested != "auto":
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelUnavailableError(
-                f"device '{requested}' was asked for but CUDA is not available; "
-                "set local.device to 'auto' or 'cpu'"
-            )
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(kind: str, device: str) -> Any:
-    """fp16 for SDXL and bf16 for Flux on CUDA (Flux overflows in fp16); fp32 on CPU, where
-    half precision is slow and poorly supported."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.bfloat16 if kind == "flux" else torch.float16
-    return torch.float32
-
-
 @dataclass
 class BatchOutput:
     images: list[list[GeneratedImage]]  # per request, in request order
@@ -95,6 +53,7 @@ class PipelineRunner:
 
     def __init__(self, spec: ModelSpec, *, data_dir: Path, options: RuntimeOptions) -> None:
         self.spec = spec
+        self.family = families.family(spec.kind)
         self.data_dir = data_dir
         self.options = options
         self.pipe: Any = None
@@ -117,19 +76,24 @@ class PipelineRunner:
             )
         return self.resolved
 
-    def load(self, progress: Callable[[str], None] | None = None) -> None:
+    def load(self) -> None:
         if self.pipe is not None:
             return
         quiet_libraries()
+        import diffusers
         import torch
 
         resolved = self.resolve_source()
+        if resolved.kind == "single_file" and not self.family.single_file:
+            raise ModelUnavailableError(
+                f"model '{self.spec.name}': single-file checkpoints are not supported for "
+                f"{self.spec.kind} models; use a diffusers folder or a hub id"
+            )
         self.device = pick_device(self.options.device)
-        dtype = pick_dtype(self.spec.kind, self.device)
-        self.dtype_name = str(dtype).removeprefix("torch.")
-        if progress:
-            progress(f"loading {self.spec.name} ({resolved.kind}) on {self.device}")
-        cls = self._pipeline_class()
+        dtype = pick_dtype(self.family, self.device)
+        self.dtype_name = dtype_name(self.family, self.device)
+        log.info("loading %s (%s) on %s", self.spec.name, resolved.kind, self.device)
+        cls = getattr(diffusers, self.family.pipeline())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = self._from_source(cls, resolved, dtype)
@@ -144,31 +108,18 @@ class PipelineRunner:
         version, so its FutureWarning is silenced by the caller."""
         try:
             if resolved.kind == "single_file":
-                if self.spec.kind != "sdxl":
-                    raise ModelUnavailableError(
-                        f"model '{self.spec.name}': single-file checkpoints are supported for "
-                        "SDXL only; use a diffusers folder or hub id for Flux"
-                    )
                 return cls.from_single_file(
                     str(resolved.path), torch_dtype=dtype, local_files_only=True
                 )
             return cls.from_pretrained(str(resolved.path), torch_dtype=dtype, local_files_only=True)
-        except ModelUnavailableError:
-            raise
         except Exception as exc:
+            # What diffusers says about broken weights can quote paths and internals: the
+            # log has it whole, the client gets the type.
+            log.exception("model %s could not be loaded from %s", self.spec.name, resolved.path)
             raise ModelUnavailableError(
-                f"model '{self.spec.name}' could not be loaded from '{resolved.path}': "
-                f"{type(exc).__name__}: {exc}"
+                f"model '{self.spec.name}' could not be loaded from its source "
+                f"({type(exc).__name__}); the server log has the details"
             ) from None
-
-    def _pipeline_class(self) -> Any:
-        import diffusers
-
-        return (
-            diffusers.FluxPipeline
-            if self.spec.kind == "flux"
-            else (diffusers.StableDiffusionXLPipeline)
-        )
 
     def _configure(self, pipe: Any, torch: Any) -> None:
         opts = self.options
@@ -191,7 +142,7 @@ class PipelineRunner:
         if opts.vae_tiling:
             pipe.vae.enable_tiling()
         if opts.compile:
-            denoiser = "transformer" if self.spec.kind == "flux" else "unet"
+            denoiser = self.family.denoiser
             setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser)))
 
     def unload(self) -> None:
@@ -203,15 +154,16 @@ class PipelineRunner:
     def max_prompt_tokens(self) -> int:
         """The tokenizer's limit without the begin/end tokens."""
         tok = self.tokenizer()
-        # Flux's T5 carries the long prompt; its CLIP side only sees the first 77 tokens.
-        return int(tok.model_max_length) - (1 if self.spec.kind == "flux" else 2)
+        return int(tok.model_max_length) - self.family.prompt_tokenizer.special_tokens
 
     def tokenizer(self) -> Any:
         """The tokenizer that bounds the prompt: its own instance, loaded once (cheap, without
         the model). Never the pipeline's: prompts are counted on the caller's thread while the
         worker thread encodes with the pipeline's, and fast tokenizers are not thread-safe."""
         if self._count_tokenizer is None:
-            self._count_tokenizer = _load_tokenizer(self.spec.kind, self.resolve_source())
+            self._count_tokenizer = _load_tokenizer(
+                self.family.prompt_tokenizer, self.resolve_source()
+            )
         return self._count_tokenizer
 
     def count_tokens(self, text: str) -> int:
@@ -233,7 +185,7 @@ class PipelineRunner:
         return self._scheduler_config
 
     def pipeline_name(self) -> str:
-        return "FluxPipeline" if self.spec.kind == "flux" else "StableDiffusionXLPipeline"
+        return self.family.pipeline()
 
     # -- running -------------------------------------------------------------------------
 
@@ -275,16 +227,17 @@ class PipelineRunner:
             "generator": generators,
             "output_type": "np",
         }
-        if self.spec.kind == "flux":
-            kwargs["max_sequence_length"] = int(pipe.tokenizer_2.model_max_length)
-            if has_negative:
-                kwargs["negative_prompt"] = negatives
-                kwargs["true_cfg_scale"] = self.options.flux_true_cfg_scale
-        elif has_negative:
+        family = self.family
+        if family.sequence_length_from is not None:
+            tokenizer = getattr(pipe, family.sequence_length_from)
+            kwargs["max_sequence_length"] = int(tokenizer.model_max_length)
+        if has_negative:
             kwargs["negative_prompt"] = negatives
+            if family.negative_prompt == "true_cfg":
+                kwargs["true_cfg_scale"] = self.options.flux_true_cfg_scale
         self._interrupt = False
 
-        def callback(p: Any, step: int, timestep: Any, cb_kwargs: dict[str, Any]) -> Any:
+        def callback(p: Any, step: int, _timestep: Any, cb_kwargs: dict[str, Any]) -> Any:
             if self._interrupt:
                 p._interrupt = True
             if on_step is not None:
@@ -294,7 +247,7 @@ class PipelineRunner:
         kwargs["callback_on_step_end"] = callback
         # The precise mode asks diffusers itself to decode in fp32 (force_upcast: it upcasts the
         # VAE and the latents, then casts the VAE back), which a fixed fp16 VAE turns off.
-        upcast = precise and self.spec.kind == "sdxl"
+        upcast = precise and family.precise_vae
         if upcast:
             original_force_upcast = bool(pipe.vae.config.get("force_upcast", False))
             pipe.vae.register_to_config(force_upcast=True)
@@ -307,13 +260,15 @@ class PipelineRunner:
         except torch.cuda.OutOfMemoryError as exc:
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
+            # torch's text (what was allocated where) is for the operator, not the client.
+            log.warning(
+                "%s: out of GPU memory for %d image(s): %s", self.spec.name, len(prompts), exc
+            )
             raise OutOfMemoryError(
                 f"out of GPU memory for {len(prompts)} image(s) at {first.width}x"
                 f"{first.height}; lower n or the size, or enable local.vae_tiling / "
-                f"local.cpu_offload ({exc})"
+                "local.cpu_offload"
             ) from None
-        except (ValueError, TypeError) as exc:
-            raise InvalidParamsError(f"{self.spec.name}: {exc}") from None
         finally:
             if upcast:
                 pipe.vae.register_to_config(force_upcast=original_force_upcast)
@@ -332,7 +287,9 @@ class PipelineRunner:
     def _use_scheduler(self, name: str) -> None:
         if not name or name == self._current_scheduler:
             return
-        self.pipe.scheduler = schedulers.build(self.spec.kind, name, self._base_scheduler_config)
+        self.pipe.scheduler = schedulers.build(
+            self.family.schedulers[name], self._base_scheduler_config
+        )
         self._current_scheduler = name
 
 
@@ -365,22 +322,15 @@ def _encode(pixels: Any, seed: int, params: GenerationParams) -> GeneratedImage:
     )
 
 
-def _load_tokenizer(kind: str, resolved: sources.ResolvedSource) -> Any:
-    quiet_libraries()
+def _load_tokenizer(spec: families.PromptTokenizer, resolved: sources.ResolvedSource) -> Any:
     if resolved.kind == "single_file":
-        # A single SDXL checkpoint carries no tokenizer: CLIP's limit is fixed at 77.
-        return _FixedLimit(77)
-    if kind == "flux":
-        from transformers import T5TokenizerFast
+        # A single checkpoint carries no tokenizer, only the fixed limit of its kind.
+        return _FixedLimit(spec.default_max_length)
+    quiet_libraries()
+    import transformers
 
-        return T5TokenizerFast.from_pretrained(
-            str(resolved.path), subfolder="tokenizer_2", local_files_only=True
-        )
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(
-        str(resolved.path), subfolder="tokenizer", local_files_only=True
-    )
+    cls = getattr(transformers, spec.class_name)
+    return cls.from_pretrained(str(resolved.path), subfolder=spec.subfolder, local_files_only=True)
 
 
 class _FixedLimit:
@@ -391,4 +341,5 @@ class _FixedLimit:
         self.model_max_length = limit
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        del add_special_tokens  # a tokenizer's signature; counted words carry none
         return {"input_ids": [0] * len(text.split())}

@@ -29,14 +29,10 @@ FLUX_SCHEDULERS: dict[str, SchedulerChoice] = {
 }
 
 
-def choices_for(kind: str) -> dict[str, SchedulerChoice]:
-    return FLUX_SCHEDULERS if kind == "flux" else SDXL_SCHEDULERS
-
-
-def build(kind: str, name: str, base_config: Any) -> Any:
-    """A fresh scheduler of the named kind, configured from the model's own scheduler config."""
+def build(choice: SchedulerChoice, base_config: Any) -> Any:
+    """A fresh scheduler of the chosen class, configured from the model's own scheduler
+    config (which family offers which choices: models.local.families)."""
     import diffusers
 
-    choice = choices_for(kind)[name]
     cls = getattr(diffusers, choice.class_name)
     return cls.from_config(base_config, **dict(choice.overrides))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from models.base import ModelUnavailableError
+from models.local import tiny
+
+log = logging.getLogger(__name__)
 
 SourceKind = Literal["builtin", "folder", "single_file", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -92,7 +96,11 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
             ".safetensors file"
         ) from None
     except Exception as exc:  # the hub client raises several unrelated types here
-        raise ModelUnavailableError(f"model '{repo_id}' cannot be resolved: {exc}") from None
+        log.exception("hub model %s cannot be resolved from the local cache", repo_id)
+        raise ModelUnavailableError(
+            f"model '{repo_id}' cannot be resolved from the local Hugging Face cache "
+            f"({type(exc).__name__}); the server log has the details"
+        ) from None
 
 
 def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
@@ -120,8 +128,6 @@ def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
 def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> ResolvedSource:
     """Find the weights on disk and compute their revision. Raises ModelUnavailableError with
     what to do when they are not there. Never downloads."""
-    from models.local import tiny
-
     kind = classify(source)
     memo_dir = data_dir / "revisions"
     if kind == "builtin":
@@ -151,12 +157,31 @@ def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> Reso
     return ResolvedSource("folder", path, folder_revision(path, memo_dir))
 
 
-def check_available(source: str, *, data_dir: Path) -> None:
-    """Raise ModelUnavailableError (with what to do) unless the weights are on disk or, for a
-    built-in, can be built offline. Cheap: hashes nothing."""
+@dataclass(frozen=True)
+class Availability:
+    """Whether a model's weights can be loaded here without a download (the model listing)."""
+
+    available: bool
+    on_disk: bool
+    builtin: bool
+    reason: str | None = None  # what to do, where not available
+
+
+def availability(source: str, *, data_dir: Path) -> Availability:
+    """Cheap: hashes nothing and builds nothing."""
     kind = classify(source)
     if kind == "builtin":
-        return
+        folder = tiny.tiny_model_dir(data_dir, source.removeprefix("builtin:"))
+        # Built on first use, offline: available before it is on disk.
+        return Availability(available=True, on_disk=tiny.is_built(folder), builtin=True)
+    try:
+        _check_on_disk(kind, source)
+    except ModelUnavailableError as exc:
+        return Availability(available=False, on_disk=False, builtin=False, reason=exc.message)
+    return Availability(available=True, on_disk=True, builtin=False)
+
+
+def _check_on_disk(kind: SourceKind, source: str) -> None:
     if kind == "hub":
         _hub_snapshot(source, None)
         return

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from models.local.runtime import quiet_libraries
+
 # Bump when the builder changes what it writes: a stale folder is rebuilt, and the revision
 # (a hash of the files) changes so old cache entries no longer match.
 TINY_BUILD_VERSION = "1"
@@ -65,7 +67,7 @@ def _t5_tokenizer(max_length: int) -> Any:
     return tok
 
 
-def _clip_text_config(projection: bool, max_length: int) -> Any:
+def _clip_text_config(max_length: int) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -131,9 +133,9 @@ def build_tiny_sdxl() -> Any:
         sample_size=64,
     )
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_clip_text_config(False, TINY_CLIP_MAX_LENGTH))
+    text_encoder = CLIPTextModel(_clip_text_config(TINY_CLIP_MAX_LENGTH))
     torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(True, TINY_CLIP_MAX_LENGTH))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(TINY_CLIP_MAX_LENGTH))
     tokenizer = _clip_tokenizer(TINY_CLIP_MAX_LENGTH)
     return StableDiffusionXLPipeline(
         vae=vae,
@@ -170,7 +172,7 @@ def build_tiny_flux() -> Any:
         axes_dims_rope=[4, 4, 8],
     )
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_clip_text_config(False, TINY_CLIP_MAX_LENGTH))
+    text_encoder = CLIPTextModel(_clip_text_config(TINY_CLIP_MAX_LENGTH))
     torch.manual_seed(0)
     t5_config = T5Config(
         vocab_size=200,
@@ -237,8 +239,6 @@ def ensure_tiny_model(data_dir: Path, name: str) -> Path:
     target = tiny_model_dir(data_dir, name)
     if is_built(target):
         return target
-    from models.local.pipeline import quiet_libraries
-
     quiet_libraries()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

@@ -3,6 +3,11 @@
 
 The event loop never runs GPU work; it submits and awaits. FIFO across batch keys: the oldest
 queued request always decides the next batch, so no key starves.
+
+A device fault (a CUDA error other than out-of-memory) is sticky: the CUDA context is corrupt
+and every later call would fail or, worse, return garbage. The worker fails the running and
+queued work with DeviceFaultError, refuses all later work, and tells its owner (`on_fault`),
+who takes the server out of service so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Protocol
 from models.base import (
     NO_EVENTS,
     BackendError,
+    DeviceFaultError,
     Events,
     GeneratedImage,
     GenerationParams,
@@ -28,10 +34,15 @@ from models.base import (
     QueueFullError,
     WorkCancelledError,
 )
+from models.local.runtime import describe_device_fault, is_fatal_device_error
 
 log = logging.getLogger(__name__)
 
 BatchKey = tuple[Any, ...]
+
+# What a client learns of an unexpected failure: the exception (with its traceback) is logged,
+# its text can quote internals (paths, tensor shapes, library state) and is never returned.
+GENERATION_FAILED = "generation failed on the device; the server log has the details"
 
 
 def batch_key(params: GenerationParams) -> BatchKey:
@@ -81,8 +92,6 @@ class WorkerObserver(Protocol):
 class ItemResult:
     images: list[GeneratedImage]
     device_seconds: float  # this request's share of the batch's device time
-    batch_images: int
-    queue_wait_s: float
 
 
 @dataclass
@@ -115,12 +124,17 @@ class DeviceWorker:
         batch_window_s: float = 0.005,
         max_queue_images: int = 64,
         observer: WorkerObserver | None = None,
+        on_fault: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_fault(message)` is called once, from the worker thread, when the device fails
+        for good (see the module's docstring); it must not block."""
         self.name = name
         self.max_batch_images = max_batch_images
         self.batch_window_s = batch_window_s
         self.max_queue_images = max_queue_images
         self.observer = observer
+        self.on_fault = on_fault
+        self._fault: str | None = None
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._running: list[WorkItem] = []
@@ -138,6 +152,12 @@ class DeviceWorker:
         self._control: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def fault(self) -> str | None:
+        """What failed on the device ("illegal memory access (AcceleratorError)"), once it has;
+        from then on every request is refused."""
+        return self._fault
 
     def start(self) -> None:
         if self._thread is None:
@@ -165,29 +185,22 @@ class DeviceWorker:
         pipelines is the only one that touches them)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
+            if self._fault is not None:
+                future.set_exception(self._fault_error())
+                return future
             self._control.append((fn, future))
             self._cond.notify_all()
         self.start()
         return future
 
+    def admit(self, images: int) -> None:
+        """Raise what `submit` would refuse a request of `images` images for, now."""
+        with self._cond:
+            self._check_room(images)
+
     def submit(self, item: WorkItem) -> WorkItem:
         with self._cond:
-            if self._stopping:
-                raise WorkCancelledError("the server is shutting down")
-            if item.images > self.max_queue_images:
-                # Waiting would never help: this request is larger than the whole queue.
-                raise InvalidParamsError(
-                    f"n must be at most {self.max_queue_images} on this server (the local "
-                    f"queue holds {self.max_queue_images} images), got {item.images}",
-                    param="n",
-                )
-            queued = sum(i.images for i in self._queue if not i.cancelled)
-            if queued + item.images > self.max_queue_images:
-                raise QueueFullError(
-                    f"the local ({self.name}) queue is full ({queued} of {self.max_queue_images} "
-                    f"images queued); retry later",
-                    retry_after_s=self._retry_after(queued + item.images),
-                )
+            self._check_room(item.images)
             self._queue.append(item)
             self._notify_depth()
             moved = self._moved_positions()
@@ -224,6 +237,32 @@ class DeviceWorker:
             self.cancel(item)
             raise
 
+    def _check_room(self, images: int) -> None:
+        """Called with the lock held."""
+        if self._fault is not None:
+            raise self._fault_error()
+        if self._stopping:
+            raise WorkCancelledError("the server is shutting down")
+        if images > self.max_queue_images:
+            # Waiting would never help: this request is larger than the whole queue.
+            raise InvalidParamsError(
+                f"n must be at most {self.max_queue_images} on this server (the local "
+                f"queue holds {self.max_queue_images} images), got {images}",
+                param="n",
+            )
+        queued = sum(i.images for i in self._queue if not i.cancelled)
+        if queued + images > self.max_queue_images:
+            raise QueueFullError(
+                f"the local ({self.name}) queue is full ({queued} of {self.max_queue_images} "
+                f"images queued); retry later",
+                retry_after_s=self._retry_after(queued + images),
+            )
+
+    def _fault_error(self) -> DeviceFaultError:
+        return DeviceFaultError(
+            f"the device failed ({self._fault}); the server must be restarted", provider="local"
+        )
+
     def _retry_after(self, images_ahead: int) -> int:
         rate = self._images_per_s or 1.0
         return max(1, math.ceil(images_ahead / rate))
@@ -251,9 +290,14 @@ class DeviceWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._control and not self._stopping:
+                while (
+                    not self._queue
+                    and not self._control
+                    and not self._stopping
+                    and self._fault is None
+                ):
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or self._fault is not None:
                     return
                 control = self._control.popleft() if self._control else None
             if control is not None:
@@ -265,7 +309,11 @@ class DeviceWorker:
                     try:
                         future.set_result(fn())
                     except BaseException as exc:
-                        future.set_exception(exc)
+                        # Moving weights to the device is where a broken one often shows.
+                        if is_fatal_device_error(exc):
+                            self._fail_device(exc, [future])
+                        else:
+                            future.set_exception(exc)
                 continue
             batch = self._gather()
             if batch:
@@ -347,13 +395,14 @@ class DeviceWorker:
                 [item.params for item in batch], precise=batch[0].precise, on_step=on_step
             )
         except BaseException as exc:
-            error = (
-                exc
-                if isinstance(exc, BackendError)
-                else BackendError(f"generation failed: {type(exc).__name__}: {exc}")
-            )
-            if not isinstance(exc, BackendError):
-                log.exception("pipeline call failed")
+            if is_fatal_device_error(exc):
+                self._fail_device(exc, [item.future for item in batch])
+                return
+            if isinstance(exc, BackendError):
+                error = exc
+            else:
+                log.exception("pipeline call for %s failed", batch[0].params.model)
+                error = BackendError(GENERATION_FAILED, provider="local")
             for item in batch:
                 _set_exception(item.future, error)
             self._finish()
@@ -371,20 +420,42 @@ class DeviceWorker:
             self.observer.batch_done(
                 batch[0].params.model, total_images, output.device_seconds, waits
             )
-        for item, images, wait in zip(batch, output.images, waits, strict=True):
+        for item, images in zip(batch, output.images, strict=True):
             if item.cancelled:
                 _set_exception(item.future, WorkCancelledError("cancelled while running"))
                 continue
             if not item.future.done():
                 item.future.set_result(
-                    ItemResult(
-                        images=images,
-                        device_seconds=share * item.images,
-                        batch_images=total_images,
-                        queue_wait_s=wait,
-                    )
+                    ItemResult(images=images, device_seconds=share * item.images)
                 )
         self._finish()
+
+    def _fail_device(
+        self, exc: BaseException, running: list[concurrent.futures.Future[Any]]
+    ) -> None:
+        """Fail the work in hand and all that waits, refuse what comes, tell the owner. On
+        the worker thread, which ends after this."""
+        fault = describe_device_fault(exc)
+        log.critical(
+            "device %s failed (%s): refusing all work; the server must be restarted",
+            self.name,
+            fault,
+            exc_info=exc,
+        )
+        with self._cond:
+            self._fault = fault
+            waiting = [item.future for item in self._queue]
+            waiting += [future for _, future in self._control]
+            self._queue.clear()
+            self._control.clear()
+            self._running = []
+            self._running_runner = None
+            self._notify_depth()
+            self._cond.notify_all()
+        for future in running + waiting:
+            _set_exception(future, self._fault_error())
+        if self.on_fault is not None:
+            _safely(self.on_fault, self._fault_error().message)
 
     def _finish(self) -> None:
         with self._cond:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,11 @@ def test_xformers_asked_for_but_missing_is_a_clear_error(data_dir: Path) -> None
         runner.load()
 
 
-def test_single_file_checkpoint_loads_through_from_single_file(data_dir: Path) -> None:
-    """A broken single file says so; it never yields placeholder images."""
+def test_single_file_checkpoint_loads_through_from_single_file(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken single file says so; it never yields placeholder images. The client learns the
+    failure's type; what the loader said (paths, header bytes) is in the log only."""
     from models.catalogue import Catalogue
     from models.local.pipeline import PipelineRunner, RuntimeOptions
 
@@ -95,8 +99,60 @@ def test_single_file_checkpoint_loads_through_from_single_file(data_dir: Path) -
     bogus.write_bytes(b"not a checkpoint")
     spec = Catalogue.load([{"name": "mine", "kind": "sdxl", "source": str(bogus)}]).specs["mine"]
     runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
-    with pytest.raises(ModelUnavailableError, match="could not be loaded"):
+    with (
+        caplog.at_level(logging.ERROR, logger="models.local.pipeline"),
+        pytest.raises(ModelUnavailableError) as info,
+    ):
         runner.load()
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.exc_info is not None
+    cause = record.exc_info[1]
+    assert info.value.message == (
+        f"model 'mine' could not be loaded from its source ({type(cause).__name__}); "
+        "the server log has the details"
+    )
+    assert str(cause) not in info.value.message and str(bogus) not in info.value.message
+    assert str(bogus) in caplog.text and "Traceback" in caplog.text
+
+
+def test_model_listing_says_where_each_local_source_stands(tmp_path: Path, data_dir: Path) -> None:
+    from models.catalogue import Catalogue
+    from server.registry import BackendRegistry
+    from server.settings import Settings
+
+    entries = [
+        {"name": "folder", "kind": "sdxl", "source": str(data_dir / "models" / "tiny-sdxl")},
+        {"name": "no-folder", "kind": "sdxl", "source": "/nonexistent/folder"},
+        {"name": "no-file", "kind": "sdxl", "source": "/nonexistent/model.safetensors"},
+        {"name": "no-hub", "kind": "flux", "source": "someone/not-downloaded-model"},
+    ]
+    fields = ("builtin", "on_disk", "available", "reason")
+
+    def rows(data: Path) -> dict[str, dict[str, object]]:
+        registry = BackendRegistry(Settings(data_dir=data), Catalogue.load(entries))
+        return {
+            row["name"]: {k: row[k] for k in fields if k in row}
+            for row in registry.describe()
+            if row["provider"] == "local"
+        }
+
+    built = rows(data_dir)
+    assert built["tiny-sdxl"] == {"builtin": True, "on_disk": True, "available": True}
+    assert built["folder"] == {"builtin": False, "on_disk": True, "available": True}
+    missing = {"builtin": False, "on_disk": False, "available": False}
+    assert built["no-folder"] == {
+        **missing,
+        "reason": "'/nonexistent/folder' is not a diffusers model folder",
+    }
+    assert built["no-file"] == {
+        **missing,
+        "reason": "checkpoint file '/nonexistent/model.safetensors' does not exist",
+    }
+    assert built["no-hub"]["available"] is False
+    assert "imagegen pull someone/not-downloaded-model" in str(built["no-hub"]["reason"])
+    # A built-in is available before it is built: it is built offline on first use.
+    fresh = rows(tmp_path / "fresh")
+    assert fresh["tiny-flux"] == {"builtin": True, "on_disk": False, "available": True}
 
 
 def test_prompt_token_counts_are_the_tokenizers_and_stay_bounded(data_dir: Path) -> None:
