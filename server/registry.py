@@ -39,7 +39,9 @@ class BackendRegistry:
             batch_window_s=local.batch_window_ms / 1000.0,
             max_queue_images=local.max_queue_images,
             observer=observer,
+            on_fault=self._device_failed,
         )
+        self._fault_listeners: list[Callable[[str], None]] = []
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
@@ -104,8 +106,15 @@ class BackendRegistry:
 
     def device_fault(self) -> str | None:
         """Why the device worker stopped for good (a sticky device fault), or None."""
-        fault: str | None = getattr(self.worker, "fault", None)
-        return fault
+        return self.worker.fault
+
+    def on_device_fault(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(message)` (from the worker thread) when the device fails for good."""
+        self._fault_listeners.append(listener)
+
+    def _device_failed(self, message: str) -> None:
+        for listener in list(self._fault_listeners):
+            listener(message)
 
     def loaded_backends(self) -> dict[str, Backend]:
         return dict(self._backends)

@@ -11,6 +11,7 @@ import uvicorn
 
 from server import errors
 from server.http.state import AppState
+from server.service import ImageService
 from server.settings import Settings
 
 log = logging.getLogger("server.http")
@@ -52,7 +53,11 @@ def run(
     host: str | None = None,
     port: int | None = None,
     insecure_no_auth: bool = False,
+    service: ImageService | None = None,
 ) -> None:
+    """Serve until stopped. Exits with an error (the CLI's exit code 1) when the named models
+    cannot be loaded or the device fails for good, so that a supervisor restarts it.
+    `service` is a test seam (a service over a backend that fails on demand)."""
     from server.http.app import create_app
 
     names = list(models) or list(settings.server.models) or [settings.default_model]
@@ -71,7 +76,7 @@ def run(
     )
     settings = settings.model_copy(update={"server": server_settings})
     _configure_logging()
-    app = create_app(settings)
+    app = create_app(settings, service=service)
     state: AppState = app.state.imagegen
     for name in names:
         if not state.service.knows_model(name):  # unknown names fail here, before the bind
@@ -89,12 +94,24 @@ def run(
     server = _DrainingServer(config, state)
     failure: list[str] = []
 
+    fault: list[str] = []
+
     def on_load_failed(message: str) -> None:
         failure.append(message)
         server.should_exit = True
 
+    def on_device_fault(message: str) -> None:
+        # Called from the device's thread: uvicorn polls should_exit, and in-flight requests
+        # get their errors (the device refuses all work now) before it stops.
+        log.critical("the device failed for good; stopping so a supervisor restarts: %s", message)
+        fault.append(message)
+        server.should_exit = True
+
     state.on_load_failed = on_load_failed
+    state.service.on_device_fault(on_device_fault)
     server.run()
+    if fault:
+        raise errors.DeviceFaultError(f"stopped after a device fault: {fault[0]}")
     if failure:
         raise errors.ModelUnavailableError(f"could not load the models to serve: {failure[0]}")
 

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -472,6 +472,11 @@ class ImageService:
     def watch_device(self, observer: WorkerObserver) -> None:
         """Report device batches and queue depth to `observer` (the server's metrics)."""
         self.registry.watch(observer)
+
+    def on_device_fault(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(message)`, from the device's thread, when the device fails for good
+        (`imagegen serve` exits so that a supervisor restarts the process)."""
+        self.registry.on_device_fault(listener)
 
     def device_fault(self) -> str | None:
         """Why the local device can no longer work (a sticky CUDA fault), or None."""
