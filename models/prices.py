@@ -1,9 +1,11 @@
-"""The dated price table of hosted models (`models/data/prices.toml`): images, credits, tokens."""
+"""The dated price table of hosted models (`models/data/prices.toml`): images, credits, tokens,
+and the output tokens a token-billed model's images take (for an upper bound before running)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,8 +70,30 @@ class PriceRow:
 
 
 @dataclass(frozen=True)
+class OutputTokensRow:
+    """The image output tokens of one model at one quality, per listed size, with its source."""
+
+    model: str
+    quality: str
+    tokens: Mapping[str, int]
+    source: str
+    as_of: dt.date
+
+    def bound(self, width: int, height: int) -> int:
+        """The tokens of a listed size; for any other, the largest listed figure, scaled up by
+        area past that size's (never down: a smaller image may cost as much)."""
+        size = f"{width}x{height}"
+        if size in self.tokens:
+            return self.tokens[size]
+        ref_size, ref_tokens = max(self.tokens.items(), key=lambda item: item[1])
+        ref_pixels = _pixels(ref_size) or 1
+        return math.ceil(ref_tokens * max(1.0, width * height / ref_pixels))
+
+
+@dataclass(frozen=True)
 class PriceTable:
     rows: tuple[PriceRow, ...]
+    output_tokens: tuple[OutputTokensRow, ...] = ()
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> PriceTable:
@@ -86,7 +110,11 @@ class PriceTable:
             raise PriceError(f"{origin}: not valid TOML: {exc}") from None
         rows = tuple(_row(entry, origin, i) for i, entry in enumerate(raw.get("price", [])))
         _check_names(rows, origin)
-        return cls(rows=rows)
+        tokens = tuple(
+            _tokens_row(entry, origin, i)
+            for i, entry in enumerate(raw.get("image_output_tokens", []))
+        )
+        return cls(rows=rows, output_tokens=tokens)
 
     def rows_for(self, model_name: str) -> list[PriceRow]:
         return [r for r in self.rows if r.model == model_name or model_name in r.aliases]
@@ -139,6 +167,30 @@ class PriceTable:
         ) / 1_000_000
         return round(usd, 8)
 
+    def max_token_cost(
+        self, model: str, *, quality: str | None, width: int, height: int, prompt_bytes: int
+    ) -> float | None:
+        """An upper bound on one image of a token-billed model before it runs: the output
+        tokens for the size and quality (quality None / "auto" counts as the dearest, "high";
+        one the table does not list, as the dearest listed) plus the prompt, at the table's
+        token prices. None where the table has no token prices or output tokens for it."""
+        prices = next((r for r in self.rows_for(model) if r.unit == "tokens"), None)
+        if prices is None:
+            return None
+        rows = [r for r in self.output_tokens if r.model == prices.model]
+        if not rows:
+            return None
+        wanted = "high" if quality in (None, "auto") else quality
+        chosen = [r for r in rows if r.quality == wanted] or rows
+        output = max(r.bound(width, height) for r in chosen)
+        # Every text token covers at least one byte of the prompt, so its UTF-8 length bounds
+        # the text input tokens.
+        usage = {
+            "input_tokens_details": {"text_tokens": prompt_bytes, "image_tokens": 0},
+            "output_tokens": output,
+        }
+        return self.token_cost(prices.model, usage)
+
 
 @functools.lru_cache(maxsize=1)
 def _builtin() -> PriceTable:
@@ -176,17 +228,26 @@ _KNOWN = frozenset(
 )
 
 
-def _row(entry: Mapping[str, Any], origin: str, index: int) -> PriceRow:
-    where = f"{origin}: price row {index + 1} ({entry.get('model', '?')})"
-    unknown = sorted(set(entry) - _KNOWN)
+def _sourced(
+    entry: Mapping[str, Any], where: str, known: frozenset[str], required: tuple[str, ...]
+) -> dt.date:
+    """What every row of the file shares: no unknown field, the required names (a source
+    among them), and its date, which is returned."""
+    unknown = sorted(set(entry) - known)
     if unknown:
         raise PriceError(f"{where}: unknown field(s) {unknown}")
-    for name in ("model", "provider", "source"):
+    for name in required:
         if not isinstance(entry.get(name), str) or not entry[name]:
             raise PriceError(f"{where}: '{name}' is required (a non-empty string)")
     as_of = entry.get("as_of")
     if not isinstance(as_of, dt.date) or isinstance(as_of, dt.datetime):
         raise PriceError(f"{where}: 'as_of' must be a TOML date such as 2026-11-28")
+    return as_of
+
+
+def _row(entry: Mapping[str, Any], origin: str, index: int) -> PriceRow:
+    where = f"{origin}: price row {index + 1} ({entry.get('model', '?')})"
+    as_of = _sourced(entry, where, _KNOWN, ("model", "provider", "source"))
     units = [
         u
         for u, present in (
@@ -233,6 +294,29 @@ def _row(entry: Mapping[str, Any], origin: str, index: int) -> PriceRow:
         image_input_usd_per_1m_tokens=numbers["image_input_usd_per_1m_tokens"],
         image_output_usd_per_1m_tokens=numbers["image_output_usd_per_1m_tokens"],
         configured=entry.get("configured"),
+    )
+
+
+_TOKENS_KNOWN = frozenset({"model", "quality", "tokens", "source", "as_of"})
+
+
+def _tokens_row(entry: Mapping[str, Any], origin: str, index: int) -> OutputTokensRow:
+    where = f"{origin}: image_output_tokens row {index + 1} ({entry.get('model', '?')})"
+    as_of = _sourced(entry, where, _TOKENS_KNOWN, ("model", "quality", "source"))
+    tokens = entry.get("tokens")
+    if not isinstance(tokens, dict) or not tokens:
+        raise PriceError(f"{where}: 'tokens' must be a table such as {{ \"1024x1024\" = 196 }}")
+    for size, count in tokens.items():
+        if _pixels(size) is None:
+            raise PriceError(f"{where}: size '{size}' is not WIDTHxHEIGHT")
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise PriceError(f"{where}: tokens for {size} must be a whole number over 0")
+    return OutputTokensRow(
+        model=entry["model"],
+        quality=entry["quality"],
+        tokens={str(k): int(v) for k, v in tokens.items()},
+        source=entry["source"],
+        as_of=as_of,
     )
 
 

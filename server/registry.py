@@ -91,13 +91,14 @@ class BackendRegistry:
         from models.hosted.config import ProviderConfig
 
         provider_id = spec.source or spec.kind
-        raw = dict(self.settings.providers.get(provider_id, {}))
-        try:
-            config = ProviderConfig.from_mapping(provider_id, raw)
-        except (ValueError, TypeError) as exc:
-            raise errors.InvalidRequestError(
-                f"providers.{provider_id}: {exc}", param="model"
-            ) from None
+        # Settings validated every configured section when they were built; a provider with
+        # no section gets its defaults (no key: the backend answers with the setting to set).
+        config = self.settings.providers.get(provider_id)
+        if config is None:
+            try:
+                config = ProviderConfig.from_mapping(provider_id, {})
+            except ValueError as exc:  # no public base_url: the section is required
+                raise errors.InvalidRequestError(str(exc), param="model") from None
         return make_hosted_backend(spec, config)
 
     def watch(self, observer: WorkerObserver) -> None:

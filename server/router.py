@@ -118,9 +118,13 @@ class Router:
         estimate: Callable[[ModelSpec], float | None] | None = None,
     ) -> list[Candidate]:
         """The models to try, in order. A hosted model under local-only is refused outright
-        (never silently replaced by a local one); fallbacks that are hosted are left out."""
+        (never silently replaced by a local one); fallbacks that are hosted are left out. A
+        retired model (its catalogue entry names a `replacement`) is refused, or served by the
+        replacement where its provider's `map_retired_to_replacement` says so."""
         if model == "auto":
-            chain = [Candidate(s) for s in self._auto_pool(local_only, estimate)]
+            # Retired entries are reachable by name only: `auto` never picks one.
+            pool = self._auto_pool(local_only, estimate)
+            chain = [Candidate(s) for s in pool if not s.replacement]
             if not chain:
                 raise errors.ModelNotFoundError(
                     "model 'auto' has no model to route to; set default_model to a local model "
@@ -131,21 +135,60 @@ class Router:
         spec = self.catalogue.get(model)
         if spec is None:
             raise errors.ModelNotFoundError.for_model(model)
-        if local_only and not spec.is_local:
-            raise errors.LocalOnlyError(
-                f"model '{model}' is hosted by {spec.kind} and local-only mode is on: no prompt "
-                "or image may leave this host. Choose a local model (`imagegen models`)",
-                param="model",
-            )
-        chain = [Candidate(spec)]
-        seen = {model}
+        self._refuse_hosted(spec, local_only)
+        first = self._unretired(spec)
+        self._refuse_hosted(first.spec, local_only)
+        chain = [first]
+        seen = {model, first.spec.name}
         for name in self.settings.fallbacks.get(model, []):
             fallback = self.catalogue.get(name)
             if fallback is None or name in seen or (local_only and not fallback.is_local):
                 continue
+            if fallback.replacement:
+                continue  # a retired fallback would only fail or repeat its replacement
             seen.add(name)
             chain.append(Candidate(fallback))
         return chain
+
+    @staticmethod
+    def _refuse_hosted(spec: ModelSpec, local_only: bool) -> None:
+        if local_only and not spec.is_local:
+            raise errors.LocalOnlyError(
+                f"model '{spec.name}' is hosted by {spec.kind} and local-only mode is on: no "
+                "prompt or image may leave this host. Choose a local model (`imagegen models`)",
+                param="model",
+            )
+
+    def _unretired(self, spec: ModelSpec) -> Candidate:
+        """`spec` itself, or for a retired entry the replacement this catalogue defines (the
+        user's own entry of that name wins), when the retired model's provider maps it."""
+        served = spec
+        passed = {spec.name}
+        while served.replacement:
+            provider = served.source or served.kind
+            setting = f"providers.{provider}.map_retired_to_replacement"
+            replacement = self.catalogue.get(served.replacement)
+            if replacement is None or replacement.name in passed:
+                problem = "is not in the catalogue" if replacement is None else "is retired too"
+                raise errors.InvalidRequestError(
+                    f"model '{served.name}' is retired and its replacement "
+                    f"'{served.replacement}' {problem}; choose another model (`imagegen "
+                    f"models`) or add a [[models]] entry named '{served.replacement}' without "
+                    "`replacement`",
+                    param="model",
+                )
+            config = self.settings.providers.get(provider)
+            if config is None or not config.map_retired_to_replacement:
+                raise errors.InvalidRequestError(
+                    f"model '{served.name}' is retired; use model '{replacement.name}' instead, "
+                    f"or set {setting} = true to have it served by '{replacement.name}'",
+                    param="model",
+                )
+            passed.add(replacement.name)
+            served = replacement
+        if served is spec:
+            return Candidate(spec)
+        return Candidate(served, notice=f"{spec.name} is retired: served by {served.name}")
 
     def _auto_pool(
         self, local_only: bool, estimate: Callable[[ModelSpec], float | None] | None

@@ -7,16 +7,21 @@ environment. Nested sections use `__` in variable names: IMAGEGEN_COST__USD_PER_
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from models.hosted import HOSTED_KINDS
+from models.hosted.config import ProviderConfig, section_input
 
 
 def default_data_dir() -> Path:
@@ -89,6 +94,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        # A value in the wrong place may be a key: error texts never repeat input.
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Field(default_factory=default_data_dir)
@@ -103,8 +110,11 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     # The user's own catalogue entries: [[models]] name, kind, source, defaults.
     models: list[dict[str, Any]] = Field(default_factory=list)
-    # Hosted providers, by provider id: {api_key, base_url, timeout_s, ...} (see README).
-    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Hosted providers, by provider id: {api_key, base_url, timeout_s, ...} (see README),
+    # validated here, so a bad value fails at start-up naming `providers.<id>.<field>`. The
+    # ids are the hosted kinds and the `source` of any hosted [[models]] entry of the user's
+    # (a second imagegen server, say). Declared after `models`, which its check reads.
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     # Fallback chains: model name -> models to try next on a transient failure.
     fallbacks: dict[str, list[str]] = Field(default_factory=dict)
     # Daily USD caps per provider id, and "total".
@@ -116,6 +126,26 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _provider_sections(cls, value: Any, info: ValidationInfo) -> Any:
+        """Reject unknown provider ids; give each section its id (ProviderConfig.provider)."""
+        if not isinstance(value, Mapping):
+            return value  # pydantic reports the wrong type
+        known = provider_ids(info.data.get("models", ()))
+        sections: dict[Any, Any] = {}
+        for provider, section in value.items():
+            if provider not in known:
+                raise PydanticCustomError(
+                    "unknown_provider",
+                    "providers.{provider} is not a hosted provider; use one of {known}, or "
+                    "name it as the `source` of a hosted [[models]] entry",
+                    {"provider": str(provider), "known": ", ".join(sorted(known))},
+                )
+            is_section = isinstance(section, Mapping)
+            sections[provider] = section_input(provider, section) if is_section else section
+        return sections
 
     @classmethod
     def settings_customise_sources(
@@ -140,6 +170,16 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+
+def provider_ids(user_models: Iterable[Any]) -> set[str]:
+    """The provider ids a `providers` section may name: every hosted kind (the built-in
+    catalogue's sources), and the source of each hosted entry of the user's catalogue."""
+    ids = set(HOSTED_KINDS)
+    for entry in user_models:
+        if isinstance(entry, Mapping) and entry.get("kind") in HOSTED_KINDS:
+            ids.add(str(entry.get("source") or entry["kind"]))
+    return ids
 
 
 # The TOML file is chosen per load; pydantic-settings asks for sources on the class, so the

@@ -9,12 +9,10 @@ n > 1 submits n tasks (seeds s+i) and polls them together.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
 from models.base import (
-    NO_EVENTS,
     BackendResult,
     ContentFilteredError,
     Events,
@@ -22,15 +20,10 @@ from models.base import (
     InvalidParamsError,
     TransientBackendError,
 )
-from models.hosted import HostedBackend
-from models.hosted.http import (
-    Piece,
-    auth_failure,
-    gather_pieces,
-    same_site,
-    to_image,
-    total_cost,
-)
+from models.hosted.backend import HostedBackend
+from models.hosted.client import same_site
+from models.hosted.polling import Polled, poll_until
+from models.hosted.results import Piece, Report, fan_out, to_image, total_cost
 
 Shape = Literal["grid32", "grid16", "aspect"]
 
@@ -40,8 +33,7 @@ _FAILED = frozenset({"Error", "Task not found"})
 _MAX_MEGAPIXELS_FLUX2 = 4 * 1024 * 1024
 # Ultra and Kontext take an aspect ratio "between 21:9 and 9:21" (bfl-openapi.json).
 _WIDEST = 21 / 9
-# Polls slow down by this factor up to this many poll intervals.
-_POLL_BACKOFF = 1.5
+# The longest wait between polls, in poll intervals (a task takes seconds).
 _POLL_MAX_INTERVALS = 8.0
 
 
@@ -169,25 +161,8 @@ class BFLBackend(HostedBackend):
             dropped += params.given("steps", "guidance_scale")
         return tuple(dropped)
 
-    async def generate(
-        self,
-        params: GenerationParams,
-        events: Events = NO_EVENTS,
-        *,
-        precise: bool = False,
-    ) -> BackendResult:
-        params = self.resolve(params)
-        self.check_prompt(params.prompt)
-        if self.config.api_key is None:
-            raise auth_failure(self.config)
-        shares = [0.0] * params.n
-
-        def report(index: int, fraction: float) -> None:
-            shares[index] = min(max(fraction, 0.0), 1.0)
-            events.progress(int(100 * sum(shares) / len(shares)), 100)
-
-        jobs = [self._task(params, seed, i, report) for i, seed in enumerate(params.image_seeds())]
-        pieces = await gather_pieces(self.provider, jobs)
+    async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
+        pieces = await fan_out(params.n, lambda i, report: self._task(params, i, report), events)
         notices: tuple[str, ...] = ()
         if self.shape == "aspect":
             notices = (
@@ -207,13 +182,9 @@ class BFLBackend(HostedBackend):
     def _key_headers(self) -> dict[str, str]:
         return {"x-key": self.config.api_key_value() or "", "accept": "application/json"}
 
-    async def _task(
-        self,
-        params: GenerationParams,
-        seed: int,
-        index: int,
-        report: Callable[[int, float], None],
-    ) -> Piece:
+    async def _task(self, params: GenerationParams, index: int, report: Report) -> Piece:
+        """Image `index` (seed + index): submit, poll the task, download its sample."""
+        seed = params.seed + index
         submitted = await self.http.send_json(
             "POST",
             f"{self.config.base_url}/v1/{self.provider_model}",
@@ -237,19 +208,6 @@ class BFLBackend(HostedBackend):
                 if key is None
                 else self.prices.price_per_image(key, size=f"{params.width}x{params.height}")
             )
-        sample = await self._poll(task_id, polling_url, charged, lambda f: report(index, f))
-        data = await self.http.download(sample, what=f"result download ({task_id})")
-        report(index, 1.0)
-        return Piece(to_image(data, provider=self.provider, seed=seed), cost)
-
-    async def _poll(
-        self,
-        task_id: str,
-        polling_url: str,
-        charged_usd: float,
-        report: Callable[[float], None],
-    ) -> str:
-        """Poll until a final status; return the sample URL."""
         # Credentials go to the polling host only when it is the provider's own (regional
         # hosts share the registrable domain); a signed result URL needs none.
         headers = (
@@ -257,49 +215,46 @@ class BFLBackend(HostedBackend):
             if same_site(polling_url, self.config.base_url)
             else {"accept": "application/json"}
         )
-        interval = self.config.poll_interval_s
-        waited = 0.0
-        status = "Pending"
-        while waited < self.config.poll_timeout_s:
-            await self.http.sleep(interval)
-            waited += interval
-            body = await self.http.send_json(
-                "GET", polling_url, what=f"poll task {task_id}", headers=headers
-            )
-            status = str(body.get("status", ""))
-            if status == "Ready":
-                result = body.get("result")
-                sample = result.get("sample") if isinstance(result, dict) else None
-                if not isinstance(sample, str) or not sample:
-                    raise TransientBackendError(
-                        f"bfl: task {task_id} is Ready but has no result.sample",
-                        provider=self.provider,
-                    )
-                return sample
-            if status in _MODERATED:
-                # Only the submit answer's `cost` says a moderated task was charged.
-                raise ContentFilteredError(
-                    f"bfl: the {'prompt' if status.startswith('Request') else 'image'} was "
-                    f"refused by the provider's moderation ({status})",
-                    provider=self.provider,
-                    charged_usd=charged_usd,
-                )
-            if status in _FAILED:
-                raise TransientBackendError(
-                    f"bfl: task {task_id} failed ({status}){_details(body)}",
-                    provider=self.provider,
-                )
-            fraction = body.get("progress")
-            if isinstance(fraction, int | float) and not isinstance(fraction, bool):
-                report(fraction if fraction <= 1 else fraction / 100)
-            interval = min(
-                interval * _POLL_BACKOFF, self.config.poll_interval_s * _POLL_MAX_INTERVALS
-            )
-        raise TransientBackendError(
-            f"bfl: task {task_id} still {status} after {waited:.0f} s "
-            f"(providers.{self.provider}.poll_timeout_s)",
-            provider=self.provider,
+        sample = await poll_until(
+            self.http,
+            polling_url,
+            task_id=task_id,
+            read=lambda body: self._read_poll(task_id, body, charged),
+            report=report,
+            headers=headers,
+            max_interval=_POLL_MAX_INTERVALS,
         )
+        data = await self.http.download(sample, what=f"result download ({task_id})")
+        return Piece(to_image(data, provider=self.provider, seed=seed), cost)
+
+    def _read_poll(self, task_id: str, body: dict[str, Any], charged_usd: float) -> Polled[str]:
+        """One poll answer: the sample URL once Ready; moderation and failures raise."""
+        status = str(body.get("status", ""))
+        if status == "Ready":
+            result = body.get("result")
+            sample = result.get("sample") if isinstance(result, dict) else None
+            if not isinstance(sample, str) or not sample:
+                raise TransientBackendError(
+                    f"bfl: task {task_id} is Ready but has no result.sample",
+                    provider=self.provider,
+                )
+            return Polled(status, result=sample)
+        if status in _MODERATED:
+            # Only the submit answer's `cost` says a moderated task was charged.
+            raise ContentFilteredError(
+                f"bfl: the {'prompt' if status.startswith('Request') else 'image'} was "
+                f"refused by the provider's moderation ({status})",
+                provider=self.provider,
+                charged_usd=charged_usd,
+            )
+        if status in _FAILED:
+            raise TransientBackendError(
+                f"bfl: task {task_id} failed ({status}){_details(body)}", provider=self.provider
+            )
+        fraction = body.get("progress")
+        if not isinstance(fraction, int | float) or isinstance(fraction, bool):
+            return Polled(status)
+        return Polled(status, progress=fraction if fraction <= 1 else fraction / 100)
 
 
 def _details(body: dict[str, Any]) -> str:

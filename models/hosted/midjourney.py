@@ -18,11 +18,9 @@ inside the prompt as `--no`, `--ar W:H` and `--seed N`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 from models.base import (
-    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
@@ -31,8 +29,10 @@ from models.base import (
     InvalidParamsError,
     TransientBackendError,
 )
-from models.hosted import HostedBackend
-from models.hosted.http import Piece, gather_pieces, same_site, to_image, total_cost
+from models.hosted.backend import HostedBackend
+from models.hosted.client import same_site
+from models.hosted.polling import Polled, poll_until
+from models.hosted.results import Piece, Report, fan_out, to_image, total_cost
 
 SEED_MAX = 4_294_967_295
 # midjourney-proxy return codes: 1 submitted, 21 already exists, 22 queued, 23 queue full,
@@ -44,7 +44,7 @@ _BANNED = 24
 _VALIDATION = 4
 _RUNNING = frozenset({"NOT_START", "SUBMITTED", "IN_PROGRESS", "MODAL"})
 _BANNED_WORDS_IN_REASON = ("banned", "moderat", "blocked")
-_POLL_BACKOFF = 1.5
+# The longest wait between polls, in poll intervals.
 _POLL_MAX_INTERVALS = 5.0
 
 
@@ -78,6 +78,8 @@ def parse_progress(value: Any) -> int | None:
 
 
 class MidjourneyBackend(HostedBackend):
+    needs_key = False  # the proxy's mj-api-secret is optional
+
     def resolve(self, params: GenerationParams) -> GenerationParams:
         self.require_size_and_seeds(params, seed_max=SEED_MAX)
         return params
@@ -90,28 +92,8 @@ class MidjourneyBackend(HostedBackend):
         secret = self.config.api_key_value()
         return {"mj-api-secret": secret} if secret else {}
 
-    async def generate(
-        self,
-        params: GenerationParams,
-        events: Events = NO_EVENTS,
-        *,
-        precise: bool = False,
-    ) -> BackendResult:
-        self.resolve(params)
-        self.check_prompt(params.prompt)
-        shares = [0] * params.n
-
-        def report(index: int, percent: int) -> None:
-            shares[index] = min(max(percent, 0), 100)
-            events.progress(sum(shares) // len(shares), 100)
-
-        def reporter(index: int) -> Callable[[int], None]:
-            return lambda percent: report(index, percent)
-
-        jobs = [
-            self._task(params, seed, reporter(i)) for i, seed in enumerate(params.image_seeds())
-        ]
-        pieces = await gather_pieces(self.provider, jobs)
+    async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
+        pieces = await fan_out(params.n, lambda i, report: self._task(params, i, report), events)
         dropped = params.given(
             "steps",
             "guidance_scale",
@@ -140,9 +122,9 @@ class MidjourneyBackend(HostedBackend):
             deterministic=False,
         )
 
-    async def _task(
-        self, params: GenerationParams, seed: int, report: Callable[[int], None]
-    ) -> Piece:
+    async def _task(self, params: GenerationParams, index: int, report: Report) -> Piece:
+        """Image `index` (seed + index): imagine, poll the task, download its grid."""
+        seed = params.seed + index
         base = self.config.base_url
         submitted = await self.http.send_json(
             "POST",
@@ -156,6 +138,22 @@ class MidjourneyBackend(HostedBackend):
                 "state": "",
             },
         )
+        task_id = self._task_id(submitted)
+        image_url = await poll_until(
+            self.http,
+            f"{base}/mj/task/{task_id}/fetch",
+            task_id=task_id,
+            read=lambda task: self._read_poll(task_id, task),
+            report=report,
+            headers=self._headers(),
+            max_interval=_POLL_MAX_INTERVALS,
+        )
+        headers = self._headers() if same_site(image_url, base) else {}
+        data = await self.http.download(image_url, what=f"image of task {task_id}", headers=headers)
+        return Piece(to_image(data, provider=self.provider, seed=seed), self.config.usd_per_image)
+
+    def _task_id(self, submitted: dict[str, Any]) -> str:
+        """The task id of an accepted submit; the proxy's refusals raise."""
         code = submitted.get("code")
         description = str(submitted.get("description") or "")[:200]
         if code == _BANNED:
@@ -187,62 +185,38 @@ class MidjourneyBackend(HostedBackend):
             raise BackendError(
                 "midjourney: submit was accepted but named no task id", provider=self.provider
             )
-        image_url = await self._poll(task_id, report)
-        headers = self._headers() if same_site(image_url, base) else {}
-        data = await self.http.download(image_url, what=f"image of task {task_id}", headers=headers)
-        report(100)
-        return Piece(to_image(data, provider=self.provider, seed=seed), self.config.usd_per_image)
+        return task_id
 
-    async def _poll(self, task_id: str, report: Callable[[int], None]) -> str:
-        interval = self.config.poll_interval_s
-        waited = 0.0
-        status = "SUBMITTED"
-        while waited < self.config.poll_timeout_s:
-            await self.http.sleep(interval)
-            waited += interval
-            task = await self.http.send_json(
-                "GET",
-                f"{self.config.base_url}/mj/task/{task_id}/fetch",
-                what=f"fetch task {task_id}",
-                headers=self._headers(),
-            )
-            status = str(task.get("status") or "")
-            percent = parse_progress(task.get("progress"))
-            if percent is not None:
-                report(percent)
-            if status == "SUCCESS":
-                url = task.get("imageUrl")
-                if not isinstance(url, str) or not url:
-                    raise TransientBackendError(
-                        f"midjourney: task {task_id} succeeded without an imageUrl",
-                        provider=self.provider,
-                    )
-                return url
-            if status == "FAILURE":
-                reason = str(task.get("failReason") or "no reason given")[:200]
-                if any(word in reason.lower() for word in _BANNED_WORDS_IN_REASON):
-                    raise ContentFilteredError(
-                        f"midjourney: task {task_id} was refused by moderation: {reason}",
-                        provider=self.provider,
-                    )
+    def _read_poll(self, task_id: str, task: dict[str, Any]) -> Polled[str]:
+        """One fetch answer: the grid's URL on SUCCESS; FAILURE, CANCEL and unknown raise."""
+        status = str(task.get("status") or "")
+        percent = parse_progress(task.get("progress"))
+        progress = None if percent is None else percent / 100
+        if status == "SUCCESS":
+            url = task.get("imageUrl")
+            if not isinstance(url, str) or not url:
                 raise TransientBackendError(
-                    f"midjourney: task {task_id} failed: {reason}", provider=self.provider
-                )
-            if status == "CANCEL":
-                raise TransientBackendError(
-                    f"midjourney: task {task_id} was cancelled on the proxy",
+                    f"midjourney: task {task_id} succeeded without an imageUrl",
                     provider=self.provider,
                 )
-            if status not in _RUNNING:
-                raise BackendError(
-                    f"midjourney: task {task_id} has unknown status '{status}'",
+            return Polled(status, result=url, progress=progress)
+        if status == "FAILURE":
+            reason = str(task.get("failReason") or "no reason given")[:200]
+            if any(word in reason.lower() for word in _BANNED_WORDS_IN_REASON):
+                raise ContentFilteredError(
+                    f"midjourney: task {task_id} was refused by moderation: {reason}",
                     provider=self.provider,
                 )
-            interval = min(
-                interval * _POLL_BACKOFF, self.config.poll_interval_s * _POLL_MAX_INTERVALS
+            raise TransientBackendError(
+                f"midjourney: task {task_id} failed: {reason}", provider=self.provider
             )
-        raise TransientBackendError(
-            f"midjourney: task {task_id} still {status} after {waited:.0f} s "
-            f"(providers.{self.provider}.poll_timeout_s)",
-            provider=self.provider,
-        )
+        if status == "CANCEL":
+            raise TransientBackendError(
+                f"midjourney: task {task_id} was cancelled on the proxy", provider=self.provider
+            )
+        if status not in _RUNNING:
+            raise BackendError(
+                f"midjourney: task {task_id} has unknown status '{status}'",
+                provider=self.provider,
+            )
+        return Polled(status, progress=progress)

@@ -1,6 +1,6 @@
 """OpenAI Images (`POST /v1/images/generations`) through the official `openai` SDK.
 
-The SDK runs with `max_retries=0`: retries are ours (`models.hosted.http.with_retries`), so the
+The SDK runs with `max_retries=0`: retries are ours (`models.hosted.retry.with_retries`), so the
 wait honours `retry-after-ms` / `Retry-After` up to `retry_cap_s`, goes through the injected
 `sleep`, and matches every other hosted backend. GPT image models have no seed and no negative
 prompt: those land in `dropped_params` and results are not deterministic.
@@ -9,8 +9,7 @@ prompt: those land in `dropped_params` and results are not deterministic.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
@@ -18,34 +17,23 @@ import openai
 from openai import AsyncOpenAI
 
 from models.base import (
-    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
     Events,
     GenerationParams,
     InvalidParamsError,
-    ModelSpec,
     TransientBackendError,
 )
-from models.catalogue import Catalogue
-from models.hosted import HostedBackend
-from models.hosted.config import ProviderConfig
-from models.hosted.http import (
-    Piece,
+from models.hosted.backend import HostedBackend
+from models.hosted.client import auth_failure, scrub
+from models.hosted.results import Piece, decode_b64, fan_out, to_image, total_cost
+from models.hosted.retry import (
     Retryable,
-    SleepFn,
-    auth_failure,
-    decode_b64,
-    gather_pieces,
     is_retryable_status,
     parse_retry_after,
-    scrub,
-    to_image,
-    total_cost,
     with_retries,
 )
-from models.prices import PriceTable
 
 Family = Literal["gpt-image-2", "gpt-image", "dall-e-3"]
 
@@ -56,7 +44,8 @@ _DALLE3_STYLES = ("vivid", "natural")
 _DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
 _GPT_FIXED_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 _GPT_MAX_N = 10
-# A retired dall-e-3 request served by a GPT image model keeps its intent.
+# DALL-E quality names on a GPT image model (a retired dall-e-3 request the router serves by
+# gpt-image-2 keeps its intent).
 _DALLE3_TO_GPT_QUALITY = {"standard": "medium", "hd": "high"}
 
 
@@ -98,90 +87,80 @@ def check_size(family: Family, width: int, height: int) -> None:
         )
 
 
-class _ModelGone(Exception):
-    """The server says the model does not exist (retired): handled in `generate`."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
 class OpenAIImagesBackend(HostedBackend):
-    def __init__(
-        self,
-        spec: ModelSpec,
-        config: ProviderConfig,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        sleep: SleepFn | None = None,
-        prices: PriceTable | None = None,
-        catalogue: Catalogue | None = None,
-    ) -> None:
-        super().__init__(spec, config, transport=transport, sleep=sleep, prices=prices)
-        self._transport = transport
-        self._catalogue = catalogue
-        self._sdk: AsyncOpenAI | None = None
-        self._sdk_loop: asyncio.AbstractEventLoop | None = None
+    # The SDK client, opened on first use on the running loop (see `_client`).
+    _sdk: AsyncOpenAI | None = None
+    _sdk_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.provider_model)
 
     # ---------------------------------------------------------------- contract
 
     def resolve(self, params: GenerationParams) -> GenerationParams:
-        self._request(family_of(self.provider_model), params)  # validates, builds nothing
+        self._request(params)  # validates, sends nothing
         return params
 
     def estimate_cost_usd(self, params: GenerationParams) -> float | None:
         # GPT image models are billed by tokens: there is no per-image figure to estimate
-        # with, so this is None for them until `usage` arrives.
+        # with, so this is None for them until `usage` arrives (max_cost_usd bounds them).
         key = self.price_key()
         size = f"{params.width}x{params.height}"
         each = None if key is None else self.prices.price_per_image(key, params.quality, size)
         return None if each is None else each * params.n
 
-    async def generate(
-        self,
-        params: GenerationParams,
-        events: Events = NO_EVENTS,
-        *,
-        precise: bool = False,
-    ) -> BackendResult:
-        self.check_prompt(params.prompt)
-        try:
-            return await self._generate_as(self.spec, params, notices=())
-        except _ModelGone as exc:
-            gone = exc
-        replacement = self._replacement_for_retired(gone)
-        mapped, notices = self._translate_for(replacement, params)
-        try:
-            return await self._generate_as(replacement, mapped, notices=notices)
-        except _ModelGone as gone:
-            raise InvalidParamsError(
-                f"openai: neither '{self.provider_model}' nor its replacement "
-                f"'{replacement.provider_model or replacement.name}' is offered by "
-                f"{self.config.host} ({gone.detail})",
-                provider=self.provider,
-                param="model",
-            ) from None
+    def max_cost_usd(self, params: GenerationParams) -> float | None:
+        """For token-billed models: the largest output the size and quality can bill, plus the
+        prompt, at the published token prices (what a daily budget reserves)."""
+        key = self.price_key()
+        if key is None or not self.prices.has_token_prices(key):
+            return None
+        quality = _DALLE3_TO_GPT_QUALITY.get(params.quality or "", params.quality)
+        each = self.prices.max_token_cost(
+            key,
+            quality=quality,
+            width=params.width,
+            height=params.height,
+            prompt_bytes=len(params.prompt.encode("utf-8")),
+        )
+        # n images are billed as n separate generations, the prompt included.
+        return None if each is None else each * params.n
 
-    def _replacement_for_retired(self, gone: _ModelGone) -> ModelSpec:
-        """The spec to serve a retired model with, or the error that names it."""
-        replacement = self._replacement()
-        if replacement is None:
-            raise InvalidParamsError(
-                f"openai: model '{self.provider_model}' is not offered by {self.config.host} "
-                f"({gone.detail}) and the catalogue names no replacement",
+    async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
+        body, dropped, notices = self._request(params)
+        model_id = self.provider_model
+        body["model"] = model_id  # always sent: the server's default model is dall-e-2
+        client = self._client()
+        revised: list[str] = []
+
+        async def one_call() -> list[Piece]:
+            response = await with_retries(
+                lambda: self._call(client, body),
                 provider=self.provider,
-                param="model",
+                policy=self.http.policy,
+                sleep=self.http.sleep,
+                what=f"images.generate ({model_id})",
             )
-        if not self.config.map_retired_to_replacement:
-            raise InvalidParamsError(
-                f"openai: model '{self.provider_model}' was retired by the provider "
-                f"({gone.detail}); use model '{replacement.name}' instead, or set "
-                f"providers.{self.provider}.map_retired_to_replacement = true to have it "
-                f"served by '{replacement.name}'",
-                provider=self.provider,
-                param="model",
-            )
-        return replacement
+            pieces, revised_prompt = await self._pieces(params, response)
+            if revised_prompt:
+                revised.append(revised_prompt)
+            return pieces
+
+        if self.family == "dall-e-3":  # one image per call
+            pieces = await fan_out(params.n, lambda _i, _report: _first(one_call()), events)
+        else:
+            pieces = await one_call()
+            events.progress(100, 100)  # one call makes every image
+        return BackendResult(
+            images=tuple(p.image for p in pieces),
+            provider=self.provider,
+            cost_usd=total_cost(pieces),
+            revised_prompt=revised[0] if revised else None,
+            dropped_params=dropped,
+            notices=notices,
+            deterministic=False,
+        )
 
     async def close(self) -> None:
         if self._sdk is not None and self._sdk_loop is asyncio.get_running_loop():
@@ -192,9 +171,11 @@ class OpenAIImagesBackend(HostedBackend):
     # ---------------------------------------------------------------- request building
 
     def _request(
-        self, family: Family, params: GenerationParams
-    ) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """The SDK keyword arguments for one call, and the params it cannot honour."""
+        self, params: GenerationParams
+    ) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
+        """The SDK keyword arguments for one call, the params it cannot honour, and what the
+        result must tell the client about the translation."""
+        family = self.family
         check_size(family, params.width, params.height)
         dropped = ["seed"]  # no OpenAI image model takes a seed
         dropped += params.given("negative_prompt", "steps", "guidance_scale", "scheduler")
@@ -214,7 +195,7 @@ class OpenAIImagesBackend(HostedBackend):
             if params.output_format != "png":
                 dropped.append("output_format")
             dropped += params.given("background", "moderation", "output_compression")
-            return body, tuple(dropped)
+            return body, tuple(dropped), ()
         if not 1 <= params.n <= _GPT_MAX_N:
             raise InvalidParamsError(
                 f"n must be between 1 and {_GPT_MAX_N} for {family}, got {params.n}",
@@ -223,9 +204,17 @@ class OpenAIImagesBackend(HostedBackend):
             )
         body["n"] = params.n
         body["output_format"] = params.output_format
-        if params.quality is not None:
-            _check_choice("quality", params.quality, _GPT_QUALITIES, family)
-            body["quality"] = params.quality
+        notices: list[str] = []
+        quality = params.quality
+        if quality in _DALLE3_TO_GPT_QUALITY:
+            quality = _DALLE3_TO_GPT_QUALITY[quality]
+            notices.append(
+                f"quality '{params.quality}' (a DALL-E quality) was sent as '{quality}' "
+                f"to {self.provider_model}"
+            )
+        if quality is not None:
+            _check_choice("quality", quality, _GPT_QUALITIES, family)
+            body["quality"] = quality
         if params.background is not None:
             _check_choice(
                 "background", params.background, ("transparent", "opaque", "auto"), family
@@ -247,46 +236,19 @@ class OpenAIImagesBackend(HostedBackend):
                 body["output_compression"] = params.output_compression
         if params.style is not None:
             dropped.append("style")
-        return body, tuple(dropped)
-
-    def _translate_for(
-        self, replacement: ModelSpec, params: GenerationParams
-    ) -> tuple[GenerationParams, tuple[str, ...]]:
-        target = replacement.provider_model or replacement.name
-        notices = [
-            f"'{self.spec.name}' is retired at {self.config.host}; served by "
-            f"'{replacement.name}' instead (providers.{self.provider}.map_retired_to_replacement)"
-        ]
-        if family_of(self.provider_model) == "dall-e-3" and family_of(target) != "dall-e-3":
-            quality = _DALLE3_TO_GPT_QUALITY.get(params.quality or "", params.quality)
-            if quality != params.quality:
-                notices.append(f"quality '{params.quality}' mapped to '{quality}' for {target}")
-            params = replace(params, quality=quality, model=replacement.name)
-        return params, tuple(notices)
-
-    def _replacement(self) -> ModelSpec | None:
-        name = self.spec.replacement
-        if not name:
-            return None
-        catalogue = self._catalogue or Catalogue.load()
-        spec = catalogue.get(name)
-        if spec is None or spec.kind != "openai":
-            return None
-        return spec
+        return body, tuple(dropped), tuple(notices)
 
     # ---------------------------------------------------------------- calling the SDK
 
     def _client(self) -> AsyncOpenAI:
-        key = self.config.api_key_value()
-        if key is None:
-            raise auth_failure(self.config)
+        key = self.config.api_key_value() or ""  # HostedBackend.generate checked it is set
         # The SDK's connections belong to the loop that opened them (see HostedHTTP.client).
         loop = asyncio.get_running_loop()
         if self._sdk is None or self._sdk_loop is not loop:
             self._sdk_loop = loop
             http_client = (
-                httpx.AsyncClient(transport=self._transport, timeout=self.config.timeout_s)
-                if self._transport is not None
+                httpx.AsyncClient(transport=self.transport, timeout=self.config.timeout_s)
+                if self.transport is not None
                 else None
             )
             self._sdk = AsyncOpenAI(
@@ -297,46 +259,6 @@ class OpenAIImagesBackend(HostedBackend):
                 http_client=http_client,  # type: ignore[arg-type]  # the SDK accepts httpx too
             )
         return self._sdk
-
-    async def _generate_as(
-        self, spec: ModelSpec, params: GenerationParams, *, notices: Sequence[str]
-    ) -> BackendResult:
-        model_id = spec.provider_model or spec.name
-        family = family_of(model_id)
-        body, dropped = self._request(family, params)
-        body["model"] = model_id  # always sent: the server's default model is dall-e-2
-        client = self._client()
-        revised: list[str] = []
-
-        async def one_call() -> list[Piece]:
-            response = await with_retries(
-                lambda: self._call(client, body),
-                provider=self.provider,
-                policy=self.http.policy,
-                sleep=self.http.sleep,
-                what=f"images.generate ({model_id})",
-            )
-            pieces, revised_prompt = await self._pieces(spec, params, response)
-            if revised_prompt:
-                revised.append(revised_prompt)
-            return pieces
-
-        async def single_image() -> Piece:
-            return (await one_call())[0]
-
-        if family == "dall-e-3":  # one image per call
-            pieces = await gather_pieces(self.provider, [single_image() for _ in range(params.n)])
-        else:
-            pieces = await one_call()
-        return BackendResult(
-            images=tuple(p.image for p in pieces),
-            provider=self.provider,
-            cost_usd=total_cost(pieces),
-            revised_prompt=revised[0] if revised else None,
-            dropped_params=dropped,
-            notices=tuple(notices),
-            deterministic=False,
-        )
 
     async def _call(self, client: AsyncOpenAI, body: Mapping[str, Any]) -> Any:
         try:
@@ -359,7 +281,15 @@ class OpenAIImagesBackend(HostedBackend):
                 provider=provider,
             )
         if status in (400, 404) and (code == "model_not_found" or param == "model"):
-            return _ModelGone(f"{status} {code or 'model'}: {message}")
+            # Retired models are the router's to refuse or replace (catalogue `replacement`):
+            # here the server lacks a model the catalogue thinks it has.
+            return InvalidParamsError(
+                f"openai: model '{self.provider_model}' is not offered by {self.config.host} "
+                f"({status} {code or 'model'}: {message}); check the catalogue entry's "
+                f"provider_model and providers.{provider}.base_url",
+                provider=provider,
+                param="model",
+            )
         if status in (401, 403):
             return auth_failure(self.config, status)
         if status == 429 and code == "insufficient_quota":
@@ -384,7 +314,7 @@ class OpenAIImagesBackend(HostedBackend):
         )
 
     async def _pieces(
-        self, spec: ModelSpec, params: GenerationParams, response: Any
+        self, params: GenerationParams, response: Any
     ) -> tuple[list[Piece], str | None]:
         items = list(response.data or [])
         if not items:
@@ -401,15 +331,13 @@ class OpenAIImagesBackend(HostedBackend):
                     provider=self.provider,
                 )
             images.append(to_image(data, provider=self.provider, seed=None))
-        cost = self._cost(spec, params, response, count=len(images))
+        cost = self._cost(params, response, count=len(images))
         each = None if cost is None else cost / len(images)
         return [Piece(img, each) for img in images], items[0].revised_prompt
 
-    def _cost(
-        self, spec: ModelSpec, params: GenerationParams, response: Any, *, count: int
-    ) -> float | None:
+    def _cost(self, params: GenerationParams, response: Any, *, count: int) -> float | None:
         """From `usage` where the response has it (token-billed models), else the table."""
-        key = self.price_key(spec)
+        key = self.price_key()
         if key is None:
             return None
         usage = getattr(response, "usage", None)
@@ -417,6 +345,10 @@ class OpenAIImagesBackend(HostedBackend):
             return self.prices.token_cost(key, usage.model_dump())
         each = self.prices.price_per_image(key, params.quality, f"{params.width}x{params.height}")
         return None if each is None else each * count
+
+
+async def _first(call: Awaitable[list[Piece]]) -> Piece:
+    return (await call)[0]
 
 
 def sdk_base_url(base_url: str) -> str:

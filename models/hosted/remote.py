@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 
 from models.base import (
-    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
@@ -21,8 +20,9 @@ from models.base import (
     GenerationParams,
     InvalidParamsError,
 )
-from models.hosted import HostedBackend
-from models.hosted.http import decode_b64, scrub, to_image
+from models.hosted.backend import HostedBackend
+from models.hosted.client import scrub
+from models.hosted.results import decode_b64, to_image
 
 _MODERATION_CODES = frozenset(
     {"content_policy_violation", "moderation_blocked", "content_filtered"}
@@ -55,6 +55,8 @@ def _error_fields(response: httpx.Response) -> dict[str, Any]:
 
 
 class RemoteImagegenBackend(HostedBackend):
+    needs_key = False  # a server on a private network may run without API keys
+
     def resolve(self, params: GenerationParams) -> GenerationParams:
         if params.width <= 0 or params.height <= 0 or params.n < 1:
             raise InvalidParamsError(
@@ -81,15 +83,7 @@ class RemoteImagegenBackend(HostedBackend):
                 body[name] = value
         return body
 
-    async def generate(
-        self,
-        params: GenerationParams,
-        events: Events = NO_EVENTS,
-        *,
-        precise: bool = False,
-    ) -> BackendResult:
-        self.resolve(params)
-        self.check_prompt(params.prompt)
+    async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
         key = self.config.api_key_value()
         headers = {"accept": "application/json"}
         if key:
@@ -129,15 +123,16 @@ class RemoteImagegenBackend(HostedBackend):
                 f"served from the cache of the imagegen server at {self.config.host}"
                 + (f" (request {meta['request_id']})" if meta.get("request_id") else "")
             )
-        events.progress(1, 1)
-        first = items[0]
+        events.progress(100, 100)  # one call makes every image
+        revised = items[0].get("revised_prompt")
         return BackendResult(
             images=tuple(images),
             provider=self.provider,
             # The remote already turned its GPU time into cost_usd; its gpu_seconds were not
             # spent here and are not booked again.
             cost_usd=float(cost) if isinstance(cost, int | float) else None,
-            revised_prompt=first.get("revised_prompt") if isinstance(first, dict) else None,
+            # What the remote server made of the prompt (its preset, its sanitizer).
+            revised_prompt=revised if isinstance(revised, str) and revised else None,
             dropped_params=dropped,
             notices=tuple(notices),
             deterministic="seed" not in dropped,

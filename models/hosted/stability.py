@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 
 from models.base import (
-    NO_EVENTS,
     BackendError,
     BackendResult,
     ContentFilteredError,
@@ -21,18 +20,9 @@ from models.base import (
     GenerationParams,
     InvalidParamsError,
 )
-from models.hosted import HostedBackend
-from models.hosted.http import (
-    Piece,
-    auth_failure,
-    decode_b64,
-    gather_pieces,
-    json_object,
-    provider_message,
-    scrub,
-    to_image,
-    total_cost,
-)
+from models.hosted.backend import HostedBackend
+from models.hosted.client import json_object, provider_message, scrub
+from models.hosted.results import Piece, decode_b64, fan_out, to_image, total_cost
 
 ASPECT_RATIOS = ("16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
 SEED_MAX = 4_294_967_294  # 0 means "random" to Stability
@@ -75,17 +65,7 @@ class StabilityBackend(HostedBackend):
         key = self.price_key()
         return None if key is None else self.prices.price_per_image(key)
 
-    async def generate(
-        self,
-        params: GenerationParams,
-        events: Events = NO_EVENTS,
-        *,
-        precise: bool = False,
-    ) -> BackendResult:
-        self.resolve(params)
-        self.check_prompt(params.prompt)
-        if self.config.api_key is None:
-            raise auth_failure(self.config)
+    async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
         ratio, exact = nearest_aspect_ratio(params.width, params.height)
         dropped: list[str] = []
         notices: list[str] = []
@@ -101,26 +81,20 @@ class StabilityBackend(HostedBackend):
         )
         if params.guidance_scale is not None and not sd3:
             dropped.append("guidance_scale")
-        if 0 in params.image_seeds():
+        seeds = params.image_seeds()
+        if 0 in seeds:
             notices.append("seed 0 means 'random' to Stability: that image is not reproducible")
 
-        done = 0
-
-        async def one(seed: int) -> Piece:
-            nonlocal done
-            piece = await self._one(params, seed, ratio, sd3)
-            done += 1
-            events.progress(done, params.n)
-            return piece
-
-        pieces = await gather_pieces(self.provider, [one(s) for s in params.image_seeds()])
+        pieces = await fan_out(
+            params.n, lambda i, _report: self._one(params, seeds[i], ratio, sd3), events
+        )
         return BackendResult(
             images=tuple(p.image for p in pieces),
             provider=self.provider,
             cost_usd=total_cost(pieces),
             dropped_params=tuple(dropped),
             notices=tuple(notices),
-            deterministic=0 not in params.image_seeds(),
+            deterministic=0 not in seeds,
         )
 
     async def _one(self, params: GenerationParams, seed: int, ratio: str, sd3: bool) -> Piece:

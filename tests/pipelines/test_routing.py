@@ -16,7 +16,7 @@ from server.http.errors import status_of
 from server.service import ImageRequest, ImageService
 from server.settings import Settings
 from tests.stubs.bfl_stub import BFLStub, moderated
-from tests.stubs.common import reply, variant
+from tests.stubs.common import reply, require_specs, specs_missing, variant
 from tests.stubs.fixtures import FAST, live
 from tests.stubs.imagegen_stub import ImagegenStub
 from tests.stubs.midjourney_stub import MidjourneyStub
@@ -43,12 +43,19 @@ PROVIDERS: dict[str, tuple[Any, str, str, str]] = {
 }
 
 
+# The stubs that check every request against the official specs (../shared/specs): without
+# them those stubs are not started and the tests that need them skip, saying why.
+NEEDS_SPECS = frozenset({"openai", "bfl"})
+
+
 @pytest.fixture(scope="module")
 def stubs() -> Iterator[dict[str, Any]]:
     started: dict[str, Any] = {}
     contexts = []
     try:
         for name, (factory, *_rest) in PROVIDERS.items():
+            if name in NEEDS_SPECS and specs_missing() is not None:
+                continue
             ctx = live(factory())
             started[name] = ctx.__enter__()
             contexts.append(ctx)
@@ -56,6 +63,12 @@ def stubs() -> Iterator[dict[str, Any]]:
     finally:
         for ctx in reversed(contexts):
             ctx.__exit__(None, None, None)
+
+
+def need(stubs: dict[str, Any], *providers: str) -> None:
+    """Skip unless the stubs of `providers` run (the spec-checked ones need the specs)."""
+    if any(p not in stubs for p in providers):
+        require_specs()
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +83,8 @@ def clean(stubs: dict[str, Any]) -> Iterator[None]:
 def provider_settings(stubs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, (_factory, key, _model, _route) in PROVIDERS.items():
-        out[name] = {"base_url": stubs[name].url, "api_key": key, **FAST}
+        if name in stubs:
+            out[name] = {"base_url": stubs[name].url, "api_key": key, **FAST}
     out["midjourney"]["usd_per_image"] = 0.05
     return out
 
@@ -95,6 +109,7 @@ def total_requests(stubs: dict[str, Any]) -> int:
 def test_hosted_success_then_fallback_to_local_on_outage(
     data_dir: Path, stubs: dict[str, Any], provider: str
 ) -> None:
+    need(stubs, provider)
     _factory, _key, model, route = PROVIDERS[provider]
     service = make_service(data_dir, stubs, fallbacks={model: ["tiny-sdxl"]})
     try:
@@ -137,6 +152,7 @@ def test_hosted_success_then_fallback_to_local_on_outage(
 def test_moderation_is_content_filtered_without_fallback_or_cache(
     data_dir: Path, stubs: dict[str, Any], provider: str, script: Any
 ) -> None:
+    need(stubs, provider)
     _factory, _key, model, route = PROVIDERS[provider]
     stub = stubs[provider]
     if provider == "bfl":
@@ -201,6 +217,7 @@ def test_budget_cap_refuses_further_spend(data_dir: Path, stubs: dict[str, Any])
 def test_circuit_opens_and_later_requests_skip_the_failing_provider(
     data_dir: Path, stubs: dict[str, Any]
 ) -> None:
+    need(stubs, "bfl")
     stub = stubs["bfl"]
     stub.state.script("submit", *[reply(503, {"detail": "down"}) for _ in range(9)])
     service = make_service(data_dir, stubs, fallbacks={"flux-pro-1.1": ["tiny-sdxl"]})
@@ -222,6 +239,7 @@ def test_circuit_opens_and_later_requests_skip_the_failing_provider(
 def test_seeded_hosted_repeat_is_a_free_cache_hit(
     data_dir: Path, stubs: dict[str, Any], provider: str
 ) -> None:
+    need(stubs, provider)
     model = PROVIDERS[provider][2]
     service = make_service(data_dir, stubs)
     try:
@@ -251,6 +269,7 @@ def test_sanitizer_blocks_before_any_hosted_request(data_dir: Path, stubs: dict[
 def test_openai_drops_seed_and_negative_and_is_never_cached(
     data_dir: Path, stubs: dict[str, Any]
 ) -> None:
+    need(stubs, "openai")
     service = make_service(data_dir, stubs)
     try:
         first = generate(
@@ -264,3 +283,34 @@ def test_openai_drops_seed_and_negative_and_is_never_cached(
         assert first.cost_usd > 0
     finally:
         service.close()
+
+
+def test_a_retired_model_is_refused_before_anything_is_sent(
+    data_dir: Path, stubs: dict[str, Any]
+) -> None:
+    service = make_service(data_dir, stubs)
+    try:
+        with pytest.raises(errors.InvalidRequestError, match="map_retired_to_replacement"):
+            generate(service, prompt="a fox", model="dall-e-3", seed=1)
+    finally:
+        service.close()
+    assert total_requests(stubs) == 0
+
+
+def test_a_mapped_retired_model_is_served_by_its_replacement(
+    data_dir: Path, stubs: dict[str, Any]
+) -> None:
+    need(stubs, "openai")
+    providers = provider_settings(stubs)
+    providers["openai"]["map_retired_to_replacement"] = True
+    service = make_service(data_dir, stubs, providers=providers)
+    try:
+        served = generate(
+            service, prompt="a fox", model="dall-e-3", quality="hd", style="vivid", seed=1
+        )
+    finally:
+        service.close()
+    assert (served.model, served.provider) == ("gpt-image-2", "openai")
+    (request,) = stubs["openai"].state.requests
+    assert request.json["model"] == "gpt-image-2" and request.json["quality"] == "high"
+    assert "style" in served.dropped_params

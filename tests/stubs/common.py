@@ -8,6 +8,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,8 +17,14 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-# /work/shared/specs beside the repository (never copied into it).
-SPECS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "specs"
+# The official provider specs the OpenAI and BFL stubs validate requests against: ../shared/specs
+# beside the repository (never copied into it), or TEST_PROVIDER_SPECS_DIR (point it at an empty
+# folder to see that every test needing them skips with the reason).
+SPECS_DIR = Path(
+    os.environ.get("TEST_PROVIDER_SPECS_DIR")
+    or Path(__file__).resolve().parents[2].parent / "shared" / "specs"
+)
+SPEC_FILES = ("openai-openapi.yaml", "bfl-openapi.json")
 
 
 @dataclass
@@ -132,11 +139,24 @@ def make_image(width: int, height: int, key: str, fmt: str = "png") -> bytes:
     return buffer.getvalue()
 
 
+def specs_missing() -> str | None:
+    """Why the provider specs cannot be used, or None when they are all there."""
+    missing = [name for name in SPEC_FILES if not (SPECS_DIR / name).is_file()]
+    if not missing:
+        return None
+    return (
+        f"provider specs {', '.join(missing)} not found in {SPECS_DIR} (../shared/specs beside "
+        "the repository, or TEST_PROVIDER_SPECS_DIR)"
+    )
+
+
 def require_specs() -> Path:
+    """Skip the calling test (or fixture) when the specs are not there."""
     import pytest
 
-    if not SPECS_DIR.is_dir():
-        pytest.skip(f"provider specs not found at {SPECS_DIR} (../shared/specs beside the repo)")
+    reason = specs_missing()
+    if reason is not None:
+        pytest.skip(reason)
     return SPECS_DIR
 
 

@@ -37,6 +37,10 @@ FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+# The remote server's own preset: its revised prompt carries this suffix.
+REMOTE_PRESET_SUFFIX = "35mm photograph, natural light"
+
+
 class ImagegenStub:
     def __init__(
         self, *, api_key: str = "ig-test-good", models: tuple[str, ...] = ("sdxl",)
@@ -84,7 +88,8 @@ class ImagegenStub:
                     make_image(width, height, f"{body['prompt']}|{seed + i}", fmt)
                 ).decode(),
                 "seed": seed + i,
-                "revised_prompt": body["prompt"],
+                # What the remote made of the prompt (its preset expanded, as imagegen does).
+                "revised_prompt": f"{body['prompt']}, {REMOTE_PRESET_SUFFIX}",
             }
             for i in range(n)
         ]

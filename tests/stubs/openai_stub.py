@@ -92,7 +92,7 @@ class OpenAIStub:
                 "invalid_request_error",
                 "invalid_api_key",
             )
-        answer, _ = await scripted(state, "generate")
+        answer, step = await scripted(state, "generate")
         if answer is not None:
             return answer
         model = body.get("model") or "dall-e-2"
@@ -116,7 +116,8 @@ class OpenAIStub:
             for i in range(n)
         ]
         answer_body: dict[str, Any] = {"created": int(time.time()), "data": data}
-        if model.startswith("dall-e"):
+        # DALL-E always revises the prompt; a GPT image model may (the "revised" variant).
+        if model.startswith("dall-e") or (step is not None and step.variant == "revised"):
             for item in data:
                 item["revised_prompt"] = f"A detailed picture of {body['prompt']}"
         else:

@@ -66,6 +66,7 @@ def test_submit_poll_download(stub: BFLStub) -> None:
     polls = stub.state.of("poll")
     assert len(polls) == 3 and all(p.path == "/eu/v1/get_result" for p in polls)
     assert stub.state.count("download") == 1
+    assert events.seen[0] == ("started", ())
     assert events.steps[-1] == (100, 100)
     assert [s for s, _ in events.steps] == sorted(s for s, _ in events.steps)
 

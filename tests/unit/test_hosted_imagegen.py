@@ -14,8 +14,17 @@ from models.base import (
     TransientBackendError,
 )
 from tests.stubs.common import delay, reply
-from tests.stubs.fixtures import RecordingSleep, backend, config, generate_once, live, params, run
-from tests.stubs.imagegen_stub import ImagegenStub
+from tests.stubs.fixtures import (
+    RecordingEvents,
+    RecordingSleep,
+    backend,
+    config,
+    generate_once,
+    live,
+    params,
+    run,
+)
+from tests.stubs.imagegen_stub import REMOTE_PRESET_SUFFIX, ImagegenStub
 
 KEY = "ig-test-good"
 
@@ -72,6 +81,14 @@ def test_extension_fields_travel_and_seeds_come_back(stub: ImagegenStub) -> None
         "guidance_scale": 6.5,
         "scheduler": "euler",
     }
+
+
+def test_the_remote_revised_prompt_is_carried(stub: ImagegenStub) -> None:
+    events = RecordingEvents()
+    b = backend("remote-imagegen", config("imagegen", stub.url, KEY))
+    result = run(generate_once(b, params("remote-imagegen"), events=events))
+    assert result.revised_prompt == f"a red fox in the snow, {REMOTE_PRESET_SUFFIX}"
+    assert events.seen == [("started", ()), ("progress", (100, 100))]
 
 
 def test_seeded_repeat_is_identical(stub: ImagegenStub) -> None:

@@ -68,6 +68,7 @@ def test_imagine_poll_download(stub: MidjourneyStub) -> None:
         "notifyHook": "",
         "state": "",
     }
+    assert events.seen[0] == ("started", ())
     assert (37, 100) in events.steps and (81, 100) in events.steps
     assert events.steps[-1] == (100, 100)
 

@@ -15,8 +15,9 @@ from models.base import (
     PromptTooLongError,
     TransientBackendError,
 )
-from tests.stubs.common import delay, reply, require_specs
+from tests.stubs.common import delay, reply, require_specs, variant
 from tests.stubs.fixtures import (
+    RecordingEvents,
     RecordingSleep,
     backend,
     config,
@@ -268,29 +269,49 @@ def test_dall_e_3_works_where_it_is_offered(stub: OpenAIStub) -> None:
     assert all(body["response_format"] == "b64_json" for body in bodies)
 
 
-def test_retired_model_names_its_replacement(stub: OpenAIStub) -> None:
-    stub.models = {"gpt-image-2"}
+def test_a_model_the_server_lacks_names_the_catalogue_entry(stub: OpenAIStub) -> None:
+    # Retired models are the router's (tests/test_router.py); a server without a model the
+    # catalogue expects there is a 400 naming what to check.
+    stub.models = {"dall-e-3"}
     with pytest.raises(InvalidParamsError) as caught:
-        run(generate_once(backend("dall-e-3", config("openai", stub.url, KEY)), params("dall-e-3")))
+        run(
+            generate_once(
+                backend("gpt-image-2", config("openai", stub.url, KEY)), params("gpt-image-2")
+            )
+        )
     assert caught.value.param == "model"
-    assert "'gpt-image-2'" in caught.value.message
-    assert "map_retired_to_replacement" in caught.value.message
+    assert "'gpt-image-2' is not offered by 127.0.0.1" in caught.value.message
+    assert "provider_model" in caught.value.message
     assert stub.state.count("generate") == 1
 
 
-def test_retired_model_can_be_mapped_to_its_replacement(stub: OpenAIStub) -> None:
-    stub.models = {"gpt-image-2"}
-    cfg = config("openai", stub.url, KEY, map_retired_to_replacement=True)
-    p = params("dall-e-3", quality="hd", style="vivid")
-    result = run(generate_once(backend("dall-e-3", cfg), p))
-    assert len(result.images) == 1
-    assert any("served by 'gpt-image-2'" in n for n in result.notices)
+def test_dall_e_qualities_are_sent_as_gpt_image_qualities(stub: OpenAIStub) -> None:
+    # What a retired dall-e-3 request served by gpt-image-2 (the router's mapping) relies on.
+    p = params("gpt-image-2", quality="hd", style="vivid")
+    result = run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY)), p))
+    (request,) = stub.state.requests
+    assert request.json["quality"] == "high" and "style" not in request.json
     assert "style" in result.dropped_params
-    first, second = (r.json for r in stub.state.requests)
-    assert first["model"] == "dall-e-3"
-    assert second["model"] == "gpt-image-2" and second["quality"] == "high"
-    assert "style" not in second
-    assert result.cost_usd is not None  # from the replacement's usage
+    assert any("quality 'hd'" in n and "'high'" in n for n in result.notices)
+    assert result.cost_usd is not None  # from usage
+
+
+def test_gpt_image_revised_prompt_is_carried(stub: OpenAIStub) -> None:
+    stub.state.script("generate", variant("revised"))
+    result = run(
+        generate_once(
+            backend("gpt-image-2", config("openai", stub.url, KEY)), params("gpt-image-2")
+        )
+    )
+    assert result.revised_prompt == "A detailed picture of a red fox in the snow"
+
+
+def test_started_comes_before_the_request_and_progress_after(stub: OpenAIStub) -> None:
+    events = RecordingEvents()
+    b = backend("dall-e-3", config("openai", stub.url, KEY))
+    run(generate_once(b, params("dall-e-3", n=2), events=events))
+    assert events.seen[0] == ("started", ())
+    assert events.steps == [(50, 100), (100, 100)]  # as each of the two calls completes
 
 
 def test_dall_e_3_rejects_sizes_it_never_had(stub: OpenAIStub) -> None:

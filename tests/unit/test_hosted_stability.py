@@ -10,13 +10,23 @@ import pytest
 
 from models.base import (
     AuthError,
+    BackendError,
     ContentFilteredError,
     InvalidParamsError,
     TransientBackendError,
 )
 from models.hosted.stability import nearest_aspect_ratio
-from tests.stubs.common import delay, reply, variant
-from tests.stubs.fixtures import RecordingSleep, backend, config, generate_once, live, params, run
+from tests.stubs.common import Step, delay, reply, variant
+from tests.stubs.fixtures import (
+    RecordingEvents,
+    RecordingSleep,
+    backend,
+    config,
+    generate_once,
+    live,
+    params,
+    run,
+)
 from tests.stubs.stability_stub import StabilityStub, content_moderation
 
 KEY = "sk-test-stability-good"
@@ -193,6 +203,27 @@ def test_one_filtered_image_of_three_books_what_the_others_cost(stub: StabilityS
         )
     assert caught.value.charged_usd == pytest.approx(3 * 0.03)
     assert stub.state.count("generate") == 3
+
+
+def test_a_later_image_failing_raises_with_what_the_others_were_billed(
+    stub: StabilityStub,
+) -> None:
+    # The 2nd of 3 calls is refused for credits (402, not retried); the 1st and 3rd made
+    # images that were paid for: the error carries them, so the service can book them.
+    stub.state.script("generate", Step(), reply(402, {"name": "payment_required"}), Step())
+    b = backend("stability-core", config("stability", stub.url, KEY))
+    with pytest.raises(BackendError, match="payment required") as caught:
+        run(generate_once(b, params("stability-core", n=3)))
+    assert caught.value.charged_usd == pytest.approx(2 * 0.03)
+    assert stub.state.count("generate") == 3
+
+
+def test_progress_moves_as_each_image_completes(stub: StabilityStub) -> None:
+    events = RecordingEvents()
+    b = backend("stability-core", config("stability", stub.url, KEY))
+    run(generate_once(b, params("stability-core", n=3), events=events))
+    assert events.seen[0] == ("started", ())
+    assert events.steps == [(33, 100), (66, 100), (100, 100)]
 
 
 def test_bad_key_is_an_auth_error(stub: StabilityStub) -> None:

@@ -22,7 +22,8 @@ HOSTED = [
 
 
 def make_router(tmp_path: Path, **overrides: Any) -> Router:
-    settings = Settings(data_dir=tmp_path, models=HOSTED, **overrides)
+    overrides["models"] = [*HOSTED, *overrides.get("models", [])]
+    settings = Settings(data_dir=tmp_path, **overrides)
     ledger = Ledger(Database(tmp_path / "db.sqlite3"))
     return Router(settings, Catalogue.load(settings.models), ledger)
 
@@ -107,3 +108,83 @@ def test_budget_caps_per_provider_and_total(tmp_path: Path) -> None:
     with pytest.raises(errors.BudgetExhaustedError, match="overall"):
         router.check_budget("bfl", 0.08)
     router.check_budget("bfl", 0.07)
+
+
+# ------------------------------------------------------------------ retired models
+
+
+def test_a_retired_model_is_refused_naming_its_replacement_and_the_setting(tmp_path: Path) -> None:
+    router = make_router(tmp_path, providers={"openai": {"api_key": "k"}})
+    for retired in ("dall-e-3", "gpt-image-1"):
+        with pytest.raises(errors.InvalidRequestError) as caught:
+            router.plan(retired, local_only=False)
+        assert caught.value.param == "model"
+        assert "use model 'gpt-image-2'" in caught.value.message
+        assert "providers.openai.map_retired_to_replacement = true" in caught.value.message
+    # With no providers.openai section at all, the same (nothing maps it).
+    with pytest.raises(errors.InvalidRequestError, match="map_retired_to_replacement"):
+        make_router(tmp_path).plan("dall-e-3", local_only=False)
+
+
+def test_a_mapped_retired_model_is_served_by_its_replacement_with_a_notice(
+    tmp_path: Path,
+) -> None:
+    router = make_router(
+        tmp_path,
+        providers={"openai": {"api_key": "k", "map_retired_to_replacement": True}},
+        fallbacks={"dall-e-3": ["gpt-image-2", "gpt-image-1", "tiny-sdxl"]},
+    )
+    chain = router.plan("dall-e-3", local_only=False)
+    # The replacement is not tried twice, and a retired fallback is left out.
+    assert names(chain) == ["gpt-image-2", "tiny-sdxl"]
+    assert chain[0].notice == "dall-e-3 is retired: served by gpt-image-2"
+    assert chain[1].notice is None
+
+
+def test_the_users_own_catalogue_decides_what_is_retired_and_what_serves_it(
+    tmp_path: Path,
+) -> None:
+    own = [
+        # The user's gpt-image-2 (another OpenAI-compatible host's model id) serves dall-e-3.
+        {"name": "gpt-image-2", "kind": "openai", "source": "openai", "provider_model": "gi2-eu"},
+        # A server that still offers gpt-image-1: the user's entry names no replacement.
+        {"name": "gpt-image-1", "kind": "openai", "source": "openai"},
+    ]
+    settings = Settings(
+        data_dir=tmp_path,
+        models=own,
+        providers={"openai": {"api_key": "k", "map_retired_to_replacement": True}},
+    )
+    router = Router(settings, Catalogue.load(settings.models), Ledger(Database(tmp_path / "d")))
+    (served,) = router.plan("dall-e-3", local_only=False)
+    assert served.spec.provider_model == "gi2-eu"
+    (kept,) = router.plan("gpt-image-1", local_only=False)
+    assert kept.spec.name == "gpt-image-1" and kept.notice is None
+
+
+def test_a_replacement_missing_from_the_catalogue_is_named(tmp_path: Path) -> None:
+    own = [{"name": "old", "kind": "openai", "source": "openai", "replacement": "newer"}]
+    router = make_router(
+        tmp_path,
+        models=own,
+        providers={"openai": {"api_key": "k", "map_retired_to_replacement": True}},
+    )
+    with pytest.raises(errors.InvalidRequestError, match="'newer' is not in the catalogue"):
+        router.plan("old", local_only=False)
+
+
+def test_auto_never_routes_to_a_retired_model(tmp_path: Path) -> None:
+    router = make_router(
+        tmp_path,
+        routing_policy="hosted-first",
+        providers={"openai": {"api_key": "k", "map_retired_to_replacement": True}},
+    )
+    chain = names(router.plan("auto", local_only=False))
+    assert "gpt-image-2" in chain
+    assert "dall-e-3" not in chain and "gpt-image-1" not in chain
+
+
+def test_local_only_refuses_a_retired_hosted_model_as_hosted(tmp_path: Path) -> None:
+    router = make_router(tmp_path, providers={"openai": {"map_retired_to_replacement": True}})
+    with pytest.raises(errors.LocalOnlyError):
+        router.plan("dall-e-3", local_only=True)

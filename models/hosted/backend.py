@@ -1,0 +1,133 @@
+"""What every hosted backend shares: provider config, HTTP client, prices, identity, and the
+order of `generate` (checks, `events.started()`, then the backend's provider part)."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import httpx
+
+from models.base import (
+    NO_EVENTS,
+    Backend,
+    BackendIdentity,
+    BackendResult,
+    Events,
+    GenerationParams,
+    InvalidParamsError,
+    ModelSpec,
+    PromptTooLongError,
+)
+from models.hosted.client import HostedHTTP, auth_failure
+from models.hosted.config import ProviderConfig
+from models.hosted.retry import SleepFn
+from models.prices import PriceTable
+
+
+class HostedBackend(Backend):
+    """What every hosted backend shares: its provider config, one HTTP client with the common
+    retry policy, the price table, the prompt limit from the catalogue, identity, and the
+    order of `generate` (checks, then `events.started()`, then the provider part,
+    `_generate`, which is all a backend writes)."""
+
+    # Whether the provider refuses every request without a key. midjourney-proxy's secret and
+    # another imagegen server's keys are optional, so those backends send without one.
+    needs_key: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: ProviderConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: SleepFn | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        self.spec = spec
+        self.config = config
+        self.prices = prices if prices is not None else PriceTable.load()
+        # The test seam, kept for clients that do not send through `http` (the OpenAI SDK).
+        self.transport = transport
+        self.http = HostedHTTP(config, transport=transport, sleep=sleep)
+
+    @property
+    def provider(self) -> str:
+        return self.config.provider
+
+    @property
+    def provider_model(self) -> str:
+        return self.spec.provider_model or self.spec.name
+
+    def identity_extra(self) -> dict[str, Any]:
+        """Backend-specific facts that decide the pixels (an endpoint, an API version)."""
+        return {}
+
+    def identity(self, params: GenerationParams) -> BackendIdentity:
+        # The host is part of the identity: another server behind the same model id may
+        # make other pixels. Keys never are.
+        return BackendIdentity(
+            backend=self.provider,
+            model_revision=self.provider_model,
+            pipeline=type(self).__name__,
+            extra={"host": self.config.host, **self.identity_extra()},
+        )
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        events: Events = NO_EVENTS,
+        *,
+        precise: bool = False,
+    ) -> BackendResult:
+        del precise  # providers offer no numerically safer mode to ask for
+        params = self.resolve(params)
+        self.check_prompt(params.prompt)
+        if self.needs_key and self.config.api_key is None:
+            raise auth_failure(self.config)  # before anything is sent
+        events.started()
+        return await self._generate(params, events)
+
+    @abc.abstractmethod
+    async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
+        """The provider part: send the checked `params`, report `progress` as the provider
+        does (polls) or as the images of an n>1 request complete, and return the images."""
+
+    def check_prompt(self, prompt: str) -> None:
+        limit = self.spec.extra.get("max_prompt_chars")
+        if isinstance(limit, int) and len(prompt) > limit:
+            raise PromptTooLongError(
+                f"prompt is {len(prompt)} characters; {self.spec.name} accepts at most {limit}",
+                provider=self.provider,
+                param="prompt",
+            )
+
+    def require_size_and_seeds(self, params: GenerationParams, *, seed_max: int) -> None:
+        """Positive sides and every image's seed (seed + i) inside the provider's range."""
+        if params.width <= 0 or params.height <= 0:
+            raise InvalidParamsError(
+                f"size must be WIDTHxHEIGHT with positive sides, got "
+                f"'{params.width}x{params.height}'",
+                provider=self.provider,
+                param="size",
+            )
+        seeds = params.image_seeds()
+        if min(seeds) < 0 or max(seeds) > seed_max:
+            raise InvalidParamsError(
+                f"seed must be 0..{seed_max} for {self.provider} (image i uses seed + i), "
+                f"got {params.seed} with n={params.n}",
+                provider=self.provider,
+                param="seed",
+            )
+
+    def price_key(self, spec: ModelSpec | None = None) -> str | None:
+        """The price-table name for `spec` (default: this backend's): the catalogue name, else
+        the provider's model id (a user's own entry for a priced model)."""
+        spec = spec or self.spec
+        for name in (spec.name, spec.provider_model):
+            if name and self.prices.rows_for(name):
+                return name
+        return None
+
+    async def close(self) -> None:
+        await self.http.aclose()
