@@ -1,6 +1,8 @@
 """The service around hosted providers (real stubs on loopback): what a provider billed before
-refusing is booked under the request's own id, and a job for a hosted model reports
-queued -> running -> succeeded like a local one, answering 202 before the provider does."""
+refusing is booked under the request's own id; the provider's revised prompt reaches the
+result; a daily budget stops the first request to a token-billed model; and a job for a hosted
+model reports queued -> running -> succeeded like a local one, answering 202 before the
+provider does."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from server.settings import Settings
 from tests.helpers_server import fresh_data_dir, live_server, tiny_settings
 from tests.stubs.common import delay, variant
 from tests.stubs.fixtures import FAST, live
+from tests.stubs.openai_stub import OpenAIStub
 from tests.stubs.stability_stub import StabilityStub
 
 KEY = "k-stability"
@@ -34,6 +37,52 @@ def clean(stability: StabilityStub) -> Iterator[None]:
     stability.state.reset()
     yield
     assert stability.state.invalid == [], "a request broke the Stability wire contract"
+
+
+OPENAI_KEY = "k-openai"
+
+
+@pytest.fixture(scope="module")
+def openai() -> Iterator[OpenAIStub]:
+    with live(OpenAIStub(api_key=OPENAI_KEY)) as stub:
+        yield stub
+
+
+def openai_service(data_dir: Path, stub: OpenAIStub, **settings: Any) -> ImageService:
+    config = {"openai": {"base_url": stub.url, "api_key": OPENAI_KEY, **FAST}}
+    return ImageService(Settings(data_dir=data_dir, providers=config, **settings))
+
+
+def test_the_providers_revised_prompt_reaches_the_result(
+    data_dir: Path, openai: OpenAIStub
+) -> None:
+    openai.state.reset()
+    openai.state.script("generate", variant("revised"))
+    service = openai_service(data_dir, openai)
+    try:
+        request = ImageRequest(prompt="a red fox", model="gpt-image-2", width=1024, height=1024)
+        result = asyncio.run(service.generate(request))
+        assert result.revised_prompt == "A detailed picture of a red fox"
+    finally:
+        service.close()
+    assert openai.state.invalid == []
+
+
+def test_a_daily_budget_stops_the_first_token_billed_request(
+    data_dir: Path, openai: OpenAIStub
+) -> None:
+    """gpt-image-2 has no per-image price and the ledger is empty: the budget reserves the
+    model's cost bound instead of 0, so a $0.001 cap refuses a ~$0.03 image before it is sent."""
+    openai.state.reset()
+    service = openai_service(data_dir, openai, budgets={"openai": 0.001})
+    try:
+        request = ImageRequest(prompt="a red fox", model="gpt-image-2", width=1024, height=1024)
+        with pytest.raises(errors.BudgetExhaustedError, match=r"budgets\.openai"):
+            asyncio.run(service.generate(request))
+        assert openai.state.requests == []  # nothing was sent, nothing billed
+        assert service.ledger.rows() == []
+    finally:
+        service.close()
 
 
 def providers(stub: StabilityStub) -> dict[str, Any]:
