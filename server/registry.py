@@ -117,9 +117,6 @@ class BackendRegistry:
         for listener in list(self._fault_listeners):
             listener(message)
 
-    def loaded_backends(self) -> dict[str, Backend]:
-        return dict(self._backends)
-
     def describe(self) -> list[dict[str, Any]]:
         from models.local import sources
 

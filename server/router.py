@@ -220,9 +220,6 @@ class Router:
     def provider_configured(self, spec: ModelSpec) -> bool:
         return (spec.source or spec.kind) in self.settings.providers
 
-    def provider_of(self, spec: ModelSpec) -> str:
-        return "local" if spec.is_local else (spec.source or spec.kind)
-
     # -- admission -----------------------------------------------------------------------
 
     def admit(self, provider: str, reserve: Callable[[], float]) -> Admission:

@@ -57,9 +57,6 @@ class BatchRow:
     error: str | None = None
     param: str | None = None
 
-    def describe_error(self) -> str:
-        return f"line {self.line}: {self.error}"
-
 
 def read_rows(path: Path, defaults: BatchDefaults = BatchDefaults()) -> list[BatchRow]:
     """Rows of a JSONL or CSV file (see `rows_from_bytes`)."""

@@ -93,7 +93,7 @@ def test_unknown_field_fails_that_row_naming_field_and_line() -> None:
     assert [r.line for r in rows] == [1, 3, 4]
     assert rows[0].request == ImageRequest(prompt="a")
     assert rows[1].request is None and rows[1].param == "colour"
-    assert rows[1].describe_error().startswith("line 3: unknown field 'colour'")
+    assert (rows[1].line, (rows[1].error or "").startswith("unknown field 'colour'")) == (3, True)
     assert "did you mean 'steps'" in (rows[2].error or "")
 
 

@@ -123,7 +123,7 @@ def test_blocked_prompt_fails_before_any_model_loads(service: ImageService, prom
         run(service, prompt=prompt, seed=1)
     assert info.value.param == "prompt"
     assert "category" in info.value.message
-    assert service.registry.loaded_backends() == {}
+    assert not any(row["loaded"] for row in service.models())
     assert service.ledger.stats()["requests"] == 0
 
 
