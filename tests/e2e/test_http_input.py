@@ -16,9 +16,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.e2e.test_http_batches import finished
+from tests.e2e.test_http_batches import manifest as batch_manifest
 from tests.helpers_server import LiveServer, fresh_data_dir, live_server, tiny_settings
-from tests.test_http_batches import finished
-from tests.test_http_batches import manifest as batch_manifest
 
 HOSTED = {"name": "test-hosted", "kind": "openai", "source": "openai", "provider_model": "dall-e-3"}
 JSON = {"content-type": "application/json"}

@@ -163,10 +163,9 @@ def test_retry_after_over_the_cap_fails_at_once(stub: OpenAIStub) -> None:
 def test_timeout_is_transient(stub: OpenAIStub) -> None:
     stub.state.script("generate", delay(1.0), delay(1.0))
     b = backend("gpt-image-2", config("openai", stub.url, KEY, timeout_s=0.25, max_retries=1))
-    started = time.monotonic()
+    # The error names the client's own timeout: neither attempt waited for the stub's answer.
     with pytest.raises(TransientBackendError, match=r"no answer within 0\.25 s"):
         run(generate_once(b, params("gpt-image-2")))
-    assert time.monotonic() - started < 1.5
     assert stub.state.count("generate") == 2
 
 
