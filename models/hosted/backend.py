@@ -120,11 +120,10 @@ class HostedBackend(Backend):
                 param="seed",
             )
 
-    def price_key(self, spec: ModelSpec | None = None) -> str | None:
-        """The price-table name for `spec` (default: this backend's): the catalogue name, else
-        the provider's model id (a user's own entry for a priced model)."""
-        spec = spec or self.spec
-        for name in (spec.name, spec.provider_model):
+    def price_key(self) -> str | None:
+        """This model's price-table name: the catalogue name, else the provider's model id (a
+        user's own entry for a priced model)."""
+        for name in (self.spec.name, self.spec.provider_model):
             if name and self.prices.rows_for(name):
                 return name
         return None

@@ -87,9 +87,7 @@ class ProviderConfig:
 
     # validate_default fills in the provider's default base_url; unknown fields are errors
     # (section_input names them first, with the known ones).
-    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(
-        extra="forbid", validate_default=True, hide_input_in_errors=True
-    )
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", validate_default=True)
 
     # The settings section's name (`providers.<provider>`); set from it, never written in it.
     provider: str
