@@ -210,15 +210,16 @@ def models(
     config: ConfigOpt = None,
 ) -> None:
     """The model catalogue and whether each model can be used here."""
-    from server.registry import BackendRegistry
-
     settings = load_settings_or_exit(config)
 
     def go() -> None:
-        from models.catalogue import Catalogue
+        from server.service import ImageService
 
-        registry = BackendRegistry(settings, Catalogue.load(settings.models))
-        rows = registry.describe()
+        service = ImageService(settings)
+        try:
+            rows = service.models()
+        finally:
+            service.close()
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
@@ -249,10 +250,14 @@ def stats(
     settings = load_settings_or_exit(config)
 
     def go() -> None:
-        from server.db import Database
-        from server.ledger import Ledger
+        from server.service import ImageService
 
-        data = Ledger(Database(settings.db_path)).stats()
+        # The same figures as GET /v1/stats (ledger totals, the cache, the GPU-hour rate).
+        service = ImageService(settings)
+        try:
+            data = service.stats()
+        finally:
+            service.close()
         if as_json:
             typer.echo(json.dumps(data, indent=2))
             return

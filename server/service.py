@@ -121,15 +121,22 @@ class ImageService:
         spent budget."""
         started = time.perf_counter()
         request_id = request.request_id or "img_" + uuid.uuid4().hex[:24]
-        params, chain = await asyncio.to_thread(self._route, request)
+        # One thread hop for everything before the backend on the first model of the route
+        # (a cache hit is served without another): hops cost more than the work they move.
+        params, chain, first = await asyncio.to_thread(self._begin, request, request_id, started)
         skipped: list[tuple[str, str]] = []
         last_error: errors.ImagegenError | None = None
         for index, candidate in enumerate(chain):
             try:
-                attempt = await asyncio.to_thread(
-                    self._attempt_for, candidate, params, request, request_id, started
-                )
-                result = await self._run(attempt, events)
+                if index == 0:
+                    if isinstance(first, errors.ServiceError):
+                        raise first
+                    attempt, hit = first
+                else:
+                    attempt, hit = await asyncio.to_thread(
+                        self._looked_up, candidate, params, request, request_id, started
+                    )
+                result = hit if hit is not None else await self._run(attempt, events)
             except errors.ServiceError as exc:
                 # A fallback that cannot take these parameters (another size grid, a shorter
                 # prompt limit) is passed over; the model asked for reports its own errors.
@@ -203,6 +210,35 @@ class ImageService:
 
     # -- the steps -----------------------------------------------------------------------
 
+    def _begin(
+        self, request: ImageRequest, request_id: str, started: float
+    ) -> tuple[
+        GenerationParams,
+        list[Candidate],
+        tuple[Attempt, GenerationResult | None] | errors.ServiceError,
+    ]:
+        """Route the request and look up its first model's attempt (and cache entry). An error
+        of that attempt is returned, not raised: the caller decides whether a fallback runs."""
+        params, chain = self._route(request)
+        try:
+            first = self._looked_up(chain[0], params, request, request_id, started)
+        except errors.ServiceError as exc:
+            return params, chain, exc
+        return params, chain, first
+
+    def _looked_up(
+        self,
+        candidate: Candidate,
+        params: GenerationParams,
+        request: ImageRequest,
+        request_id: str,
+        started: float,
+    ) -> tuple[Attempt, GenerationResult | None]:
+        """The attempt for `candidate`, and its cached result when the request has a seed."""
+        attempt = self._attempt_for(candidate, params, request, request_id, started)
+        hit = self._from_cache(attempt) if request.seed is not None else None
+        return attempt, hit
+
     def _route(self, request: ImageRequest) -> tuple[GenerationParams, list[Candidate]]:
         """The checked, expanded request and the models that may serve it, in order."""
         params = expand(
@@ -261,10 +297,7 @@ class ImageService:
         )
 
     async def _run(self, attempt: Attempt, events: Events) -> GenerationResult:
-        if attempt.request.seed is not None:
-            hit = await asyncio.to_thread(self._from_cache, attempt)
-            if hit is not None:
-                return hit
+        """Run `attempt` on its backend (its cache lookup already missed)."""
         backend, params = attempt.backend, attempt.params
         admission = self.router.admit(attempt.provider, lambda: self.costs.reserve(backend, params))
         try:
