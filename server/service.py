@@ -138,10 +138,7 @@ class ImageService:
                     )
                 result = hit if hit is not None else await self._run(attempt, events)
             except errors.ServiceError as exc:
-                # A fallback that cannot take these parameters (another size grid, a shorter
-                # prompt limit) is passed over; the model asked for reports its own errors.
-                unfit = index > 0 and type(exc) is errors.InvalidRequestError
-                if not (exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)):
+                if not _next_model_may_serve(index, exc):
                     raise
                 skipped.append((candidate.spec.name, exc.message))
                 last_error = exc
@@ -201,8 +198,7 @@ class ImageService:
                     attempt.backend.admit(attempt.params)
                 return
             except errors.ServiceError as exc:
-                unfit = index > 0 and type(exc) is errors.InvalidRequestError
-                if not (exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)):
+                if not _next_model_may_serve(index, exc):
                     raise
                 last = exc
         assert last is not None
@@ -561,6 +557,15 @@ class ImageService:
 
     def close(self) -> None:
         asyncio.run(self.aclose())
+
+
+def _next_model_may_serve(index: int, exc: errors.ServiceError) -> bool:
+    """Whether the route goes on to its next model after the one at `index` failed with
+    `exc`: on a transient failure or a spent budget; and a fallback that cannot take these
+    parameters (another size grid, a shorter prompt limit) is passed over, while the model
+    asked for reports its own bad-input errors."""
+    unfit = index > 0 and type(exc) is errors.InvalidRequestError
+    return exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)
 
 
 def _ms(since: float) -> float:
