@@ -18,7 +18,7 @@ from server import errors
 from server.service import ImageRequest, ImageService
 from server.settings import Settings
 from tests.helpers_server import fresh_data_dir, live_server, tiny_settings
-from tests.stubs.common import delay, variant
+from tests.stubs.common import delay, require_specs, variant
 from tests.stubs.fixtures import FAST, live
 from tests.stubs.openai_stub import OpenAIStub
 from tests.stubs.stability_stub import StabilityStub
@@ -44,6 +44,7 @@ OPENAI_KEY = "k-openai"
 
 @pytest.fixture(scope="module")
 def openai() -> Iterator[OpenAIStub]:
+    require_specs()  # the stub checks every request against OpenAI's published schema
     with live(OpenAIStub(api_key=OPENAI_KEY)) as stub:
         yield stub
 
