@@ -41,7 +41,10 @@ __all__ = [
     "GeneratedImage",
     "GenerationParams",
     "ImagegenError",
+    "InpaintArea",
+    "InputImage",
     "InvalidParamsError",
+    "LoraRef",
     "ModelDefaults",
     "ModelSpec",
     "ModelUnavailableError",
@@ -49,11 +52,17 @@ __all__ = [
     "OutputFormat",
     "PromptTooLongError",
     "QueueFullError",
+    "Task",
     "TransientBackendError",
     "WorkCancelledError",
 ]
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+# What a request asks of a pipeline: text only, an init image, or an init image and a mask.
+Task = Literal["txt2img", "img2img", "inpaint"]
+# Inpainting on the whole image, or on a crop around the mask at working resolution ("only
+# masked" in A1111), pasted back: the way to touch up a small area of a big image.
+InpaintArea = Literal["whole", "masked"]
 
 
 class Events:
@@ -136,6 +145,28 @@ LOCAL_KINDS = frozenset({"sdxl", "flux"})
 
 
 @dataclass(frozen=True)
+class InputImage:
+    """An input image as every backend receives it: decoded, checked and normalised once at the
+    edge (EXIF orientation applied; RGB, or L for a mask, where white = repaint), re-encoded as
+    PNG. `sha256` is of those PNG bytes: the cache key's part, so the same picture sent as a
+    JPEG or with different metadata is still the same input."""
+
+    data: bytes = field(repr=False)
+    sha256: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One adapter of a request, as the service resolved it in the LoRA library."""
+
+    name: str  # the file's stem in local.lora_dir
+    weight: float
+    sha256: str  # of the file: part of the cache key (the same name may be a new file later)
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """A fully resolved request as a backend sees it: preset expanded, seed concrete,
     per-model defaults applied. Image i has seed `seed + i`."""
@@ -157,6 +188,24 @@ class GenerationParams:
     background: str | None = None
     moderation: str | None = None
     output_compression: int | None = None
+    # Image inputs: () for text-to-image; OpenAI's edits take several reference images, local
+    # pipelines use the first. All are the request's size unless inpaint_area is "masked".
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None  # the size of images[0]; white = repaint
+    # Share of the schedule re-run on the init image (0 keeps it, 1 ignores it); None = the
+    # backend's default.
+    strength: float | None = None
+    mask_blur: int = 0  # feather (pixels) of the mask where the result is pasted back
+    inpaint_area: InpaintArea = "whole"
+    inpaint_padding: int = 32  # pixels around the mask's box in "masked" mode
+    input_fidelity: str | None = None  # OpenAI edits only
+    loras: tuple[LoraRef, ...] = ()
+
+    @property
+    def task(self) -> Task:
+        if not self.images:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
 
     def given(self, *names: str) -> list[str]:
         """Which of `names` are set (not None): what a backend without them must report as
@@ -167,8 +216,10 @@ class GenerationParams:
         return tuple(self.seed + i for i in range(self.n))
 
     def pixel_fields(self) -> dict[str, Any]:
-        """Every field that changes the pixels (the cache key is built from these)."""
-        return {
+        """Every field that changes the pixels (the cache key is built from these). The input
+        and adapter fields join only when set, so a text-to-image key is what it always was
+        (caches written before image inputs existed stay valid)."""
+        fields: dict[str, Any] = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "model": self.model,
@@ -185,6 +236,20 @@ class GenerationParams:
             "background": self.background,
             "output_compression": self.output_compression,
         }
+        if self.images:
+            fields["inputs"] = {
+                "task": self.task,
+                "images": [image.sha256 for image in self.images],
+                "mask": self.mask.sha256 if self.mask is not None else None,
+                "strength": self.strength,
+                "mask_blur": self.mask_blur,
+                "inpaint_area": self.inpaint_area,
+                "inpaint_padding": self.inpaint_padding,
+                "input_fidelity": self.input_fidelity,
+            }
+        if self.loras:
+            fields["loras"] = [[lora.name, lora.sha256, lora.weight] for lora in self.loras]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -282,6 +347,16 @@ class Backend(abc.ABC):
 
         `precise` asks for the numerically safest mode (the quality check's one retry after a
         NaN or all-black frame: the VAE in fp32); backends without such a mode ignore it."""
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        """Why this backend cannot honour `params` (an image input, a mask, LoRA), or None.
+        Asked for by name, such a request is refused (400); as a fallback, the model is
+        skipped: an edit is never silently answered with a text-to-image picture."""
+        if params.images:
+            return f"model '{self.spec.name}' does not take image inputs"
+        if params.loras:
+            return f"model '{self.spec.name}' does not take LoRA adapters"
+        return None
 
     def admit(self, params: GenerationParams) -> None:  # noqa: B027 - optional hook
         """Raise QueueFullError when this backend cannot take `params` now (a look, not a

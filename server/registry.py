@@ -80,6 +80,8 @@ class BackendRegistry:
                 cpu_offload=local.cpu_offload,
                 compile=local.compile,
                 flux_true_cfg_scale=local.flux_true_cfg_scale,
+                lora_dir=self.settings.lora_dir,
+                max_loaded_loras=local.max_loaded_loras,
             )
             return DiffusersBackend(
                 spec, data_dir=self.settings.data_dir, worker=self.worker, options=options

@@ -73,6 +73,10 @@ class LocalSettings(BaseModel):
     max_queue_images: int = Field(default=64, ge=1)
     # Flux has no native negative prompt: a request with one runs true CFG at this scale.
     flux_true_cfg_scale: float = Field(default=4.0, ge=1)
+    # The LoRA library: .safetensors adapters, by file stem (default: DATA_DIR/loras).
+    lora_dir: Path | None = None
+    # Adapters kept loaded per model; past it the least recently used one is unloaded.
+    max_loaded_loras: int = Field(default=8, ge=1)
 
 
 class ServerSettings(BaseModel):
@@ -86,6 +90,9 @@ class ServerSettings(BaseModel):
     # The largest request body taken (batch uploads are the big ones); past it, 413 before the
     # body is read any further.
     max_body_mb: float = Field(default=64.0, gt=0)
+    # The largest input image (img2img, inpainting, edits) taken, in megapixels: past it, 400
+    # before the pixels are decoded (a 20000x20000 PNG is a few kB of header and 1.2 GB of RGB).
+    max_input_megapixels: float = Field(default=16.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -170,6 +177,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.local.lora_dir or self.data_dir / "loras"
 
 
 def provider_ids(user_models: Iterable[Any]) -> set[str]:

@@ -40,6 +40,9 @@ class RuntimeOptions:
     cpu_offload: bool = False
     compile: bool = False
     flux_true_cfg_scale: float = 4.0
+    # The LoRA library (models.local.loras) and how many adapters stay loaded per pipeline.
+    lora_dir: Path | None = None
+    max_loaded_loras: int = 8
 
 
 @dataclass
