@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 from models import base
 from models.base import GenerationParams
@@ -18,6 +19,23 @@ MAX_N = 10
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 200
 MAX_GUIDANCE = 50
+
+# How an input image meets the requested size: "crop" scales it to cover the size and cuts
+# the overflow evenly (A1111's "Crop and resize", the default: no distortion, no bars),
+# "stretch" scales each side to fit ("Just resize"), "pad" fits it inside and fills the rest
+# with edge colour ("Resize and fill").
+ResizeMode = Literal["crop", "stretch", "pad"]
+# Where a mask marks the area to repaint: "white" (imagegen's one convention, A1111's too) or
+# "alpha" (OpenAI's edits API: the transparent pixels).
+MaskConvention = Literal["white", "alpha"]
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A LoRA adapter as a caller names it: a file stem in the library, and its weight."""
+
+    name: str
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,19 @@ class ImageRequest:
     background: str | None = None
     moderation: str | None = None
     output_compression: int | None = None
+    # Image inputs as the caller sent them (the bytes of any supported file type): decoded,
+    # checked and normalised by server.inputs before any model work.
+    images: tuple[bytes, ...] = ()
+    mask: bytes | None = None
+    mask_convention: MaskConvention = "white"
+    strength: float | None = None
+    mask_blur: int = 0
+    inpaint_area: base.InpaintArea = "whole"
+    inpaint_padding: int = 32
+    resize_mode: ResizeMode = "crop"
+    input_fidelity: str | None = None
+    # Adapters, besides those named in the prompt as <lora:name:weight>.
+    loras: tuple[LoraRequest, ...] = ()
     user: str | None = None
     # Data residency for this request: never leave the host, whatever the server allows.
     local_only: bool = False
