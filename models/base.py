@@ -148,8 +148,8 @@ LOCAL_KINDS = frozenset({"sdxl", "flux"})
 class InputImage:
     """An input image as every backend receives it: decoded, checked and normalised once at the
     edge (EXIF orientation applied; RGB, or L for a mask, where white = repaint), re-encoded as
-    PNG. `sha256` is of those PNG bytes: the cache key's part, so the same picture sent as a
-    JPEG or with different metadata is still the same input."""
+    PNG. `sha256` is of the normalised pixels (server.inputs): the cache key's part, so the
+    same picture sent with different metadata is still the same input."""
 
     data: bytes = field(repr=False)
     sha256: str

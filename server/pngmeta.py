@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
@@ -55,8 +55,13 @@ def a1111_parameters(
     height: int,
     model: str,
     model_hash: str | None,
+    denoising_strength: float | None = None,
+    mask_blur: int | None = None,
+    loras: Sequence[tuple[str, float, str]] = (),
 ) -> str:
-    """AUTOMATIC1111's "parameters" text; fields we do not know (None) are left out."""
+    """AUTOMATIC1111's "parameters" text; fields we do not know (None) are left out. LoRAs
+    (name, weight, sha256) are written as A1111 does: <lora:name:weight> tags on the prompt
+    line, and their short hashes in "Lora hashes"."""
     fields: list[tuple[str, str]] = []
     if steps is not None:
         fields.append(("Steps", str(steps)))
@@ -69,6 +74,15 @@ def a1111_parameters(
     if model_hash:
         fields.append(("Model hash", _quote(model_hash)))
     fields.append(("Model", _quote(model)))
+    if denoising_strength is not None:
+        fields.append(("Denoising strength", _number(denoising_strength)))
+    if mask_blur is not None:
+        fields.append(("Mask blur", str(mask_blur)))
+    if loras:
+        hashes = ", ".join(f"{name}: {sha256[:12]}" for name, _, sha256 in loras)
+        fields.append(("Lora hashes", json.dumps(hashes)))
+        tags = " ".join(f"<lora:{name}:{_number(weight)}>" for name, weight, _ in loras)
+        prompt = f"{prompt} {tags}"
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")

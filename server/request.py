@@ -4,14 +4,18 @@ fail before any model loads."""
 
 from __future__ import annotations
 
+import math
+import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from models import base
 from models.base import GenerationParams
 from models.catalogue import Catalogue
 from server import errors
+from server.inputs import decode_inputs
 from server.presets import PresetBook, PresetError
 from server.sanitizer import Sanitizer
 
@@ -19,6 +23,13 @@ MAX_N = 10
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 200
 MAX_GUIDANCE = 50
+MAX_LORAS = 8
+MAX_LORA_WEIGHT = 10.0
+MAX_MASK_BLUR = 64
+MAX_INPAINT_PADDING = 512
+
+# A1111's prompt syntax for adapters: <lora:NAME> or <lora:NAME:WEIGHT>.
+_LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>", re.IGNORECASE)
 
 # How an input image meets the requested size: "crop" scales it to cover the size and cuts
 # the overflow evenly (A1111's "Crop and resize", the default: no distortion, no bars),
@@ -85,6 +96,28 @@ class ImageRequest:
         return ("user",) if self.user is not None else ()
 
 
+def split_lora_tags(prompt: str) -> tuple[str, tuple[LoraRequest, ...]]:
+    """The prompt without its <lora:name:weight> tags (what is encoded, and what the revised
+    prompt shows), and the adapters the tags name, in order."""
+    found: list[LoraRequest] = []
+
+    def take(match: re.Match[str]) -> str:
+        name, weight = match.group(1).strip(), match.group(2)
+        try:
+            value = float(weight) if weight is not None and weight.strip() else 1.0
+        except ValueError:
+            raise errors.InvalidRequestError(
+                f"prompt: {match.group(0)} has weight '{weight}', not a number; write "
+                "<lora:NAME:WEIGHT>, for example <lora:watercolor:0.8>",
+                param="prompt",
+            ) from None
+        found.append(LoraRequest(name=name, weight=value))
+        return " "
+
+    text = _LORA_TAG.sub(take, prompt)
+    return " ".join(text.split()), tuple(found)
+
+
 def check_ranges(request: ImageRequest) -> None:
     if not request.prompt or not request.prompt.strip():
         raise errors.InvalidRequestError("prompt must be a non-empty string", param="prompt")
@@ -105,6 +138,54 @@ def check_ranges(request: ImageRequest) -> None:
             f"guidance_scale must be between 0 and {MAX_GUIDANCE}, got {request.guidance_scale}",
             param="guidance_scale",
         )
+    if request.strength is not None and not 0 < request.strength <= 1:
+        raise errors.InvalidRequestError(
+            f"strength must be above 0 and at most 1 (the share of the schedule re-run on the "
+            f"image), got {request.strength}",
+            param="strength",
+        )
+    if request.strength is not None and not request.images:
+        raise errors.InvalidRequestError(
+            "strength applies to image inputs only: send an image, or leave strength out",
+            param="strength",
+        )
+    if not 0 <= request.mask_blur <= MAX_MASK_BLUR:
+        raise errors.InvalidRequestError(
+            f"mask_blur must be between 0 and {MAX_MASK_BLUR} pixels, got {request.mask_blur}",
+            param="mask_blur",
+        )
+    if not 0 <= request.inpaint_padding <= MAX_INPAINT_PADDING:
+        raise errors.InvalidRequestError(
+            f"inpaint_padding must be between 0 and {MAX_INPAINT_PADDING} pixels, got "
+            f"{request.inpaint_padding}",
+            param="inpaint_padding",
+        )
+
+
+def check_loras(loras: tuple[LoraRequest, ...]) -> None:
+    if len(loras) > MAX_LORAS:
+        raise errors.InvalidRequestError(
+            f"loras: at most {MAX_LORAS} adapters per request, got {len(loras)}", param="loras"
+        )
+    names = [lora.name for lora in loras]
+    for lora in loras:
+        if not lora.name:
+            raise errors.InvalidRequestError(
+                "loras: an adapter has an empty name; name a file of `imagegen loras`",
+                param="loras",
+            )
+        if not (math.isfinite(lora.weight) and abs(lora.weight) <= MAX_LORA_WEIGHT):
+            raise errors.InvalidRequestError(
+                f"loras: weight of '{lora.name}' must be between -{MAX_LORA_WEIGHT:g} and "
+                f"{MAX_LORA_WEIGHT:g}, got {lora.weight}",
+                param="loras",
+            )
+        if names.count(lora.name) > 1:
+            raise errors.InvalidRequestError(
+                f"loras: '{lora.name}' is named twice (in the prompt and the loras field, or "
+                "twice in one); name each adapter once with its weight",
+                param="loras",
+            )
 
 
 def expand(
@@ -114,9 +195,13 @@ def expand(
     sanitizer: Sanitizer,
     catalogue: Catalogue,
     default_model: str,
+    find_lora: Callable[[str], base.LoraRef],
+    max_input_megapixels: float,
 ) -> GenerationParams:
-    """Validate, expand the preset, screen the prompt and fix the seed. The result's prompt is
-    the revised prompt: what the cache key and every backend see."""
+    """Validate, expand the preset, screen the prompt, resolve the adapters, decode the input
+    images and fix the seed. The result's prompt is the revised prompt (without <lora:> tags):
+    what the cache key and every backend see. `find_lora(name)` gives the library's file
+    (weight 0 here: the request's weight is set on it)."""
     check_ranges(request)
     try:
         prompt, negative = presets.expand(
@@ -125,14 +210,25 @@ def expand(
     except PresetError as exc:
         raise errors.InvalidRequestError(str(exc), param="preset") from None
     # Only the positive prompt is screened: negative prompts name what to avoid.
+    prompt, tagged = split_lora_tags(prompt)
+    if not prompt:
+        raise errors.InvalidRequestError(
+            "prompt must hold text besides its <lora:...> tags", param="prompt"
+        )
+    requested = (*tagged, *request.loras)
+    check_loras(requested)
     verdict = sanitizer.check(prompt)
     if verdict.blocked:
         raise errors.PromptBlockedError(verdict.category or "policy")
+    loras = tuple(replace(find_lora(lora.name), weight=lora.weight) for lora in requested)
+    inputs = decode_inputs(request, max_megapixels=max_input_megapixels)
     model = request.model or default_model
     # An unknown model is reported by the router, after the prompt is screened.
     spec = catalogue.get(model)
     width = request.width or (spec.defaults.width if spec else 1024)
     height = request.height or (spec.defaults.height if spec else 1024)
+    if inputs is not None:
+        width, height = inputs.width or width, inputs.height or height
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - MAX_N)
     return GenerationParams(
         prompt=prompt,
@@ -153,4 +249,12 @@ def expand(
         background=request.background,
         moderation=request.moderation,
         output_compression=request.output_compression,
+        images=inputs.images if inputs is not None else (),
+        mask=inputs.mask if inputs is not None else None,
+        strength=request.strength,
+        mask_blur=request.mask_blur,
+        inpaint_area=request.inpaint_area,
+        inpaint_padding=request.inpaint_padding,
+        input_fidelity=request.input_fidelity,
+        loras=loras,
     )

@@ -91,6 +91,9 @@ def with_metadata(
             height=img.height,
             model=params.model,
             model_hash=str(identity.get("model_revision", ""))[:17] or None,
+            denoising_strength=params.strength if params.images else None,
+            mask_blur=params.mask_blur if params.mask is not None else None,
+            loras=[(lora.name, lora.weight, lora.sha256) for lora in params.loras],
         )
         record = {
             "request": single.pixel_fields(),

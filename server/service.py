@@ -243,6 +243,8 @@ class ImageService:
             sanitizer=self.sanitizer,
             catalogue=self.catalogue,
             default_model=self.settings.default_model,
+            find_lora=self._find_lora,
+            max_input_megapixels=self.settings.server.max_input_megapixels,
         )
         chain = self.router.plan(
             params.model,
@@ -250,6 +252,15 @@ class ImageService:
             estimate=lambda spec: self._estimate(spec, params),
         )
         return params, chain
+
+    def _find_lora(self, name: str) -> base.LoraRef:
+        """The library's file of that name (its hash keys the cache); whether it fits the
+        model is the backend's check, in resolve."""
+        # The LoRA library lands with models.local.loras (being merged).
+        raise errors.InvalidRequestError(
+            f"loras: '{name}' cannot be resolved yet: this build has no LoRA library",
+            param="loras",
+        )
 
     def _estimate(self, spec: ModelSpec, params: GenerationParams) -> float | None:
         backend = self.registry.backend_for(spec.name)
@@ -267,12 +278,21 @@ class ImageService:
         guidance and scheduler, its prompt limit, and the cache key of the result."""
         spec = candidate.spec
         backend = self.registry.backend_for(spec.name)
+        # An input image sets the size (unless "masked" mode works at the model's size).
+        masked = params.inpaint_area == "masked" and params.mask is not None
+        sized = bool(request.width) or (bool(params.images) and not masked)
         params = dataclasses.replace(
             params,
             model=spec.name,
-            width=request.width or spec.defaults.width,
-            height=request.height or spec.defaults.height,
+            width=params.width if sized else spec.defaults.width,
+            height=params.height if sized else spec.defaults.height,
         )
+        unsupported = backend.unsupported(params)
+        if unsupported is not None:
+            raise errors.InvalidRequestError(
+                f"{unsupported}; choose a model that does (`imagegen models`)",
+                param="loras" if params.loras and not params.images else "model",
+            )
         # One request resolves at a time: this runs on worker threads, and what it may do on
         # first use (load a tokenizer, hash weights into the data directory) is not safe to
         # do twice at once; after first use it is a dictionary lookup.
