@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.base import GenerationParams, InputImage, LoraRef
 from server.cache import ResultCache, atomic_write, cache_key
 from server.db import Database
 
@@ -190,3 +191,53 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     atomic_write(target, b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
+
+
+def _edit_params(**change: Any) -> GenerationParams:
+    fields: dict[str, Any] = {
+        "prompt": "a fox",
+        "model": "tiny-sdxl",
+        "width": 64,
+        "height": 64,
+        "n": 1,
+        "seed": 7,
+        "images": (InputImage(data=b"", sha256="a" * 64, width=64, height=64),),
+        "mask": InputImage(data=b"", sha256="b" * 64, width=64, height=64),
+        "strength": 0.5,
+        "loras": (LoraRef("ink", 0.8, "c" * 64),),
+    }
+    fields.update(change)
+    return GenerationParams(**fields)
+
+
+def test_a_text_to_image_key_is_what_it_was_before_image_inputs() -> None:
+    """Caches written before image inputs existed stay valid: the new fields join the key only
+    when set."""
+    plain = GenerationParams(prompt="a fox", model="tiny-sdxl", width=64, height=64, n=1, seed=7)
+    assert set(plain.pixel_fields()) == set(BASE)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"images": ()},
+        {"mask": None},
+        {"strength": 0.6},
+        {"mask_blur": 4},
+        {"inpaint_area": "masked"},
+        {"loras": ()},
+        {"loras": (LoraRef("ink", 0.7, "c" * 64),)},
+        {"loras": (LoraRef("ink", 0.8, "d" * 64),)},
+    ],
+    ids=repr,
+)
+def test_every_input_and_adapter_field_changes_the_key(change: dict[str, Any]) -> None:
+    base_key = cache_key(_edit_params().pixel_fields(), IDENTITY)
+    assert cache_key(_edit_params(**change).pixel_fields(), IDENTITY) != base_key
+
+
+def test_a_different_init_image_or_mask_is_a_miss() -> None:
+    other = InputImage(data=b"", sha256="e" * 64, width=64, height=64)
+    base_key = cache_key(_edit_params().pixel_fields(), IDENTITY)
+    assert cache_key(_edit_params(images=(other,)).pixel_fields(), IDENTITY) != base_key
+    assert cache_key(_edit_params(mask=other).pixel_fields(), IDENTITY) != base_key
