@@ -207,6 +207,14 @@ class GenerationParams:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
 
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images made: the input image's in "masked" inpainting (the work
+        runs on a crop of it at width x height and is pasted back), the request's otherwise."""
+        if self.inpaint_area == "masked" and self.mask is not None:
+            return self.images[0].width, self.images[0].height
+        return self.width, self.height
+
     def given(self, *names: str) -> list[str]:
         """Which of `names` are set (not None): what a backend without them must report as
         dropped."""

@@ -56,7 +56,7 @@ class GenerationResult:
 def check(image: GeneratedImage, params: GenerationParams, *, exact_size: bool) -> QualityReport:
     """The quality check of one image. Local pipelines must produce the requested size; hosted
     ones may map it (aspect ratios, Midjourney grids), so theirs must be the size they declare."""
-    width, height = (params.width, params.height) if exact_size else (image.width, image.height)
+    width, height = params.output_size if exact_size else (image.width, image.height)
     if image.pixels is not None:
         report = check_pixels(image.pixels, width=width, height=height)
     else:
