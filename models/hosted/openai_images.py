@@ -235,13 +235,7 @@ class OpenAIImagesBackend(HostedBackend):
         }
         if family in ("dall-e-3", "dall-e-2"):
             return body | self._dalle_fields(params, dropped), tuple(dropped), ()
-        if not 1 <= params.n <= _GPT_MAX_N:
-            raise InvalidParamsError(
-                f"n must be between 1 and {_GPT_MAX_N} for {family}, got {params.n}",
-                provider="openai",
-                param="n",
-            )
-        body["n"] = params.n
+        body["n"] = _checked_n(params.n, family)
         body["output_format"] = params.output_format
         notices: list[str] = []
         quality = params.quality
@@ -297,13 +291,7 @@ class OpenAIImagesBackend(HostedBackend):
                 _check_choice("style", params.style, _DALLE3_STYLES, family)
                 fields["style"] = params.style
         else:
-            if not 1 <= params.n <= _GPT_MAX_N:
-                raise InvalidParamsError(
-                    f"n must be between 1 and {_GPT_MAX_N} for {family}, got {params.n}",
-                    provider="openai",
-                    param="n",
-                )
-            fields["n"] = params.n
+            fields["n"] = _checked_n(params.n, family)
             dropped += params.given("quality", "style")
         if params.output_format != "png":
             dropped.append("output_format")
@@ -438,6 +426,16 @@ async def _first(call: Awaitable[list[Piece]]) -> Piece:
 def sdk_base_url(base_url: str) -> str:
     """The SDK's base_url includes the API version: accept settings with or without it."""
     return base_url if base_url.rstrip("/").endswith("/v1") else f"{base_url.rstrip('/')}/v1"
+
+
+def _checked_n(n: int, family: str) -> int:
+    if not 1 <= n <= _GPT_MAX_N:
+        raise InvalidParamsError(
+            f"n must be between 1 and {_GPT_MAX_N} for {family}, got {n}",
+            provider="openai",
+            param="n",
+        )
+    return n
 
 
 def _check_choice(param: str, value: str, allowed: Sequence[str], family: str) -> None:

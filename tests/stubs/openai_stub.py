@@ -63,6 +63,16 @@ def envelope(
     )
 
 
+def model_not_found(model: str) -> JSONResponse:
+    return envelope(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
 def moderation_blocked() -> dict[str, Any]:
     return {
         "error": {
@@ -131,13 +141,7 @@ class OpenAIStub:
             return answer
         model = body.get("model") or "dall-e-2"
         if model not in self.models:
-            return envelope(
-                404,
-                f"The model '{model}' does not exist or you do not have access to it.",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
+            return model_not_found(model)
         width, height = (int(x) for x in str(body.get("size", "1024x1024")).split("x"))
         fmt = body.get("output_format") or "png"
         n = body.get("n") or 1
@@ -207,13 +211,7 @@ class OpenAIStub:
             return answer
         model = str(body["model"])
         if model not in self.models:
-            return envelope(
-                404,
-                f"The model '{model}' does not exist or you do not have access to it.",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
+            return model_not_found(model)
         first = picture(images[0])
         assert first is not None  # _file_rules checked it
         size = str(body.get("size") or f"{first.width}x{first.height}")
