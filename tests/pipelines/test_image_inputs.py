@@ -108,22 +108,45 @@ def mean_difference(a: Any, b: Any) -> float:
 # -- img2img -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
-def test_img2img_moves_further_from_the_input_as_strength_grows(model: str, data_dir: Path) -> None:
-    run = runner(model, data_dir)
-    source = picture(3)
+def vae_round_trip(run: PipelineRunner, source: Any) -> Any:
+    """The input through the model's own VAE: the closest to the input any result of it can
+    be (the tiny VAEs have random weights and keep little of a picture)."""
+    import torch
+
+    x = torch.from_numpy(source).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.inference_mode():
+        vae = run.pipe.vae
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+    return ((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_img2img_moves_further_from_the_input_as_strength_grows(seed: int, data_dir: Path) -> None:
+    """On tiny-flux, whose flow-matching start is (1 - s) * image + s * noise. tiny-sdxl's
+    random UNet cannot show it: its latents (scaled by 0.18215) drown in the noise of even
+    strength 0.2, so every strength lands equally far from the input."""
+    run = runner("tiny-flux", data_dir)
+    run.load()
+    source = picture(seed)
     image = encode(source)
+    closest = vae_round_trip(run, source)
     distances = [
-        mean_difference(generate(run, params(model, images=(image,), strength=s)).pixels, source)
+        mean_difference(
+            generate(run, params("tiny-flux", images=(image,), strength=s)).pixels, closest
+        )
         for s in (0.2, 0.5, 0.9)
     ]
     assert distances[0] < distances[1] < distances[2], distances
-    # And the input really leads: a different input gives a different result.
-    other = generate(run, params(model, images=(encode(picture(4)),), strength=0.5)).pixels
-    assert (
-        mean_difference(other, generate(run, params(model, images=(image,), strength=0.5)).pixels)
-        > 1
-    )
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_the_input_image_leads_the_result(model: str, data_dir: Path) -> None:
+    run = runner(model, data_dir)
+    results = [
+        generate(run, params(model, images=(encode(picture(s)),), strength=0.5)).pixels
+        for s in (3, 4)
+    ]
+    assert mean_difference(results[0], results[1]) > 1
 
 
 def test_the_same_seed_and_input_give_the_same_bytes(data_dir: Path) -> None:
