@@ -179,6 +179,17 @@ def test_from_pipe_shares_the_loaded_weights_and_keeps_each_tasks_pipeline(
         assert run.pipeline_for("txt2img") is base
 
 
+def test_an_edit_leaves_text_to_image_as_it_was(data_dir: Path) -> None:
+    """The task pipelines share modules and, until a scheduler is chosen, the scheduler: an
+    edit in between changes nothing of a text-to-image request's pixels."""
+    run = runner("tiny-sdxl", data_dir)
+    plain = params("tiny-sdxl", seed=21)
+    before = generate(run, plain).data
+    generate(run, params("tiny-sdxl", images=(encode(picture(1)),), strength=0.5))
+    generate(run, params("tiny-sdxl", images=(encode(picture(1)),), mask=encode(square_mask())))
+    assert generate(run, plain).data == before
+
+
 # -- inpainting --------------------------------------------------------------------------------
 
 
