@@ -122,8 +122,7 @@ class ModelSpec:
     """One catalogue entry: what a model name means."""
 
     name: str
-    # "sdxl" | "flux" for local diffusers pipelines; "openai" | "stability" | "bfl" |
-    # "midjourney" | "imagegen" for hosted ones.
+    # One of LOCAL_KINDS (local diffusers pipelines) or models.hosted.HOSTED_KINDS.
     kind: str
     # Hub repo id, local diffusers folder, single-file .safetensors, or "builtin:tiny-sdxl".
     source: str
@@ -141,7 +140,9 @@ class ModelSpec:
         return self.kind in LOCAL_KINDS
 
 
-LOCAL_KINDS = frozenset({"sdxl", "flux"})
+# The kinds of models.local.families' table (one entry each; a test holds them equal), named
+# here so that torch-free code (the catalogue, the router) knows local from hosted.
+LOCAL_KINDS = frozenset({"sdxl", "sdxl-inpaint", "flux", "flux-kontext", "flux-fill"})
 
 
 @dataclass(frozen=True)

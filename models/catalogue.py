@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from models.base import ModelDefaults, ModelSpec
+from models.base import LOCAL_KINDS, ModelDefaults, ModelSpec
+from models.hosted import HOSTED_KINDS
 
-_KNOWN_KINDS = frozenset({"sdxl", "flux", "openai", "stability", "bfl", "midjourney", "imagegen"})
+_KNOWN_KINDS = LOCAL_KINDS | HOSTED_KINDS
 
 
 class CatalogueError(ValueError):

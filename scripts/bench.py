@@ -7,6 +7,9 @@ Figures: direct images/s (PipelineRunner.run_batch, sequential, no service), ser
 with one sequential client (overhead ratio = server / direct), with 8 concurrent clients
 (batching gain = that / direct sequential), and cache-hit latency over HTTP (p50/p99 of one
 seeded request repeated). Server requests use distinct seeds, so every one is a cache miss.
+The "edits" figure is img2img throughput on the device worker (no HTTP), in one child process:
+N edit requests with different input images one after another, then the same N submitted
+together (they batch into one pipeline call).
 Targets: overhead ratio >= 0.95, batching gain >= 1.4, cache-hit p50 <= 10 ms.
 
 Both sides run in fresh processes, several times over (--trials): two processes running the
@@ -131,6 +134,95 @@ def direct_child(data_dir: Path) -> None:
         for _ in range(int(line)):
             runner.run_batch([params])
         print(time.perf_counter() - started, flush=True)
+
+
+def edits_child(data_dir: Path, count: int) -> None:
+    """The edits figure's process: N sequential img2img requests through the device worker,
+    then N submitted together; prints one JSON line."""
+    import hashlib
+    import io
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from models.base import GenerationParams, InputImage
+    from models.catalogue import Catalogue
+    from models.local.pipeline import PipelineRunner, RuntimeOptions
+    from models.local.worker import DeviceWorker, WorkItem
+
+    def edit(seed: int) -> GenerationParams:
+        pixels = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 3), np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        data = buf.getvalue()
+        image = InputImage(data, hashlib.sha256(data).hexdigest(), WIDTH, HEIGHT)
+        return GenerationParams(
+            prompt="a lighthouse at dusk",
+            model=MODEL,
+            width=WIDTH,
+            height=HEIGHT,
+            n=1,
+            seed=seed,
+            steps=STEPS,
+            guidance_scale=GUIDANCE,
+            scheduler=SCHEDULER,
+            images=(image,),
+            strength=0.75,
+        )
+
+    spec = Catalogue.load([]).get(MODEL)
+    assert spec is not None
+    runner = PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
+    worker = DeviceWorker(max_batch_images=count)
+    try:
+        worker.call(runner.load).result()
+        requests = [edit(seed) for seed in range(count)]
+        for params in requests[:3]:  # warm-up: the img2img pipeline is made on first use
+            worker.submit(WorkItem(params=params, runner=runner)).future.result()
+        started = time.perf_counter()
+        for params in requests:
+            worker.submit(WorkItem(params=params, runner=runner)).future.result()
+        sequential = time.perf_counter() - started
+        calls = worker.pipeline_calls
+        # Held while they are submitted, so that all are queued when the worker looks.
+        release = threading.Event()
+        worker.call(release.wait)
+        items = [worker.submit(WorkItem(params=p, runner=runner)) for p in requests]
+        started = time.perf_counter()
+        release.set()
+        for item in items:
+            item.future.result()
+        batched = time.perf_counter() - started
+        calls = worker.pipeline_calls - calls
+    finally:
+        worker.stop()
+    print(json.dumps({"sequential_s": sequential, "batched_s": batched, "batched_calls": calls}))
+
+
+def edits_figure(data_dir: Path, count: int) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--edits-child", str(data_dir), "--edit-requests", str(count)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit("bench: the edits process failed:\n" + done.stderr[-2000:])
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    sequential = count / raw["sequential_s"]
+    batched = count / raw["batched_s"]
+    return {
+        "task": "img2img",
+        "strength": 0.75,
+        "requests": count,
+        "sequential_images_per_s": _r(sequential),
+        "batched_images_per_s": _r(batched),
+        "batched_pipeline_calls": raw["batched_calls"],
+        "batching_gain": _r(batched / sequential),
+    }
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -350,11 +442,19 @@ def main() -> None:
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the direct pipeline (default with --url)"
     )
+    parser.add_argument(
+        "--edit-requests", type=int, default=8, help="img2img requests of the edits figure"
+    )
+    parser.add_argument("--no-edits", action="store_true", help="skip the edits figure")
     parser.add_argument("--direct-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--edits-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.direct_child is not None:
         direct_child(args.direct_child)
+        return
+    if args.edits_child is not None:
+        edits_child(args.edits_child, args.edit_requests)
         return
 
     started = time.perf_counter()
@@ -397,6 +497,11 @@ def main() -> None:
             if direct is not None:
                 direct.stop()
 
+    edits = (
+        None
+        if args.url or args.no_edits
+        else edits_figure(Path(scratch.name) / "edits", args.edit_requests)
+    )
     # The median over trials: each trial's ratio already compares runs made side by side.
     overhead = _median([v for t in trials if (v := t.ratio("sequential")) is not None])
     batching = _median([v for t in trials if (v := t.ratio("concurrent")) is not None])
@@ -417,6 +522,7 @@ def main() -> None:
         "batching_gain": _r(batching),
         "cache_hit_p50_ms": _r(p50),
         "cache_hit_p99_ms": _r(p99),
+        "edits": edits,
         "trials": [
             {
                 "overhead_ratio": _r(t.ratio("sequential")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from pathlib import Path
 
 from models.base import (
@@ -71,13 +72,82 @@ class DiffusersBackend(Backend):
                 f"output_format must be png, jpeg or webp, got '{params.output_format}'",
                 param="output_format",
             )
+        strength = self._strength(params, steps)
+        self._check_input_sizes(params)
         return dataclasses.replace(
-            params, scheduler=scheduler, steps=steps, guidance_scale=guidance
+            params, scheduler=scheduler, steps=steps, guidance_scale=guidance, strength=strength
         )
 
+    def _strength(self, params: GenerationParams, steps: int) -> float | None:
+        """The family's default where the task takes a strength and none was given; a strength
+        where the task takes none is for unsupported() to refuse."""
+        default = self.family.default_strength.get(params.task)
+        if default is None:
+            return params.strength
+        strength = default if params.strength is None else params.strength
+        if not 0.0 < strength <= 1.0:
+            raise InvalidParamsError(
+                f"strength must be above 0 and at most 1 (the share of the schedule re-run "
+                f"on the input image), got {strength}",
+                param="strength",
+            )
+        # The pipelines run int(steps * strength) steps and refuse none at all.
+        if int(steps * strength) < 1:
+            raise InvalidParamsError(
+                f"strength {strength} with {steps} steps runs no denoising step; raise steps "
+                f"to at least {math.ceil(1 / strength)} or raise strength",
+                param="strength",
+            )
+        return strength
+
+    def _check_input_sizes(self, params: GenerationParams) -> None:
+        """Input images come resized to the request's size from the edge; "masked" inpainting
+        instead crops the image at its own size and generates at the request's."""
+        if not params.images:
+            return
+        image = params.images[0]
+        if params.mask is not None and (params.mask.width, params.mask.height) != (
+            image.width,
+            image.height,
+        ):
+            raise InvalidParamsError(
+                f"mask is {params.mask.width}x{params.mask.height} but the image is "
+                f"{image.width}x{image.height}; send a mask of the image's size",
+                param="mask",
+            )
+        if params.task == "inpaint" and params.inpaint_area == "masked":
+            return
+        if (image.width, image.height) != (params.width, params.height):
+            raise InvalidParamsError(
+                f"image is {image.width}x{image.height} but the request's size is "
+                f"{params.width}x{params.height}; resize the image to the size (or send "
+                "size matching the image)",
+                param="image",
+            )
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        """What this family's pipelines cannot do with `params`. LoRA adapters are taken
+        (models.local.loras applies them)."""
+        task = params.task
+        lacks = self.family.lacks(task)
+        if lacks is not None:
+            return f"model '{self.spec.name}': {lacks}"
+        if params.strength is not None and task not in self.family.default_strength:
+            if task == "txt2img":
+                return "strength applies to an input image and the request has none"
+            return (
+                f"model '{self.spec.name}' takes no strength ({self.spec.kind} models take the "
+                "input image as a reference, not as a starting point); leave strength unset"
+            )
+        return None
+
     def dropped_params(self, params: GenerationParams) -> tuple[str, ...]:
-        """OpenAI knobs a local diffusion model has no equivalent for."""
-        return tuple(params.given("quality", "style", "background", "moderation"))
+        """OpenAI knobs a local diffusion model has no equivalent for, and a negative prompt
+        where the family's pipeline takes none."""
+        dropped = params.given("quality", "style", "background", "moderation", "input_fidelity")
+        if self.family.negative_prompt == "none":
+            dropped += params.given("negative_prompt")
+        return tuple(dropped)
 
     def check_prompt(self, prompt: str) -> None:
         limit = self.runner.max_prompt_tokens
@@ -96,7 +166,10 @@ class DiffusersBackend(Backend):
         return BackendIdentity(
             backend=f"local:{self.spec.kind}",
             model_revision=resolved.revision,
-            pipeline=self.runner.pipeline_name(),
+            # A task the family lacks is refused (unsupported()) before any key is made.
+            pipeline=self.runner.pipeline_name(
+                params.task if params.task in self.family.pipelines else None
+            ),
             dtype=dtype,
             device=device.split(":")[0],
             scheduler_config=self.runner.shipped_scheduler_config(),

@@ -7,16 +7,23 @@ diffusers / transformers only where a pipeline is really built.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
-from models.base import ModelUnavailableError
+from models.base import ModelUnavailableError, Task
 from models.local.schedulers import FLUX_SCHEDULERS, SDXL_SCHEDULERS, SchedulerChoice
 
-# What a pipeline makes. Only text-to-image today; img2img and inpainting join here.
-Task = Literal["txt2img"]
+# What each task asks of the request, for the reasons a family gives when it lacks one.
+_TASK_WORDS: Mapping[Task, str] = MappingProxyType(
+    {
+        "txt2img": "text-to-image (no input image)",
+        "img2img": "an input image without a mask",
+        "inpaint": "an input image with a mask",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,13 @@ class PromptTokenizer:
 @dataclass(frozen=True)
 class Family:
     kind: str  # ModelSpec.kind
-    pipelines: Mapping[Task, str]  # diffusers pipeline class per task
+    # The architecture the weights are a variant of ("sdxl" | "flux"): what an adapter (LoRA)
+    # made for it fits. A dedicated inpainting or Kontext checkpoint is still that model.
+    base: str
+    # The diffusers pipeline class per task the family can do. The pipeline of `loads` is
+    # built from the weights; every other one is made from it with `from_pipe`, sharing its
+    # modules (no second copy of the weights in memory).
+    pipelines: Mapping[Task, str]
     # The dtype on CUDA (a torch attribute name); CPUs always run float32.
     cuda_dtype: str
     # Width and height must be multiples of this: the VAE's downscale factor (8), times 2
@@ -44,9 +57,10 @@ class Family:
     default_scheduler: str
     prompt_tokenizer: PromptTokenizer
     # How a negative prompt reaches the pipeline: "native" (classifier-free guidance takes it
-    # as is) or "true_cfg" (a guidance-distilled model: only true CFG, with `true_cfg_scale`,
-    # can use one, at the cost of a second transformer pass per step).
-    negative_prompt: Literal["native", "true_cfg"]
+    # as is), "true_cfg" (a guidance-distilled model: only true CFG, with `true_cfg_scale`,
+    # can use one, at the cost of a second transformer pass per step) or "none" (the pipeline
+    # has no way to take one: it is reported as dropped).
+    negative_prompt: Literal["native", "true_cfg", "none"]
     # Whether `from_single_file` can build the pipeline from one .safetensors checkpoint.
     single_file: bool
     # Whether the precise retry (after a NaN or black frame) decodes in fp32 through the VAE's
@@ -57,9 +71,26 @@ class Family:
     # The pipeline attribute of the tokenizer whose limit is passed as max_sequence_length
     # (Flux's T5 carries the prompt); None where the pipeline takes no such argument.
     sequence_length_from: str | None = None
+    loads: Task = "txt2img"
+    # The default strength of each task whose pipeline takes one (the share of the schedule
+    # re-run on the input image); a task absent here takes no strength (Kontext edits by
+    # instruction, always from the whole schedule).
+    default_strength: Mapping[Task, float] = field(default_factory=dict)
+    # Fixed arguments of every pipeline call. Kontext resizes its reference image to one of
+    # its trained resolutions by default: imagegen has already brought the image to the
+    # request's size (the edge's documented resize mode), so that is turned off.
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def pipeline(self, task: Task = "txt2img") -> str:
-        return self.pipelines[task]
+    def pipeline(self, task: Task | None = None) -> str:
+        """The pipeline class of `task`; without one, the class the weights load as."""
+        return self.pipelines[task or self.loads]
+
+    def lacks(self, task: Task) -> str | None:
+        """Why this family cannot do `task`, or None."""
+        if task in self.pipelines:
+            return None
+        can = " or ".join(_TASK_WORDS[t] for t in self.pipelines)
+        return f"{self.kind} models do not take {_TASK_WORDS[task]}; they take {can}"
 
 
 _CLIP = PromptTokenizer(
@@ -69,35 +100,84 @@ _T5 = PromptTokenizer(
     class_name="T5TokenizerFast", subfolder="tokenizer_2", special_tokens=1, default_max_length=512
 )
 
+# A1111's default denoising strength: enough to change the picture, not to lose it.
+_STRENGTH = 0.75
+
+_SDXL = Family(
+    kind="sdxl",
+    base="sdxl",
+    pipelines={
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+    cuda_dtype="float16",
+    size_multiple=8,
+    schedulers=SDXL_SCHEDULERS,
+    default_scheduler="euler",
+    prompt_tokenizer=_CLIP,
+    negative_prompt="native",
+    single_file=True,
+    precise_vae=True,
+    denoiser="unet",
+    default_strength={"img2img": _STRENGTH, "inpaint": _STRENGTH},
+)
+
+# bf16: Flux's activations overflow fp16.
+_FLUX = Family(
+    kind="flux",
+    base="flux",
+    pipelines={
+        "txt2img": "FluxPipeline",
+        "img2img": "FluxImg2ImgPipeline",
+        "inpaint": "FluxInpaintPipeline",
+    },
+    cuda_dtype="bfloat16",
+    size_multiple=16,
+    schedulers=FLUX_SCHEDULERS,
+    default_scheduler="flow_euler",
+    prompt_tokenizer=_T5,
+    negative_prompt="true_cfg",
+    single_file=False,
+    precise_vae=False,
+    denoiser="transformer",
+    sequence_length_from="tokenizer_2",
+    default_strength={"img2img": _STRENGTH, "inpaint": _STRENGTH},
+)
+
 FAMILIES: Mapping[str, Family] = MappingProxyType(
     {
-        "sdxl": Family(
-            kind="sdxl",
-            pipelines={"txt2img": "StableDiffusionXLPipeline"},
-            cuda_dtype="float16",
-            size_multiple=8,
-            schedulers=SDXL_SCHEDULERS,
-            default_scheduler="euler",
-            prompt_tokenizer=_CLIP,
-            negative_prompt="native",
-            single_file=True,
-            precise_vae=True,
-            denoiser="unet",
+        "sdxl": _SDXL,
+        # The dedicated inpainting checkpoint: a 9-channel UNet (latents, mask, masked image)
+        # that only the inpainting pipeline can drive. Its card runs it at strength 0.99: the
+        # masked area is repainted from (almost) pure noise.
+        "sdxl-inpaint": dataclasses.replace(
+            _SDXL,
+            kind="sdxl-inpaint",
+            pipelines={"inpaint": "StableDiffusionXLInpaintPipeline"},
+            loads="inpaint",
+            default_strength={"inpaint": 0.99},
         ),
-        # bf16: Flux's activations overflow fp16.
-        "flux": Family(
-            kind="flux",
-            pipelines={"txt2img": "FluxPipeline"},
-            cuda_dtype="bfloat16",
-            size_multiple=16,
-            schedulers=FLUX_SCHEDULERS,
-            default_scheduler="flow_euler",
-            prompt_tokenizer=_T5,
-            negative_prompt="true_cfg",
-            single_file=False,
-            precise_vae=False,
-            denoiser="transformer",
-            sequence_length_from="tokenizer_2",
+        "flux": _FLUX,
+        # FLUX.1 Kontext: edits by instruction, the input image a reference the transformer
+        # attends to (not a starting point), so there is no strength; without an image it
+        # draws from text like FLUX.1.
+        "flux-kontext": dataclasses.replace(
+            _FLUX,
+            kind="flux-kontext",
+            pipelines={"txt2img": "FluxKontextPipeline", "img2img": "FluxKontextPipeline"},
+            default_strength={},
+            call_kwargs={"_auto_resize": False},
+        ),
+        # FLUX.1 Fill: a transformer conditioned on the masked image and the mask, inpainting
+        # (and outpainting) only; the card runs it at the full schedule.
+        "flux-fill": dataclasses.replace(
+            _FLUX,
+            kind="flux-fill",
+            pipelines={"inpaint": "FluxFillPipeline"},
+            loads="inpaint",
+            negative_prompt="none",
+            default_strength={"inpaint": 1.0},
         ),
     }
 )

@@ -1,9 +1,10 @@
-"""One loaded diffusers pipeline (of a family in models.local.families) and the batched call
-that turns a group of compatible requests into images. Not thread-safe: exactly one worker
-thread owns each runner."""
+"""One loaded diffusers pipeline (of a family in models.local.families), the pipelines of its
+other tasks made from it, and the batched call that turns a group of compatible requests into
+images. Not thread-safe: exactly one worker thread owns each runner."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import time
@@ -19,8 +20,9 @@ from models.base import (
     ModelSpec,
     ModelUnavailableError,
     OutOfMemoryError,
+    Task,
 )
-from models.local import families, schedulers, sources
+from models.local import families, images, schedulers, sources
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,19 @@ class PipelineRunner:
         self.family = families.family(spec.kind)
         self.data_dir = data_dir
         self.options = options
+        # The pipeline built from the weights (of the family's `loads` task).
         self.pipe: Any = None
+        # Per task, the pipeline that runs it: `pipe` itself, or one made from it with
+        # from_pipe (the same modules), kept for the next request of that task.
+        self.pipes: dict[Task, Any] = {}
         self.resolved: sources.ResolvedSource | None = None
         self.device = ""
         self.dtype_name = ""
         self._base_scheduler_config: Any = None
-        self._current_scheduler = ""
+        # The scheduler name each pipeline runs with; from_pipe shares the scheduler object
+        # at creation only, so a later choice is set per pipeline.
+        self._schedulers: dict[int, str] = {}
+        self._call_params: dict[Task, frozenset[str]] = {}
         self._interrupt = False
         self._count_tokenizer: Any = None
         self._token_counts: dict[str, int] = {}
@@ -103,8 +112,9 @@ class PipelineRunner:
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe, torch)
         self.pipe = pipe
+        self.pipes = {self.family.loads: pipe}
         self._base_scheduler_config = pipe.scheduler.config
-        self._current_scheduler = ""
+        self._schedulers = {}
 
     def _from_source(self, cls: Any, resolved: sources.ResolvedSource, dtype: Any) -> Any:
         """diffusers is renaming torch_dtype to dtype; the old name works on every supported
@@ -150,6 +160,26 @@ class PipelineRunner:
 
     def unload(self) -> None:
         self.pipe = None
+        self.pipes = {}
+
+    def pipeline_for(self, task: Task) -> Any:
+        """The pipeline of `task`, made from the loaded one on first use. torch_dtype is
+        passed on purpose: from_pipe casts what it builds to float32 by default, and the
+        modules are shared, so that would recast the loaded pipeline's weights too."""
+        self.load()
+        pipe = self.pipes.get(task)
+        if pipe is None:
+            import diffusers
+
+            cls = getattr(diffusers, self.family.pipeline(task))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch_dtype: see _from_source
+                pipe = cls.from_pipe(self.pipe, torch_dtype=pick_dtype(self.family, self.device))
+            pipe.set_progress_bar_config(disable=True)
+            self.pipes[task] = pipe
+        if task not in self._call_params:
+            self._call_params[task] = frozenset(inspect.signature(pipe.__call__).parameters)
+        return pipe
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -187,8 +217,8 @@ class PipelineRunner:
             self._scheduler_config = sources.scheduler_config(self.resolve_source())
         return self._scheduler_config
 
-    def pipeline_name(self) -> str:
-        return self.family.pipeline()
+    def pipeline_name(self, task: Task | None = None) -> str:
+        return self.family.pipeline(task)
 
     # -- running -------------------------------------------------------------------------
 
@@ -203,34 +233,58 @@ class PipelineRunner:
         on_step: Callable[[int, int], None] | None = None,
     ) -> BatchOutput:
         """One pipeline call for every image of every request in `batch` (all share the batch
-        key: model, size, steps, guidance, scheduler, whether a negative prompt is set)."""
+        key: model, task, size, steps, strength, guidance, scheduler, whether a negative prompt
+        is set). Input images and masks go in as lists, one per image, so requests with
+        different inputs share the call; inpainting results are pasted back per request."""
         import torch
 
-        self.load()
-        pipe = self.pipe
         first = batch[0]
-        self._use_scheduler(first.scheduler or "")
+        task = first.task
+        pipe = self.pipeline_for(task)
+        self._use_scheduler(pipe, first.scheduler or "")
         prompts: list[str] = []
         negatives: list[str] = []
         generators: list[Any] = []
+        init_images: list[Any] = []
+        masks: list[Any] = []
+        edits = [images.prepare(params) for params in batch]
         gen_device = "cpu" if self.device == "mps" else self.device
-        for params in batch:
+        for params, edit in zip(batch, edits, strict=True):
             for seed in params.image_seeds():
                 prompts.append(params.prompt)
                 negatives.append(params.negative_prompt or "")
                 generators.append(torch.Generator(device=gen_device).manual_seed(seed))
-        has_negative = first.negative_prompt is not None
+                if edit is not None:
+                    init_images.append(edit.image)
+                    if edit.mask is not None:
+                        masks.append(edit.mask)
+        family = self.family
+        has_negative = first.negative_prompt is not None and family.negative_prompt != "none"
         steps = int(first.steps or 1)
         kwargs: dict[str, Any] = {
             "prompt": prompts,
-            "width": first.width,
-            "height": first.height,
             "num_inference_steps": steps,
             "guidance_scale": float(first.guidance_scale or 0.0),
             "generator": generators,
             "output_type": "np",
+            **family.call_kwargs,
         }
-        family = self.family
+        takes = self._call_params[task]
+        # SDXL's img2img pipeline takes its size from the image (the request's size already).
+        if "width" in takes:
+            kwargs.update(width=first.width, height=first.height)
+        # Kontext rescales width x height to `max_area` (1 megapixel by default).
+        if "max_area" in takes:
+            kwargs["max_area"] = first.width * first.height
+        if init_images:
+            kwargs["image"] = init_images
+        if masks:
+            kwargs["mask_image"] = masks
+        default_strength = family.default_strength.get(task)
+        if default_strength is not None:
+            kwargs["strength"] = float(
+                first.strength if first.strength is not None else default_strength
+            )
         if family.sequence_length_from is not None:
             tokenizer = getattr(pipe, family.sequence_length_from)
             kwargs["max_sequence_length"] = int(tokenizer.model_max_length)
@@ -244,7 +298,8 @@ class PipelineRunner:
             if self._interrupt:
                 p._interrupt = True
             if on_step is not None:
-                on_step(step + 1, steps)
+                # A strength below 1 runs only the tail of the schedule.
+                on_step(step + 1, int(getattr(p, "num_timesteps", steps)))
             return cb_kwargs
 
         kwargs["callback_on_step_end"] = callback
@@ -279,32 +334,40 @@ class PipelineRunner:
         arrays = out.images
         encoded: list[list[GeneratedImage]] = []
         i = 0
-        for params in batch:
+        for params, edit in zip(batch, edits, strict=True):
             row = []
             for seed in params.image_seeds():
-                row.append(_encode(arrays[i], seed, params))
+                pixels, problems = _to_uint8(arrays[i])
+                if edit is not None:
+                    pixels = edit.paste_back(pixels)
+                row.append(_encode(pixels, problems, seed, params))
                 i += 1
             encoded.append(row)
         return BatchOutput(images=encoded, device_seconds=elapsed)
 
-    def _use_scheduler(self, name: str) -> None:
-        if not name or name == self._current_scheduler:
+    def _use_scheduler(self, pipe: Any, name: str) -> None:
+        if not name or name == self._schedulers.get(id(pipe)):
             return
-        self.pipe.scheduler = schedulers.build(
-            self.family.schedulers[name], self._base_scheduler_config
-        )
-        self._current_scheduler = name
+        pipe.scheduler = schedulers.build(self.family.schedulers[name], self._base_scheduler_config)
+        self._schedulers[id(pipe)] = name
 
 
-def _encode(pixels: Any, seed: int, params: GenerationParams) -> GeneratedImage:
+def _to_uint8(pixels: Any) -> tuple[Any, tuple[str, ...]]:
+    """8-bit RGB from the pipeline's floats in [0, 1], with the problems seen on the way."""
     import numpy as np
-    from PIL import Image
 
     warnings: tuple[str, ...] = ()
     if not np.isfinite(pixels).all():
         warnings = ("non-finite values",)
         pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0)
-    array = (np.clip(pixels, 0.0, 1.0) * 255).round().astype("uint8")
+    return (np.clip(pixels, 0.0, 1.0) * 255).round().astype("uint8"), warnings
+
+
+def _encode(
+    array: Any, warnings: tuple[str, ...], seed: int, params: GenerationParams
+) -> GeneratedImage:
+    from PIL import Image
+
     image = Image.fromarray(array)
     buf = io.BytesIO()
     fmt = params.output_format

@@ -1,5 +1,6 @@
-"""Builds the built-in `tiny-sdxl` and `tiny-flux` pipelines: real diffusers pipelines with tiny,
-seeded random weights and tokenizers made offline.
+"""Builds the built-in tiny pipelines (`tiny-sdxl`, `tiny-flux` and their inpainting and Kontext
+variants): real diffusers pipelines with tiny, seeded random weights and tokenizers made
+offline.
 
 They make noise, not pictures. They exist so that every code path (loading, scheduling, batching,
 caching, serving) runs for real on a CPU without a download. Each is written once into the data
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from models.local.runtime import quiet_libraries
 # Bump when the builder changes what it writes: a stale folder is rebuilt, and the revision
 # (a hash of the files) changes so old cache entries no longer match.
 TINY_BUILD_VERSION = "1"
-TINY_MODELS = ("tiny-sdxl", "tiny-flux")
+TINY_MODELS = ("tiny-sdxl", "tiny-sdxl-inpaint", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill")
 # Character-level tokenizers make one token per character; a longer context keeps ordinary
 # prompts inside the limit (the real CLIP limit is 77 tokens).
 TINY_CLIP_MAX_LENGTH = 256
@@ -86,14 +88,11 @@ def _clip_text_config(max_length: int) -> Any:
     )
 
 
-def build_tiny_sdxl() -> Any:
+def build_tiny_sdxl(pipeline: str = "StableDiffusionXLPipeline", in_channels: int = 4) -> Any:
+    """`in_channels` 9 makes the dedicated inpainting UNet (latents, mask, masked image)."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -101,7 +100,7 @@ def build_tiny_sdxl() -> Any:
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -137,7 +136,7 @@ def build_tiny_sdxl() -> Any:
     torch.manual_seed(0)
     text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(TINY_CLIP_MAX_LENGTH))
     tokenizer = _clip_tokenizer(TINY_CLIP_MAX_LENGTH)
-    return StableDiffusionXLPipeline(
+    return getattr(diffusers, pipeline)(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -148,20 +147,20 @@ def build_tiny_sdxl() -> Any:
     )
 
 
-def build_tiny_flux() -> Any:
+def build_tiny_flux(pipeline: str = "FluxPipeline", in_channels: int = 4) -> Any:
+    """Kontext is the same transformer driven by another pipeline; Fill's takes the packed
+    masked-image latents and mask beside the latents (12 channels here: 4 each)."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4,
+        in_channels=in_channels,
+        # None (the default: as many as in) keeps tiny-flux's config as it always was.
+        out_channels=4 if in_channels != 4 else None,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -202,7 +201,7 @@ def build_tiny_flux() -> Any:
         scaling_factor=1.5035,
     )
     scheduler = FlowMatchEulerDiscreteScheduler()
-    return FluxPipeline(
+    return getattr(diffusers, pipeline)(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -213,7 +212,13 @@ def build_tiny_flux() -> Any:
     )
 
 
-_BUILDERS = {"tiny-sdxl": build_tiny_sdxl, "tiny-flux": build_tiny_flux}
+_BUILDERS: dict[str, Callable[[], Any]] = {
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-sdxl-inpaint": lambda: build_tiny_sdxl("StableDiffusionXLInpaintPipeline", 9),
+    "tiny-flux": build_tiny_flux,
+    "tiny-flux-kontext": lambda: build_tiny_flux("FluxKontextPipeline"),
+    "tiny-flux-fill": lambda: build_tiny_flux("FluxFillPipeline", 12),
+}
 
 
 def tiny_model_dir(data_dir: Path, name: str) -> Path:

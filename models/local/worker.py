@@ -48,7 +48,14 @@ GENERATION_FAILED = "generation failed on the device; the server log has the det
 def batch_key(params: GenerationParams) -> BatchKey:
     """Requests that may share one pipeline call. Whether a negative prompt is set is part of
     the key: SDXL zeroes absent negative embeddings but encodes "" for present-but-empty ones,
-    so mixing them would change the pixels of the requests without one."""
+    so mixing them would change the pixels of the requests without one.
+
+    The task is too: each runs its own pipeline, so an edit never shares a call with a
+    text-to-image request. So is strength, which cuts the schedule of the whole call (the
+    input images themselves differ per request: they go in as one list). The mask's feather
+    and the inpaint area only shape each request's own crop and paste-back; they are in the
+    key all the same, so that the requests of a call differ in nothing but prompt, seed and
+    input pixels, and give exactly what each would alone."""
     return (
         params.model,
         params.width,
@@ -59,6 +66,11 @@ def batch_key(params: GenerationParams) -> BatchKey:
         params.negative_prompt is not None,
         params.output_format,
         params.output_compression,
+        params.task,
+        params.strength,
+        params.mask_blur,
+        params.inpaint_area,
+        params.inpaint_padding,
     )
 
 

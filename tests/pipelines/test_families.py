@@ -17,7 +17,13 @@ from models.local.families import FAMILIES
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.worker import DeviceWorker
 
-TINY = {"sdxl": "tiny-sdxl", "flux": "tiny-flux"}
+TINY = {
+    "sdxl": "tiny-sdxl",
+    "sdxl-inpaint": "tiny-sdxl-inpaint",
+    "flux": "tiny-flux",
+    "flux-kontext": "tiny-flux-kontext",
+    "flux-fill": "tiny-flux-fill",
+}
 
 
 def test_local_kinds_are_the_tables_families() -> None:
@@ -25,10 +31,15 @@ def test_local_kinds_are_the_tables_families() -> None:
     assert set(TINY) == set(FAMILIES)  # every family has a tiny model that tests it
     for kind, family in FAMILIES.items():
         assert family.kind == kind
+        assert family.loads in family.pipelines
+        assert set(family.default_strength) <= set(family.pipelines)
+        assert family.base in FAMILIES and FAMILIES[family.base].base == family.base
 
 
 def test_an_unknown_kind_names_the_local_ones() -> None:
-    with pytest.raises(ModelUnavailableError, match="local kinds are sdxl, flux"):
+    with pytest.raises(
+        ModelUnavailableError, match="local kinds are sdxl, sdxl-inpaint, flux, flux-kontext"
+    ):
         families.family("openai")
 
 
