@@ -56,7 +56,9 @@ def exit_code_of(exc: errors.ImagegenError) -> int:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"imagegen: error: {message}", err=True)
+    """Each line of `message` (one problem per line) as an error line on stderr, then exit."""
+    for line in message.splitlines() or [""]:
+        typer.echo(f"imagegen: error: {line}", err=True)
     raise typer.Exit(code)
 
 
@@ -97,9 +99,16 @@ def load_settings_or_exit(config: Path | None, **overrides: Any) -> Any:
     except tomllib.TOMLDecodeError as exc:
         fail(f"--config: '{config}' is not valid TOML: {exc}", 2)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        fail(f"settings: {where}: {first['msg']}", 2)
+        # Every problem at once (fixing them one run at a time is tedious); input values are
+        # left out, as one may be a key.
+        problems = exc.errors(include_input=False, include_url=False)
+        fail(
+            "\n".join(
+                f"settings: {'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
+                for problem in problems
+            ),
+            2,
+        )
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

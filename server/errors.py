@@ -1,9 +1,15 @@
 """The service's errors: what callers of the ImageService (CLI, HTTP, batch) see, under the one
-root in models/errors.py. How each is shown is the edges' business: the HTTP status and
-OpenAI error type in server/http/errors.py, the exit code in server/cli.py."""
+root in models/errors.py, and the mapping from backend errors to them. How each is shown is the
+edges' business: the HTTP status and OpenAI error type in server/http/errors.py, the exit code
+in server/cli.py."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from models import errors as backend
 from models.errors import ImagegenError
 
 __all__ = [
@@ -24,7 +30,11 @@ __all__ = [
     "QueueFullError",
     "RateLimitedError",
     "ServiceError",
+    "from_backend",
+    "mapped",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(ImagegenError):
@@ -126,3 +136,35 @@ class CancelledError(ServiceError):
 
 class GenerationFailedError(ServiceError):
     code = "generation_failed"
+
+
+@contextlib.contextmanager
+def mapped() -> Iterator[None]:
+    """Backend errors raised in the block leave it as service errors."""
+    try:
+        yield
+    except backend.BackendError as exc:
+        raise from_backend(exc) from None
+
+
+def from_backend(exc: backend.BackendError, request_id: str = "") -> ServiceError:
+    """Backend errors become service errors with the same message: backends write their
+    messages for clients (field, fix), never internal exception text."""
+    if isinstance(exc, backend.QueueFullError):
+        return QueueFullError(exc.message, retry_after_s=exc.retry_after_s, transient=True)
+    if isinstance(exc, backend.ContentFilteredError):
+        return ContentFilteredError(exc.message, param="prompt")
+    if isinstance(exc, backend.InvalidParamsError):
+        return InvalidRequestError(exc.message, param=exc.param)
+    if isinstance(exc, backend.ModelUnavailableError):
+        return ModelUnavailableError(exc.message, param="model")
+    if isinstance(exc, backend.AuthError):
+        return ProviderAuthError(exc.message)
+    if isinstance(exc, backend.WorkCancelledError):
+        return CancelledError(exc.message)
+    if isinstance(exc, backend.DeviceFaultError):
+        log.error("request %s: %s", request_id or "-", exc.message)
+        return DeviceFaultError(exc.message)
+    if isinstance(exc, backend.TransientBackendError):
+        return ProviderError(exc.message, transient=True)
+    return GenerationFailedError(exc.message)

@@ -10,7 +10,7 @@ from typing import Any
 
 from models.base import Backend, ModelSpec
 from models.catalogue import Catalogue
-from models.local.worker import DeviceWorker, WorkerObserver
+from models.local.worker import DeviceWorker, Runner, WorkerObserver
 
 __all__ = ["BackendRegistry", "WorkerObserver"]
 from server import errors
@@ -25,12 +25,15 @@ class BackendRegistry:
         *,
         observer: WorkerObserver | None = None,
         wrap: Callable[[Backend], Backend] | None = None,
+        wrap_runner: Callable[[Runner], Runner] | None = None,
     ) -> None:
         self.settings = settings
         self.catalogue = catalogue
-        # A test seam: every backend passes through `wrap` once, when it is created (a fake
-        # that forces a failure around the real backend).
+        # Test seams: every backend passes through `wrap` once, when it is created (a fake
+        # that forces a failure around the real backend), and every local pipeline runner
+        # through `wrap_runner` (a fake that blocks or fails around the real device calls).
         self._wrap = wrap
+        self._wrap_runner = wrap_runner
         local = settings.local
         # One device, one worker thread: diffusers pipelines are not thread-safe.
         self.worker = DeviceWorker(
@@ -84,7 +87,11 @@ class BackendRegistry:
                 max_loaded_loras=local.max_loaded_loras,
             )
             return DiffusersBackend(
-                spec, data_dir=self.settings.data_dir, worker=self.worker, options=options
+                spec,
+                data_dir=self.settings.data_dir,
+                worker=self.worker,
+                options=options,
+                wrap_runner=self._wrap_runner,
             )
         return self._create_hosted(spec)
 

@@ -10,13 +10,12 @@ generation — runs in a thread, so one slow disk or a first request never stall
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,7 +193,7 @@ class ImageService:
                     return
                 # A look, not the attempt: a half-open probe is left for the real one.
                 self._admission(attempt).abandoned()
-                with _mapped():
+                with errors.mapped():
                     attempt.backend.admit(attempt.params)
                 return
             except errors.ServiceError as exc:
@@ -296,7 +295,7 @@ class ImageService:
         # One request resolves at a time: this runs on worker threads, and what it may do on
         # first use (load a tokenizer, hash weights into the data directory) is not safe to
         # do twice at once; after first use it is a dictionary lookup.
-        with self._resolving, _mapped():
+        with self._resolving, errors.mapped():
             params = backend.resolve(params)
             backend.check_prompt(params.prompt)
             identity = backend.identity(params).as_dict()
@@ -381,7 +380,7 @@ class ImageService:
                     status="filtered" if isinstance(exc, base.ContentFilteredError) else "failed",
                     error=exc.message,
                 )
-            raise _map_backend_error(exc, attempt.request_id) from None
+            raise errors.from_backend(exc, attempt.request_id) from None
 
     def _finish(
         self, attempt: Attempt, result: BackendResult
@@ -511,7 +510,7 @@ class ImageService:
     async def load(self, models: list[str]) -> None:
         for name in models:
             backend = self.backend(name)
-            with _mapped():
+            with errors.mapped():
                 await backend.load()
 
     def backend(self, name: str) -> Backend:
@@ -591,35 +590,3 @@ def _next_model_may_serve(index: int, exc: errors.ServiceError, *, chosen: bool)
 
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
-
-
-@contextlib.contextmanager
-def _mapped() -> Iterator[None]:
-    """Backend errors raised in the block leave it as service errors."""
-    try:
-        yield
-    except base.BackendError as exc:
-        raise _map_backend_error(exc) from None
-
-
-def _map_backend_error(exc: base.BackendError, request_id: str = "") -> errors.ServiceError:
-    """Backend errors become service errors with the same message: backends write their
-    messages for clients (field, fix), never internal exception text."""
-    if isinstance(exc, base.QueueFullError):
-        return errors.QueueFullError(exc.message, retry_after_s=exc.retry_after_s, transient=True)
-    if isinstance(exc, base.ContentFilteredError):
-        return errors.ContentFilteredError(exc.message, param="prompt")
-    if isinstance(exc, base.InvalidParamsError):
-        return errors.InvalidRequestError(exc.message, param=exc.param)
-    if isinstance(exc, base.ModelUnavailableError):
-        return errors.ModelUnavailableError(exc.message, param="model")
-    if isinstance(exc, base.AuthError):
-        return errors.ProviderAuthError(exc.message)
-    if isinstance(exc, base.WorkCancelledError):
-        return errors.CancelledError(exc.message)
-    if isinstance(exc, base.DeviceFaultError):
-        log.error("request %s: %s", request_id or "-", exc.message)
-        return errors.DeviceFaultError(exc.message)
-    if isinstance(exc, base.TransientBackendError):
-        return errors.ProviderError(exc.message, transient=True)
-    return errors.GenerationFailedError(exc.message)

@@ -8,7 +8,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,12 @@ import uvicorn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from models.base import GenerationParams
+from models.catalogue import Catalogue
+from models.local.worker import Runner
 from server.http import create_app
 from server.http.state import AppState
+from server.registry import BackendRegistry
 from server.service import ImageService
 from server.settings import Settings
 
@@ -131,3 +135,90 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
     return total
+
+
+@dataclass
+class DeviceBatch:
+    """One pipeline call as the device saw it."""
+
+    prompts: list[str]
+    steps: int = 0  # the last step it reported
+
+
+class WatchedRunner:
+    """The real pipeline runner, recording what reaches the device: the prompts of every batch
+    and the last step each one reported. While `gate` is clear, a batch that starts holds
+    after its first step until it is set, and `holding` is set (the one place these tests
+    force the device to block: a test acts while a batch is mid-run, whatever the host's speed).
+    Injected through BackendRegistry(wrap_runner=...); see `watched_service`."""
+
+    def __init__(self, inner: Runner) -> None:
+        self.inner = inner
+        self.batches: list[DeviceBatch] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.holding = threading.Event()
+
+    def hold(self) -> None:
+        """Hold the next batch to start after its first step (until `release`)."""
+        self.holding.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    @property
+    def prompts(self) -> list[str]:
+        return [prompt for batch in self.batches for prompt in batch.prompts]
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def interrupt(self) -> None:
+        self.inner.interrupt()
+
+    def run_batch(
+        self,
+        batch: list[GenerationParams],
+        *,
+        precise: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        seen = DeviceBatch(prompts=[params.prompt for params in batch])
+        self.batches.append(seen)
+
+        def counted(step: int, total: int) -> None:
+            seen.steps = step
+            if on_step is not None:
+                on_step(step, total)
+            if step == 1 and not self.gate.is_set():
+                self.holding.set()
+                self.gate.wait()
+
+        return self.inner.run_batch(batch, precise=precise, on_step=counted)
+
+
+def watched_service(settings: Settings) -> tuple[ImageService, list[WatchedRunner]]:
+    """A service whose local runners are WatchedRunners (one per local model, created with its
+    backend on first use)."""
+    runners: list[WatchedRunner] = []
+
+    def watch(inner: Runner) -> Runner:
+        runners.append(WatchedRunner(inner))
+        return runners[-1]
+
+    registry = BackendRegistry(settings, Catalogue.load(settings.models), wrap_runner=watch)
+    return ImageService(settings, registry=registry), runners
+
+
+@contextmanager
+def watched_server(settings: Settings) -> Iterator[tuple[LiveServer, WatchedRunner]]:
+    """A live server of `watched_service`, with the WatchedRunner of the one local model its
+    settings load at start."""
+    service, runners = watched_service(settings)
+    try:
+        with live_server(settings, service=service) as live:
+            (runner,) = runners
+            yield live, runner
+    finally:
+        service.close()

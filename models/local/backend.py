@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from models.base import (
@@ -21,7 +22,7 @@ from models.base import (
 )
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
-from models.local.worker import DeviceWorker, WorkItem
+from models.local.worker import DeviceWorker, Runner, WorkItem
 
 _MAX_SIDE = 4096
 
@@ -34,10 +35,14 @@ class DiffusersBackend(Backend):
         data_dir: Path,
         worker: DeviceWorker,
         options: RuntimeOptions,
+        wrap_runner: Callable[[Runner], Runner] | None = None,
     ) -> None:
         self.spec = spec
         self.worker = worker
         self.runner = PipelineRunner(spec, data_dir=data_dir, options=options)
+        # What the worker runs batches on: the runner itself, or a test's fake around it that
+        # forces blocking or a failure (the seam BackendRegistry(wrap_runner=...) passes down).
+        self._device_runner: Runner = wrap_runner(self.runner) if wrap_runner else self.runner
         self.family = self.runner.family
         self._load_lock = asyncio.Lock()
 
@@ -209,7 +214,7 @@ class DiffusersBackend(Backend):
         await self.load()
         item = WorkItem(
             params=params,
-            runner=self.runner,
+            runner=self._device_runner,
             precise=precise,
             events=events,
         )

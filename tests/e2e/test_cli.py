@@ -167,11 +167,11 @@ def test_kill_mid_run_leaves_nothing_a_later_run_would_serve(
 
 
 def test_pull_while_offline_fails_at_once_with_what_to_do(cli_env: dict[str, str]) -> None:
-    start = time.monotonic()
+    # "At once": the command checks the setting before it tries the hub (the message names
+    # it), rather than retrying a download; imagegen()'s deadline stops a hang.
     proc = imagegen(cli_env, "pull", "sdxl")
     assert proc.returncode == 1
     assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
-    assert time.monotonic() - start < 60  # never a hang
     assert imagegen(cli_env, "pull", "tiny-sdxl").returncode == 2
 
 

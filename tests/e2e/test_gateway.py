@@ -22,6 +22,9 @@ from tests.stubs.fixtures import FAST, live
 from tests.stubs.stability_stub import StabilityStub
 
 STABILITY_KEY = "k-stability-gw"
+# The GPU box runs a real pipeline, on a loaded CI host as well: its timeout only stops a hung
+# test (FAST's 2 s is for stubs that answer at once).
+TO_THE_BOX = {**FAST, "timeout_s": 120.0}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,7 @@ def test_hybrid_remote_imagegen_keeps_every_diffusion_control(
     pipeline makes for the same seed, negative prompt, steps, guidance and scheduler."""
     settings = Settings(
         data_dir=data_dir,
-        providers={"imagegen": {"base_url": gpu_box.url, "api_key": API_KEY, **FAST}},
+        providers={"imagegen": {"base_url": gpu_box.url, "api_key": API_KEY, **TO_THE_BOX}},
         models=[
             {
                 "name": "gpu-tiny",
@@ -149,7 +152,7 @@ def test_remote_imagegen_wrong_key_names_the_provider(data_dir: Path, gpu_box: L
 
     settings = Settings(
         data_dir=data_dir,
-        providers={"imagegen": {"base_url": gpu_box.url, "api_key": "wrong-key", **FAST}},
+        providers={"imagegen": {"base_url": gpu_box.url, "api_key": "wrong-key", **TO_THE_BOX}},
     )
     service = ImageService(settings)
     try:
@@ -175,5 +178,5 @@ def test_b64_roundtrip_is_the_cached_file(gpu_box: LiveServer) -> None:
     import hashlib
 
     sha = hashlib.sha256(data).hexdigest()
-    stored = gpu_box.service.cache.read_object(sha)
+    stored = gpu_box.service.read_file(sha)
     assert stored is not None and stored[0] == data

@@ -18,21 +18,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.helpers_server import (
     LiveServer,
+    WatchedRunner,
     fresh_data_dir,
     live_server,
     metric_value,
     start_server,
     tiny_settings,
+    watched_server,
 )
 
 LONG = 200  # steps (the most the service takes): seconds of work, stopped early by each test
+DEADLINE_S = 60  # only stops a hung test
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[LiveServer]:
+def watched(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path
+) -> Iterator[tuple[LiveServer, WatchedRunner]]:
     data = fresh_data_dir(tmp_path_factory.mktemp("jobs"), tiny_models_dir)
-    with live_server(tiny_settings(data)) as live:
-        yield live
+    with watched_server(tiny_settings(data)) as watched:
+        yield watched
 
 
 def events(client: httpx.Client, job_id: str, *, until: str | None = None) -> list[tuple[str, Any]]:
@@ -118,27 +123,34 @@ def test_progress_is_reported(server: LiveServer) -> None:
         assert client.get(f"/v1/jobs/{job['id']}").json()["progress"] == {"step": 6, "total": 6}
 
 
-def test_cancel_a_running_job_stops_the_batch(server: LiveServer) -> None:
+def test_cancel_a_running_job_stops_the_batch(server: LiveServer, device: WatchedRunner) -> None:
     with server.client() as client:
         before = client.get("/v1/stats").json()["requests"]
-        job = client.post("/v1/jobs", json={"prompt": "a slow river", "steps": LONG}).json()
-        started = events(client, job["id"], until="progress")
-        assert started[-1][0] == "progress"
-        cancelled = client.delete(f"/v1/jobs/{job['id']}")
-        assert cancelled.status_code == 200
-        assert cancelled.json()["status"] == "cancelled"
-        # The device stops at the next step: a new request is served at once, not after LONG.
-        t0 = time.monotonic()
+        first = len(device.batches)
+        device.hold()  # cancelled mid-run, however fast the host runs LONG steps
+        try:
+            job = client.post("/v1/jobs", json={"prompt": "a slow river", "steps": LONG}).json()
+            started = events(client, job["id"], until="progress")
+            assert started[-1][0] == "progress"
+            assert device.holding.wait(DEADLINE_S)
+            cancelled = client.delete(f"/v1/jobs/{job['id']}")
+            assert cancelled.status_code == 200
+            assert cancelled.json()["status"] == "cancelled"
+        finally:
+            device.release()
         quick = client.post("/v1/images/generations", json={"prompt": "next", "steps": 2})
         assert quick.status_code == 200
-        assert time.monotonic() - t0 < 10
+        # The device stopped at the step after the cancel, not after all LONG of them.
+        cancelled_batch, quick_batch = device.batches[first:]
+        assert (cancelled_batch.prompts, quick_batch.prompts) == (["a slow river"], ["next"])
+        assert 1 <= cancelled_batch.steps < LONG
         late = events(client, job["id"])
         assert [kind for kind, _ in late] == ["cancelled"]
         # Cancelled work is neither billed nor cached: only the quick request reached the ledger.
         assert client.get("/v1/stats").json()["requests"] == before + 1
 
 
-def test_cancel_a_queued_job_before_it_runs(server: LiveServer) -> None:
+def test_cancel_a_queued_job_before_it_runs(server: LiveServer, device: WatchedRunner) -> None:
     with server.client() as client:
         calls = pipeline_calls(client)
         running = client.post("/v1/jobs", json={"prompt": "busy", "steps": LONG}).json()
@@ -152,9 +164,12 @@ def test_cancel_a_queued_job_before_it_runs(server: LiveServer) -> None:
         assert wait_status(client, queued["id"], "cancelled")["status"] == "cancelled"
         # The running batch stops at its next step and counts as one pipeline call...
         pipeline_calls(client, at_least=calls + 1)
-        time.sleep(0.3)
-        # ...and the queued job never ran: no second call.
-        assert pipeline_calls(client) == calls + 1
+        # ...and the queued job never ran: a request sent now queues behind anything left,
+        # so once it is served, whatever was still queued has reached the device too.
+        after = client.post("/v1/images/generations", json={"prompt": "after", "steps": 2})
+        assert after.status_code == 200
+        assert "waiting" not in device.prompts
+        assert pipeline_calls(client, at_least=calls + 2) == calls + 2
 
 
 def test_cancelling_one_job_of_a_batch_keeps_the_other(server: LiveServer) -> None:

@@ -73,6 +73,24 @@ def test_serve_names_an_unknown_provider_or_setting(
     assert named in line
 
 
+def test_every_bad_value_is_named_one_line_each(tmp_path: Path, occupied_port: int) -> None:
+    config = (
+        "[providers.openai]\ntimeout_s = 0\nmax_retries = 'many'\n[local]\nmax_batch_size = 0\n"
+    )
+    proc = serve(tmp_path, config, occupied_port)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert all(line.startswith("imagegen: error: settings: ") for line in lines)
+    named = " ".join(lines)
+    for setting in (
+        "providers.openai.timeout_s",
+        "providers.openai.max_retries",
+        "local.max_batch_size",
+    ):
+        assert setting in named
+
+
 def test_a_bad_value_from_the_environment_is_named_too(tmp_path: Path, occupied_port: int) -> None:
     proc = serve(tmp_path, "", occupied_port, IMAGEGEN_PROVIDERS__BFL__POLL_TIMEOUT_S="soon")
     assert proc.returncode == 2, proc.stderr

@@ -1,18 +1,22 @@
 """The scheduler seen through a live server: concurrent requests share pipeline calls and still
 match their solo pixels, the queue bound (in images) answers 429 with Retry-After beyond it,
-and a client that leaves while queued never reaches the pipeline."""
+and a client that leaves while queued never reaches the pipeline (the device held by a
+WatchedRunner injected through BackendRegistry(wrap_runner=...))."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -22,18 +26,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from PIL import Image
 
-from models.base import GenerationParams
 from tests.helpers_server import (
     LiveServer,
+    WatchedRunner,
     fresh_data_dir,
     live_server,
     metric_value,
     tiny_settings,
+    watched_server,
 )
+
+DEADLINE_S = 60  # only stops a hung test
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[LiveServer]:
+def watched(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path
+) -> Iterator[tuple[LiveServer, WatchedRunner]]:
     """Cache off (a zero byte cap evicts every entry at once) so that repeating a request
     really runs it again; a window long enough to gather eight requests into one batch."""
     data = fresh_data_dir(tmp_path_factory.mktemp("scheduler"), tiny_models_dir)
@@ -42,8 +51,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> I
         local={"batch_window_ms": 100, "max_batch_size": 8},
         top={"cache_max_bytes": 0},
     )
-    with live_server(settings) as live:
-        yield live
+    with watched_server(settings) as watched:
+        yield watched
 
 
 def pixels(item: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.int16]]:
@@ -131,38 +140,62 @@ def test_queue_bound_in_images_answers_429_beyond_it(tmp_path: Path, tiny_models
         assert sorted(r.status_code for r in results) == [200, 200, 200, 429, 429]
 
 
-def test_client_that_leaves_while_queued_never_reaches_the_pipeline(server: LiveServer) -> None:
-    runner = server.service.registry.backend_for("tiny-sdxl").runner  # type: ignore[attr-defined]
-    seen: list[str] = []
-    original = runner.run_batch
-
-    def watching(batch: list[GenerationParams], **kwargs: Any) -> Any:
-        seen.extend(params.prompt for params in batch)
-        return original(batch, **kwargs)
-
-    runner.run_batch = watching
-    try:
-        with server.client() as client:
-            stats_before = client.get("/v1/stats").json()["requests"]
-            busy = client.post("/v1/jobs", json={"prompt": "keeps the device busy", "steps": 60})
+def test_client_that_leaves_while_queued_never_reaches_the_pipeline(
+    server: LiveServer, device: WatchedRunner
+) -> None:
+    with server.client() as client:
+        stats_before = client.get("/v1/stats").json()["requests"]
+        left_before = left_early(client)
+        device.hold()
+        try:
+            busy = client.post("/v1/jobs", json={"prompt": "keeps the device busy", "steps": 2})
             busy_id = busy.json()["id"]
-            while client.get(f"/v1/jobs/{busy_id}").json()["status"] != "running":
-                time.sleep(0.01)
-            with pytest.raises(httpx.ReadTimeout), server.client(timeout=0.3) as impatient:
-                impatient.post(
-                    "/v1/images/generations",
-                    json={"prompt": "the impatient client", "steps": 2},
-                )
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/jobs/{busy_id}").json()["status"] == "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            time.sleep(0.3)
-            assert "the impatient client" not in seen
-            assert "keeps the device busy" in seen
-            assert client.get("/v1/stats").json()["requests"] == stats_before + 1
-            text = client.get("/metrics").text
-            assert metric_value(text, "imagegen_requests_total", status="499") >= 1
-            assert metric_value(text, "imagegen_queue_depth_images") == 0
-    finally:
-        runner.run_batch = original
+            assert device.holding.wait(DEADLINE_S), "the busy job never reached the device"
+            # A raw connection, so that the test decides when the client leaves: once its
+            # request is queued behind the held batch.
+            address = urlsplit(server.url)
+            with socket.create_connection(
+                (address.hostname, address.port), timeout=DEADLINE_S
+            ) as impatient:
+                impatient.sendall(_post_request("/v1/images/generations", IMPATIENT))
+                wait_until(lambda: queue_depth(client) == 1, "the impatient request to queue")
+            wait_until(lambda: queue_depth(client) == 0, "the queue to drop the impatient request")
+            wait_until(lambda: left_early(client) > left_before, "the 499 of the one who left")
+        finally:
+            device.release()
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{busy_id}").json()["status"] == "succeeded",
+            "the busy job to finish",
+        )
+        # The queue was empty when the device was released, so nothing else can run now.
+        assert "the impatient client" not in device.prompts
+        assert "keeps the device busy" in device.prompts
+        assert client.get("/v1/stats").json()["requests"] == stats_before + 1
+
+
+IMPATIENT = {"prompt": "the impatient client", "steps": 2}
+
+
+def _post_request(path: str, body: dict[str, Any]) -> bytes:
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+def queue_depth(client: httpx.Client) -> float:
+    return metric_value(client.get("/metrics").text, "imagegen_queue_depth_images")
+
+
+def left_early(client: httpx.Client) -> float:
+    return metric_value(client.get("/metrics").text, "imagegen_requests_total", status="499")
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition`; the deadline only stops a hung test."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
