@@ -168,7 +168,30 @@ def generate(
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
     preset: Annotated[str | None, typer.Option("--preset")] = None,
     from_image: Annotated[
-        Path | None, typer.Option("--from-image", help="Reproduce an imagegen PNG.")
+        Path | None,
+        typer.Option("--from-image", help="Reproduce an imagegen PNG (an edit: with --image)."),
+    ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="Input image: img2img, inpainting, edits (repeatable)."),
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option("--mask", help="Inpainting mask: white = repaint.")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option("--strength", help="Share of the schedule re-run (0-1].")
+    ] = None,
+    mask_blur: Annotated[
+        int | None, typer.Option("--mask-blur", help="Feather the mask edge (pixels).")
+    ] = None,
+    inpaint_area: Annotated[
+        str | None, typer.Option("--inpaint-area", help="whole | masked (crop around the mask).")
+    ] = None,
+    resize_mode: Annotated[
+        str | None, typer.Option("--resize-mode", help="crop | stretch | pad, to --size.")
+    ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", help="NAME or NAME:WEIGHT (repeatable).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -184,6 +207,15 @@ def generate(
 
     def go() -> None:
         width, height = parse_size(size)
+        edit = generate_cmd.EditOptions(
+            images=image or (),
+            mask=mask,
+            strength=strength,
+            mask_blur=mask_blur,
+            inpaint_area=inpaint_area,
+            resize_mode=resize_mode,
+            loras=lora or (),
+        )
         request = generate_cmd.build_request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -198,10 +230,18 @@ def generate(
             preset=preset,
             from_image=from_image,
             local_only=local_only,
+            edit=edit,
+            max_input_megapixels=settings.server.max_input_megapixels,
         )
         generate_cmd.run(settings, request, out=out, as_json=as_json)
 
-    run_guarded(go)
+    def flagged() -> None:
+        try:
+            go()
+        except errors.InvalidRequestError as exc:
+            raise generate_cmd.flagged(exc) from None
+
+    run_guarded(flagged)
 
 
 @app.command()
