@@ -365,6 +365,13 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
     preset: Annotated[str | None, typer.Option("--preset")] = None,
+    allow_absolute_paths: Annotated[
+        bool,
+        typer.Option(
+            "--allow-absolute-paths",
+            help="Let image/mask cells name files outside the batch file's folder.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run a file of requests; resumable, with a manifest and a cost cap."""
@@ -383,6 +390,7 @@ def batch(
             resume=resume,
             dry_run=dry_run,
             preset=preset,
+            allow_absolute_paths=allow_absolute_paths,
         )
         if code:
             raise typer.Exit(code)

@@ -171,6 +171,14 @@ class EditFields(BaseModel):
 EDIT_ONLY_FIELDS: frozenset[str] = frozenset({"image", "image[]", "mask", *EditFields.model_fields})
 
 
+class RowFields(ImageFields, EditFields):
+    """A batch row: the image fields, the edit fields, and its inputs as text (`image`: one
+    or a list; `mask`): paths relative to the batch file, or base64 (server/batch/rows.py)."""
+
+    image: Text | list[Text] | None = None
+    mask: Text | None = None
+
+
 class ImageGenerationRequest(ImageFields):
     """POST /v1/images/generations and POST /v1/jobs: the image fields plus how the response
     carries the image (a batch writes files instead, so its rows have neither)."""
