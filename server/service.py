@@ -138,7 +138,7 @@ class ImageService:
                     )
                 result = hit if hit is not None else await self._run(attempt, events)
             except errors.ServiceError as exc:
-                if not _next_model_may_serve(index, exc):
+                if not _next_model_may_serve(index, exc, chosen=params.model == "auto"):
                     raise
                 skipped.append((candidate.spec.name, exc.message))
                 last_error = exc
@@ -198,7 +198,7 @@ class ImageService:
                     attempt.backend.admit(attempt.params)
                 return
             except errors.ServiceError as exc:
-                if not _next_model_may_serve(index, exc):
+                if not _next_model_may_serve(index, exc, chosen=params.model == "auto"):
                     raise
                 last = exc
         assert last is not None
@@ -579,12 +579,13 @@ class ImageService:
         asyncio.run(self.aclose())
 
 
-def _next_model_may_serve(index: int, exc: errors.ServiceError) -> bool:
+def _next_model_may_serve(index: int, exc: errors.ServiceError, *, chosen: bool) -> bool:
     """Whether the route goes on to its next model after the one at `index` failed with
-    `exc`: on a transient failure or a spent budget; and a fallback that cannot take these
-    parameters (another size grid, a shorter prompt limit) is passed over, while the model
-    asked for reports its own bad-input errors."""
-    unfit = index > 0 and type(exc) is errors.InvalidRequestError
+    `exc`: on a transient failure or a spent budget; and a model the server chose (a fallback,
+    or any model of `auto`) that cannot take these parameters (another size grid, a shorter
+    prompt limit, no image inputs) is passed over, while the model asked for reports its own
+    bad-input errors."""
+    unfit = (index > 0 or chosen) and type(exc) is errors.InvalidRequestError
     return exc.transient or unfit or isinstance(exc, errors.BudgetExhaustedError)
 
 

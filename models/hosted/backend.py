@@ -21,6 +21,7 @@ from models.base import (
 )
 from models.hosted.client import HostedHTTP, auth_failure
 from models.hosted.config import ProviderConfig
+from models.hosted.inputs import TEXT_ONLY, EditSupport
 from models.hosted.retry import SleepFn
 from models.prices import PriceTable
 
@@ -59,6 +60,14 @@ class HostedBackend(Backend):
     def provider_model(self) -> str:
         return self.spec.provider_model or self.spec.name
 
+    def edit_support(self) -> EditSupport:
+        """Which tasks this model's API takes, and how many input images (text only unless a
+        backend says more)."""
+        return TEXT_ONLY
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        return self.edit_support().unsupported(self.spec.name, params)
+
     def identity_extra(self) -> dict[str, Any]:
         """Backend-specific facts that decide the pixels (an endpoint, an API version)."""
         return {}
@@ -83,6 +92,12 @@ class HostedBackend(Backend):
         del precise  # providers offer no numerically safer mode to ask for
         params = self.resolve(params)
         self.check_prompt(params.prompt)
+        reason = self.unsupported(params)
+        if reason is not None:
+            # The service refuses these before routing; a direct caller must not get a
+            # text-to-image picture for an edit either.
+            param = "loras" if params.loras else "mask" if params.mask is not None else "image"
+            raise InvalidParamsError(reason, provider=self.provider, param=param)
         if self.needs_key and self.config.api_key is None:
             raise auth_failure(self.config)  # before anything is sent
         events.started()

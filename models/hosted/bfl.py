@@ -4,6 +4,13 @@ The submit answer's `polling_url` is used as given (it may be regional) and its 
 (credits, $0.01 each) is the cost. `result.sample` is a signed URL that expires in minutes, so
 it is downloaded as soon as the task is Ready. Moderation arrives as a status on a 200.
 n > 1 submits n tasks (seeds s+i) and polls them together.
+
+Image inputs (bfl-openapi.json): Kontext edits by instruction with `input_image` (base64) and
+up to three more references (`input_image_2..4`); FLUX.2 takes up to eight (klein four);
+FLUX.1 Fill [pro] (`flux-pro-1.0-fill`) repaints where its black-and-white `mask` is white, as
+ours, at the image's own size. None of them has a strength: it is reported dropped (the edit
+itself is honoured). FLUX1.1 and dev take only a Redux `image_prompt`, a remix and not an edit
+of the picture: they refuse image inputs.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from models.base import (
 )
 from models.hosted.backend import HostedBackend
 from models.hosted.client import same_site
+from models.hosted.inputs import EditSupport, b64
 from models.hosted.polling import Polled, poll_until
 from models.hosted.results import Piece, Report, fan_out, to_image, total_cost
 
-Shape = Literal["grid32", "grid16", "aspect"]
+Shape = Literal["grid32", "grid16", "aspect", "image"]
 
 USD_PER_CREDIT = 0.01
 _MODERATED = frozenset({"Request Moderated", "Content Moderated"})
@@ -35,9 +43,41 @@ _MAX_MEGAPIXELS_FLUX2 = 4 * 1024 * 1024
 _WIDEST = 21 / 9
 # The longest wait between polls, in poll intervals (a task takes seconds).
 _POLL_MAX_INTERVALS = 8.0
+_FILL = "flux-pro-1.0-fill"
+# steps and guidance ranges of the models that take them (bfl-openapi.json).
+_TUNABLE: dict[str, tuple[tuple[int, int], tuple[float, float]]] = {
+    "flux-dev": ((1, 50), (1.5, 5.0)),
+    _FILL: ((15, 50), (1.5, 100.0)),
+}
+_NO_EDITS_WHY = (
+    "its only image field is a Redux image_prompt, a remix rather than an edit; "
+    "flux-kontext-pro edits an image, flux-pro-1.0-fill inpaints"
+)
+
+
+def edit_support(provider_model: str) -> EditSupport:
+    """What each BFL endpoint takes, from its request schema in bfl-openapi.json."""
+    if provider_model == _FILL:
+        return EditSupport(
+            tasks=frozenset({"inpaint"}),
+            max_images=1,
+            why="FLUX.1 Fill repaints a masked area of one image: send an image and a mask",
+        )
+    references = {"flux-kontext": 4, "flux-2-klein": 4, "flux-2-": 8}
+    for prefix, count in references.items():
+        if provider_model.startswith(prefix):
+            return EditSupport(
+                tasks=frozenset({"txt2img", "img2img"}),
+                max_images=count,
+                why=f"{provider_model} edits by instruction and takes no mask; "
+                "flux-pro-1.0-fill inpaints",
+            )
+    return EditSupport(why=_NO_EDITS_WHY)
 
 
 def shape_of(provider_model: str) -> Shape:
+    if provider_model == _FILL:
+        return "image"  # no size field: the output is the input image's size
     if provider_model.startswith("flux-2-"):
         return "grid16"
     if provider_model.startswith(("flux-pro-1.1-ultra", "flux-kontext")):
@@ -56,11 +96,15 @@ class BFLBackend(HostedBackend):
         return shape_of(self.provider_model)
 
     @property
-    def is_dev(self) -> bool:
-        return self.provider_model == "flux-dev"
+    def tunable(self) -> bool:
+        """Whether the endpoint takes steps and guidance."""
+        return self.provider_model in _TUNABLE
+
+    def edit_support(self) -> EditSupport:
+        return edit_support(self.provider_model)
 
     def resolve(self, params: GenerationParams) -> GenerationParams:
-        if self.is_dev:
+        if self.tunable:
             params = _with_defaults(
                 params, self.spec.defaults.steps, self.spec.defaults.guidance_scale
             )
@@ -103,16 +147,20 @@ class BFLBackend(HostedBackend):
                 provider=self.provider,
                 param="size",
             )
-        if self.is_dev:
-            if params.steps is not None and not 1 <= params.steps <= 50:
+        if self.tunable:
+            (low_steps, high_steps), (low_guidance, high_guidance) = _TUNABLE[self.provider_model]
+            if params.steps is not None and not low_steps <= params.steps <= high_steps:
                 raise InvalidParamsError(
-                    f"steps must be 1..50 for flux-dev, got {params.steps}",
+                    f"steps must be {low_steps}..{high_steps} for {self.provider_model}, "
+                    f"got {params.steps}",
                     provider=self.provider,
                     param="steps",
                 )
-            if params.guidance_scale is not None and not 1.5 <= params.guidance_scale <= 5:
+            guidance = params.guidance_scale
+            if guidance is not None and not low_guidance <= guidance <= high_guidance:
                 raise InvalidParamsError(
-                    f"guidance_scale must be 1.5..5 for flux-dev, got {params.guidance_scale:g}",
+                    f"guidance_scale must be {low_guidance:g}..{high_guidance:g} for "
+                    f"{self.provider_model}, got {guidance:g}",
                     provider=self.provider,
                     param="guidance_scale",
                 )
@@ -138,9 +186,14 @@ class BFLBackend(HostedBackend):
         }
         if self.shape == "aspect":
             body["aspect_ratio"] = reduced_ratio(params.width, params.height)
-        else:
+        elif self.shape != "image":
             body["width"], body["height"] = params.width, params.height
-        if self.is_dev:
+        if params.mask is not None:  # Fill: white = repaint, as ours
+            body["image"], body["mask"] = b64(params.images[0]), b64(params.mask)
+        else:
+            for index, image in enumerate(params.images):
+                body["input_image" if index == 0 else f"input_image_{index + 1}"] = b64(image)
+        if self.tunable:
             if params.steps is not None:
                 body["steps"] = params.steps
             if params.guidance_scale is not None:
@@ -157,8 +210,9 @@ class BFLBackend(HostedBackend):
             "moderation",
             "output_compression",
         )
-        if not self.is_dev:
+        if not self.tunable:
             dropped += params.given("steps", "guidance_scale")
+        dropped += params.given("input_fidelity") + self.edit_support().dropped(params)
         return tuple(dropped)
 
     async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:

@@ -31,6 +31,7 @@ from models.base import (
 )
 from models.hosted.backend import HostedBackend
 from models.hosted.client import same_site
+from models.hosted.inputs import EditSupport
 from models.hosted.polling import Polled, poll_until
 from models.hosted.results import Piece, Report, fan_out, to_image, total_cost
 
@@ -83,6 +84,14 @@ class MidjourneyBackend(HostedBackend):
     def resolve(self, params: GenerationParams) -> GenerationParams:
         self.require_size_and_seeds(params, seed_max=SEED_MAX)
         return params
+
+    def edit_support(self) -> EditSupport:
+        # imagine's base64Array holds image prompts: references a new grid is inspired by, not
+        # a picture to edit. Answering an edit with one would be a new picture in disguise.
+        return EditSupport(
+            why="midjourney-proxy's imagine takes image prompts (base64Array) that inspire a "
+            "new picture, not an image to edit; flux-kontext-pro or gpt-image-2 edit one"
+        )
 
     def estimate_cost_usd(self, params: GenerationParams) -> float | None:
         each = self.config.usd_per_image

@@ -1,9 +1,15 @@
-"""OpenAI Images (`POST /v1/images/generations`) through the official `openai` SDK.
+"""OpenAI Images (`POST /v1/images/generations`, and `/v1/images/edits` for image inputs)
+through the official `openai` SDK.
 
 The SDK runs with `max_retries=0`: retries are ours (`models.hosted.retry.with_retries`), so the
 wait honours `retry-after-ms` / `Retry-After` up to `retry_cap_s`, goes through the injected
 `sleep`, and matches every other hosted backend. GPT image models have no seed and no negative
 prompt: those land in `dropped_params` and results are not deterministic.
+
+Edits go as multipart (the SDK's `images.edit`): one `image`, or repeated `image[]` for
+several (GPT image models take up to 16, dall-e-2 one square PNG), and the mask converted from
+ours (white = repaint) to OpenAI's (transparent = edit area). The edits API has no strength:
+it edits by instruction, so a strength is reported dropped rather than refused.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from models.base import (
 )
 from models.hosted.backend import HostedBackend
 from models.hosted.client import auth_failure, scrub
+from models.hosted.inputs import EditSupport, alpha_mask, png_file
 from models.hosted.results import Piece, decode_b64, fan_out, to_image, total_cost
 from models.hosted.retry import (
     Retryable,
@@ -35,21 +42,44 @@ from models.hosted.retry import (
     with_retries,
 )
 
-Family = Literal["gpt-image-2", "gpt-image", "dall-e-3"]
+Family = Literal["gpt-image-2", "gpt-image", "dall-e-3", "dall-e-2"]
 
 _MODERATION_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
 _GPT_QUALITIES = ("low", "medium", "high", "auto")
 _DALLE3_QUALITIES = ("standard", "hd")
 _DALLE3_STYLES = ("vivid", "natural")
 _DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
+_DALLE2_SIZES = ("256x256", "512x512", "1024x1024")
 _GPT_FIXED_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 _GPT_MAX_N = 10
+# CreateImageEditRequest (OpenAI spec 2026-08-21): "You can provide up to 16 images" for GPT
+# image models; dall-e-2 takes one square PNG; dall-e-3 has no edits.
+_GPT_EDITS = EditSupport(
+    tasks=frozenset({"txt2img", "img2img", "inpaint"}),
+    max_images=16,
+    why="OpenAI's edits take up to 16 images",
+)
+_EDITS: Mapping[Family, EditSupport] = {
+    "gpt-image-2": _GPT_EDITS,
+    "gpt-image": _GPT_EDITS,
+    "dall-e-2": EditSupport(
+        tasks=frozenset({"txt2img", "img2img", "inpaint"}),
+        max_images=1,
+        why="dall-e-2 edits one square image",
+    ),
+    "dall-e-3": EditSupport(why="dall-e-3 has no edits endpoint; gpt-image-2 takes edits"),
+}
+# input_fidelity: "only supported for gpt-image-1 and gpt-image-1.5 and later models,
+# unsupported for gpt-image-1-mini" (the spec's InputFidelity).
+_NO_FIDELITY = ("gpt-image-1-mini",)
 # DALL-E quality names on a GPT image model (a retired dall-e-3 request the router serves by
 # gpt-image-2 keeps its intent).
 _DALLE3_TO_GPT_QUALITY = {"standard": "medium", "hd": "high"}
 
 
 def family_of(provider_model: str) -> Family:
+    if provider_model.startswith("dall-e-2"):
+        return "dall-e-2"
     if provider_model.startswith("dall-e"):
         return "dall-e-3"
     if provider_model.startswith("gpt-image-2"):
@@ -78,7 +108,7 @@ def check_size(family: Family, width: int, height: int) -> None:
                 param="size",
             )
         return
-    allowed = _DALLE3_SIZES if family == "dall-e-3" else _GPT_FIXED_SIZES
+    allowed = {"dall-e-3": _DALLE3_SIZES, "dall-e-2": _DALLE2_SIZES}.get(family, _GPT_FIXED_SIZES)
     if size not in allowed:
         raise InvalidParamsError(
             f"size must be one of {', '.join(allowed)} for {family}, got '{size}'",
@@ -101,6 +131,20 @@ class OpenAIImagesBackend(HostedBackend):
     def resolve(self, params: GenerationParams) -> GenerationParams:
         self._request(params)  # validates, sends nothing
         return params
+
+    def edit_support(self) -> EditSupport:
+        return _EDITS[self.family]
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        reason = super().unsupported(params)
+        if reason is None and self.family == "dall-e-2" and params.images:
+            first = params.images[0]
+            if first.width != first.height:
+                return (
+                    f"model '{self.spec.name}' edits square images only (dall-e-2), got "
+                    f"{first.width}x{first.height}; crop the image or use gpt-image-2"
+                )
+        return reason
 
     def estimate_cost_usd(self, params: GenerationParams) -> float | None:
         # GPT image models are billed by tokens: there is no per-image figure to estimate
@@ -134,13 +178,17 @@ class OpenAIImagesBackend(HostedBackend):
         client = self._client()
         revised: list[str] = []
 
+        edit = bool(params.images)
+        if edit:
+            body |= edit_files(params)
+
         async def one_call() -> list[Piece]:
             response = await with_retries(
-                lambda: self._call(client, body),
+                lambda: self._call(client, body, edit=edit),
                 provider=self.provider,
                 policy=self.http.policy,
                 sleep=self.http.sleep,
-                what=f"images.generate ({model_id})",
+                what=f"images.{'edit' if edit else 'generate'} ({model_id})",
             )
             pieces, revised_prompt = await self._pieces(params, response)
             if revised_prompt:
@@ -173,36 +221,21 @@ class OpenAIImagesBackend(HostedBackend):
     def _request(
         self, params: GenerationParams
     ) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
-        """The SDK keyword arguments for one call, the params it cannot honour, and what the
-        result must tell the client about the translation."""
+        """The SDK keyword arguments for one call (the files of an edit excepted), the params
+        it cannot honour, and what the result must tell the client about the translation."""
         family = self.family
         check_size(family, params.width, params.height)
+        edit = bool(params.images)
         dropped = ["seed"]  # no OpenAI image model takes a seed
         dropped += params.given("negative_prompt", "steps", "guidance_scale", "scheduler")
+        dropped += self.edit_support().dropped(params)
         body: dict[str, Any] = {
             "prompt": params.prompt,
             "size": f"{params.width}x{params.height}",
         }
-        if family == "dall-e-3":
-            body["n"] = 1  # dall-e-3 takes one image per call; n > 1 makes n calls
-            body["response_format"] = "b64_json"
-            if params.quality is not None:
-                _check_choice("quality", params.quality, _DALLE3_QUALITIES, family)
-                body["quality"] = params.quality
-            if params.style is not None:
-                _check_choice("style", params.style, _DALLE3_STYLES, family)
-                body["style"] = params.style
-            if params.output_format != "png":
-                dropped.append("output_format")
-            dropped += params.given("background", "moderation", "output_compression")
-            return body, tuple(dropped), ()
-        if not 1 <= params.n <= _GPT_MAX_N:
-            raise InvalidParamsError(
-                f"n must be between 1 and {_GPT_MAX_N} for {family}, got {params.n}",
-                provider="openai",
-                param="n",
-            )
-        body["n"] = params.n
+        if family in ("dall-e-3", "dall-e-2"):
+            return body | self._dalle_fields(params, dropped), tuple(dropped), ()
+        body["n"] = _checked_n(params.n, family)
         body["output_format"] = params.output_format
         notices: list[str] = []
         quality = params.quality
@@ -220,9 +253,16 @@ class OpenAIImagesBackend(HostedBackend):
                 "background", params.background, ("transparent", "opaque", "auto"), family
             )
             body["background"] = params.background
-        if params.moderation is not None:
+        if params.moderation is not None and edit:
+            dropped.append("moderation")  # CreateImageEditRequest has no moderation
+        elif params.moderation is not None:
             _check_choice("moderation", params.moderation, ("low", "auto"), family)
             body["moderation"] = params.moderation
+        if params.input_fidelity is not None and edit and self.provider_model not in _NO_FIDELITY:
+            _check_choice("input_fidelity", params.input_fidelity, ("high", "low"), family)
+            body["input_fidelity"] = params.input_fidelity
+        elif params.input_fidelity is not None:
+            dropped.append("input_fidelity")
         if params.output_compression is not None:
             if params.output_format == "png":
                 dropped.append("output_compression")
@@ -237,6 +277,26 @@ class OpenAIImagesBackend(HostedBackend):
         if params.style is not None:
             dropped.append("style")
         return body, tuple(dropped), tuple(notices)
+
+    def _dalle_fields(self, params: GenerationParams, dropped: list[str]) -> dict[str, Any]:
+        """DALL-E's own fields; what they lack goes onto `dropped`."""
+        family = self.family
+        fields: dict[str, Any] = {"response_format": "b64_json"}
+        if family == "dall-e-3":
+            fields["n"] = 1  # dall-e-3 takes one image per call; n > 1 makes n calls
+            if params.quality is not None:
+                _check_choice("quality", params.quality, _DALLE3_QUALITIES, family)
+                fields["quality"] = params.quality
+            if params.style is not None:
+                _check_choice("style", params.style, _DALLE3_STYLES, family)
+                fields["style"] = params.style
+        else:
+            fields["n"] = _checked_n(params.n, family)
+            dropped += params.given("quality", "style")
+        if params.output_format != "png":
+            dropped.append("output_format")
+        dropped += params.given("background", "moderation", "output_compression", "input_fidelity")
+        return fields
 
     # ---------------------------------------------------------------- calling the SDK
 
@@ -260,8 +320,10 @@ class OpenAIImagesBackend(HostedBackend):
             )
         return self._sdk
 
-    async def _call(self, client: AsyncOpenAI, body: Mapping[str, Any]) -> Any:
+    async def _call(self, client: AsyncOpenAI, body: Mapping[str, Any], *, edit: bool) -> Any:
         try:
+            if edit:
+                return await client.images.edit(**body)
             return await client.images.generate(**body)
         except openai.APITimeoutError:
             raise Retryable(f"no answer within {self.config.timeout_s:g} s") from None
@@ -347,6 +409,16 @@ class OpenAIImagesBackend(HostedBackend):
         return None if each is None else each * count
 
 
+def edit_files(params: GenerationParams) -> dict[str, Any]:
+    """The files of an edit: `image` (the SDK sends a list as repeated `image[]`) and the mask
+    in OpenAI's convention."""
+    images = [png_file(image, f"image-{i}") for i, image in enumerate(params.images)]
+    files: dict[str, Any] = {"image": images[0] if len(images) == 1 else images}
+    if params.mask is not None:
+        files["mask"] = ("mask.png", alpha_mask(params.mask), "image/png")
+    return files
+
+
 async def _first(call: Awaitable[list[Piece]]) -> Piece:
     return (await call)[0]
 
@@ -354,6 +426,16 @@ async def _first(call: Awaitable[list[Piece]]) -> Piece:
 def sdk_base_url(base_url: str) -> str:
     """The SDK's base_url includes the API version: accept settings with or without it."""
     return base_url if base_url.rstrip("/").endswith("/v1") else f"{base_url.rstrip('/')}/v1"
+
+
+def _checked_n(n: int, family: str) -> int:
+    if not 1 <= n <= _GPT_MAX_N:
+        raise InvalidParamsError(
+            f"n must be between 1 and {_GPT_MAX_N} for {family}, got {n}",
+            provider="openai",
+            param="n",
+        )
+    return n
 
 
 def _check_choice(param: str, value: str, allowed: Sequence[str], family: str) -> None:

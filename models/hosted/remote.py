@@ -4,6 +4,11 @@
 `seed`, `steps`, `guidance_scale`, `scheduler`), so nothing is lost on the way: the answer
 carries each image's seed and an `imagegen` object with the remote cost, cache status and
 dropped params. The remote model name is the catalogue entry's `provider_model`.
+
+An edit (image inputs) goes to `POST {base}/v1/images/edits` as multipart, the way the OpenAI
+API defines it (`image` or repeated `image[]`, the mask with transparent = edit area, every
+number a string) plus the extension fields and `strength` as form fields. Whether the remote
+model takes the edit is the remote's to say: its 400 names what it lacks.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from models.base import (
 )
 from models.hosted.backend import HostedBackend
 from models.hosted.client import scrub
+from models.hosted.inputs import EditSupport, alpha_mask, png_file
 from models.hosted.results import decode_b64, to_image
 
 _MODERATION_CODES = frozenset(
@@ -37,6 +43,25 @@ _OPTIONAL_FIELDS = (
     "background",
     "moderation",
     "output_compression",
+)
+# What the edits form carries beyond prompt, model, n, size and the files: OpenAI's edit fields
+# and imagegen's extensions. style and moderation are generation-only fields.
+_EDIT_FIELDS = (
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "strength",
+    "quality",
+    "background",
+    "output_compression",
+    "input_fidelity",
+)
+_EDITS = EditSupport(
+    tasks=frozenset({"txt2img", "img2img", "inpaint"}),
+    max_images=16,  # what the OpenAI edits shape takes
+    strength=True,
+    why="the OpenAI edits shape takes up to 16 images",
 )
 
 
@@ -67,6 +92,35 @@ class RemoteImagegenBackend(HostedBackend):
             )
         return params
 
+    def edit_support(self) -> EditSupport:
+        return _EDITS
+
+    def _form(self, params: GenerationParams) -> tuple[list[tuple[str, Any]], list[str]]:
+        """The multipart parts of an edit (fields as strings, then files) and the params the
+        edits form has no field for."""
+        fields: dict[str, Any] = {
+            "model": self.provider_model,
+            "prompt": params.prompt,
+            "n": str(params.n),
+            "size": f"{params.width}x{params.height}",
+            "seed": str(params.seed),
+            "output_format": params.output_format,
+            "response_format": "b64_json",
+        }
+        for name in _EDIT_FIELDS:
+            value = getattr(params, name)
+            if value is not None:
+                fields[name] = f"{value:g}" if isinstance(value, float) else str(value)
+        parts: list[tuple[str, Any]] = [(name, (None, value)) for name, value in fields.items()]
+        image_field = "image" if len(params.images) == 1 else "image[]"
+        parts += [
+            (image_field, png_file(image, f"image-{i}")) for i, image in enumerate(params.images)
+        ]
+        if params.mask is not None:
+            parts.append(("mask", ("mask.png", alpha_mask(params.mask), "image/png")))
+        dropped = params.given("style", "moderation") + _EDITS.dropped(params)
+        return parts, dropped
+
     def _body(self, params: GenerationParams) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.provider_model,
@@ -88,13 +142,20 @@ class RemoteImagegenBackend(HostedBackend):
         headers = {"accept": "application/json"}
         if key:
             headers["authorization"] = f"Bearer {key}"
+        route = "edits" if params.images else "generations"
+        unsent: list[str] = []
+        if params.images:
+            files, unsent = self._form(params)
+            request: dict[str, Any] = {"files": files}
+        else:
+            request = {"json": self._body(params)}
         answer = await self.http.send_json(
             "POST",
-            f"{api_base(self.config.base_url)}/images/generations",
-            what=f"images/generations ({self.provider_model})",
+            f"{api_base(self.config.base_url)}/images/{route}",
+            what=f"images/{route} ({self.provider_model})",
             headers=headers,
-            json=self._body(params),
             on_error=self._on_error,
+            **request,
         )
         items = answer.get("data")
         if not isinstance(items, list) or not items:
@@ -115,7 +176,7 @@ class RemoteImagegenBackend(HostedBackend):
             )
         meta = answer.get("imagegen")
         meta = meta if isinstance(meta, dict) else {}
-        dropped = tuple(str(p) for p in meta.get("dropped_params") or ())
+        dropped = tuple(unsent) + tuple(str(p) for p in meta.get("dropped_params") or ())
         cost = meta.get("cost_usd")
         notices: list[str] = []
         if meta.get("cached"):

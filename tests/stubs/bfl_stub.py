@@ -4,6 +4,9 @@ schema in specs/bfl-openapi.json) -> {id, polling_url, cost}; `GET polling_url` 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -14,10 +17,57 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.stubs.common import Recorded, SchemaCheck, StubState, bfl_spec, make_image, scripted
+from tests.stubs.common import (
+    Recorded,
+    SchemaCheck,
+    StubState,
+    bfl_spec,
+    make_image,
+    picture,
+    scripted,
+)
 
 # Credits per task (the submit answer's `cost`), $0.01 each.
-CREDITS = {"flux-pro-1.1": 4.0, "flux-pro-1.1-ultra": 6.0, "flux-dev": 2.5, "flux-2-pro": 3.0}
+CREDITS = {
+    "flux-pro-1.1": 4.0,
+    "flux-pro-1.1-ultra": 6.0,
+    "flux-dev": 2.5,
+    "flux-2-pro": 3.0,
+    "flux-kontext-pro": 4.0,
+    "flux-kontext-max": 8.0,
+    "flux-pro-1.0-fill": 5.0,
+}
+IMAGE_FIELDS = ("image", "mask", "input_image", *(f"input_image_{i}" for i in range(2, 9)))
+
+
+def image_problems(body: dict[str, Any]) -> list[str]:
+    """The spec's words the schema cannot check: each image field is a base64 image, and
+    Fill's mask has the image's dimensions."""
+    problems = []
+    shapes = {}
+    for name in IMAGE_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        try:
+            shape = picture(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError, TypeError):
+            shape = None
+        if shape is None:
+            problems.append(f"{name} is not a base64-encoded image")
+        shapes[name] = shape
+    image, mask = shapes.get("image"), shapes.get("mask")
+    if (
+        image is not None
+        and mask is not None
+        and (image.width, image.height)
+        != (
+            mask.width,
+            mask.height,
+        )
+    ):
+        problems.append("mask must have the dimensions of image")
+    return problems
 
 
 @dataclass
@@ -74,6 +124,8 @@ class BFLStub:
         if check is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         problems = check.problems(body)
+        if isinstance(body, dict):
+            problems += image_problems(body)
         if problems:
             state.reject(f"bfl {model}: {problems}")
             return JSONResponse(
@@ -87,6 +139,10 @@ class BFLStub:
             return answer
         outcome = state.next_step("task")
         width, height = body.get("width", 1024), body.get("height", 768)
+        if "image" in body:  # Fill: the output is the input's size
+            shape = picture(base64.b64decode(body["image"]))
+            assert shape is not None  # image_problems checked it
+            width, height = shape.width, shape.height
         if "aspect_ratio" in body:
             a, b = (int(x) for x in body["aspect_ratio"].split(":"))
             width = round(math.sqrt(1024 * 1024 * a / b) / 32) * 32
@@ -94,7 +150,11 @@ class BFLStub:
         task = Task(
             id=f"task-{next(self._ids)}",
             model=model,
-            prompt=body["prompt"],
+            # The pixels depend on every input image, so a test sees a changed input.
+            prompt=body.get("prompt", "")
+            + hashlib.sha256(
+                "".join(str(body.get(name)) for name in IMAGE_FIELDS).encode()
+            ).hexdigest(),
             seed=body.get("seed"),
             width=width,
             height=height,

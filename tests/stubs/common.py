@@ -63,6 +63,8 @@ class Recorded:
     json: Any = None
     form: dict[str, str] | None = None
     query: dict[str, str] = field(default_factory=dict)
+    # Multipart file parts by field name, in the order sent.
+    files: dict[str, list[bytes]] = field(default_factory=dict)
 
 
 class StubState:
@@ -124,6 +126,57 @@ async def scripted(state: StubState, route: str) -> tuple[Response | None, Step 
     if step.body is None or isinstance(step.body, dict | list):
         return JSONResponse(step.body, status_code=step.status, headers=step.headers), step
     return Response(str(step.body), status_code=step.status, headers=step.headers), step
+
+
+async def read_form(request: Any) -> tuple[dict[str, str], dict[str, list[bytes]], list[str]]:
+    """A multipart body as the provider reads it: text fields, file parts by name, and what
+    breaks the form rules (not multipart, a text field sent twice)."""
+    from starlette.datastructures import UploadFile
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        return {}, {}, [f"body must be multipart/form-data, got '{content_type}'"]
+    fields: dict[str, str] = {}
+    files: dict[str, list[bytes]] = {}
+    problems: list[str] = []
+    form = await request.form()
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault(name, []).append(await value.read())
+        elif name in fields:
+            problems.append(f"field '{name}' was sent twice")
+        else:
+            fields[name] = value
+    return fields, files, problems
+
+
+@dataclass(frozen=True)
+class Picture:
+    format: str  # PIL's name: PNG, JPEG, WEBP
+    width: int
+    height: int
+    mode: str
+
+
+def picture(data: bytes) -> Picture | None:
+    """What an uploaded file is, or None when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return Picture(img.format or "", img.width, img.height, img.mode)
+    except (UnidentifiedImageError, OSError):
+        return None
+
+
+def alpha_as_white_mask(data: bytes) -> bytes:
+    """An OpenAI mask (transparent = edit) read back as ours: mode L, white = repaint, the raw
+    pixels (what a test compares with the mask it sent)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        return ImageOps.invert(img.getchannel("A")).tobytes()
 
 
 def make_image(width: int, height: int, key: str, fmt: str = "png") -> bytes:

@@ -4,12 +4,14 @@ a stub live for a module."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from models.base import Backend, Events, GenerationParams, ModelSpec
+from models.base import Backend, Events, GenerationParams, InputImage, ModelSpec
 from models.catalogue import Catalogue
 from models.hosted import make_hosted_backend
 from models.hosted.config import ProviderConfig
@@ -119,3 +121,32 @@ async def generate_once(b: Backend, p: GenerationParams, **kwargs: Any) -> Any:
         return await b.generate(p, **kwargs)
     finally:
         await b.close()
+
+
+def _input(img: Any) -> InputImage:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return InputImage(
+        data=data, sha256=hashlib.sha256(data).hexdigest(), width=img.width, height=img.height
+    )
+
+
+def input_image(
+    width: int, height: int, colour: tuple[int, int, int] = (40, 90, 160)
+) -> InputImage:
+    """An init image as the server edge hands it to backends: RGB, re-encoded as PNG."""
+    from PIL import Image
+
+    return _input(Image.new("RGB", (width, height), colour))
+
+
+def mask_image(width: int, height: int, box: tuple[int, int, int, int]) -> InputImage:
+    """Our mask convention: mode L, white (255) inside `box` = repaint, black elsewhere, with
+    one grey pixel (feathering) at the box's corner."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(img).rectangle(box, fill=255)
+    img.putpixel((box[0], box[1]), 128)
+    return _input(img)

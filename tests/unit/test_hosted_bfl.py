@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +21,9 @@ from tests.stubs.fixtures import (
     backend,
     config,
     generate_once,
+    input_image,
     live,
+    mask_image,
     params,
     run,
 )
@@ -205,3 +208,89 @@ def test_out_of_credits(stub: BFLStub) -> None:
         )
     assert not isinstance(caught.value, TransientBackendError)
     assert stub.state.count("submit") == 1
+
+
+# ------------------------------------------------------------------ image inputs
+
+
+def test_kontext_sends_the_image_as_base64_input_image(stub: BFLStub) -> None:
+    image, second = input_image(1024, 768), input_image(512, 512, (200, 10, 10))
+    b = backend("flux-kontext-pro", config("bfl", stub.url, KEY))
+    p = params("flux-kontext-pro", width=1024, height=768, images=(image, second), strength=0.5)
+    result = run(generate_once(b, p))
+    assert result.cost_usd == pytest.approx(0.04)
+    assert result.dropped_params == ("strength",)  # Kontext edits by instruction: no strength
+    (submit,) = stub.state.of("submit")
+    assert submit.path == "/v1/flux-kontext-pro"
+    assert submit.json == {
+        "prompt": "a red fox in the snow",
+        "seed": 42,
+        "output_format": "png",
+        "aspect_ratio": "4:3",
+        "input_image": base64.b64encode(image.data).decode(),
+        "input_image_2": base64.b64encode(second.data).decode(),
+    }
+
+
+def test_kontext_max_without_an_image_is_text_to_image(stub: BFLStub) -> None:
+    b = backend("flux-kontext-max", config("bfl", stub.url, KEY))
+    result = run(generate_once(b, params("flux-kontext-max")))
+    assert result.cost_usd == pytest.approx(0.08)
+    assert "input_image" not in stub.state.of("submit")[0].json
+
+
+def test_fill_sends_image_and_mask_at_the_images_size(stub: BFLStub) -> None:
+    image = input_image(1024, 768)
+    mask = mask_image(1024, 768, (10, 10, 200, 200))
+    b = backend("flux-pro-1.0-fill", config("bfl", stub.url, KEY))
+    p = b.resolve(params("flux-pro-1.0-fill", width=1024, height=768, images=(image,), mask=mask))
+    result = run(generate_once(b, p))
+    (out,) = result.images
+    assert (out.width, out.height) == (1024, 768)
+    assert result.cost_usd == pytest.approx(0.05)
+    (submit,) = stub.state.of("submit")
+    # BFL's mask is white = repaint, as ours: the bytes go unchanged.
+    assert submit.json == {
+        "prompt": "a red fox in the snow",
+        "seed": 42,
+        "output_format": "png",
+        "image": base64.b64encode(image.data).decode(),
+        "mask": base64.b64encode(mask.data).decode(),
+        "steps": 50,
+        "guidance": 60.0,
+    }
+
+
+def test_fill_steps_and_guidance_ranges(stub: BFLStub) -> None:
+    b = backend("flux-pro-1.0-fill", config("bfl", stub.url, KEY))
+    image, mask = input_image(512, 512), mask_image(512, 512, (0, 0, 9, 9))
+    with pytest.raises(InvalidParamsError, match=r"steps must be 15\.\.50"):
+        b.resolve(params("flux-pro-1.0-fill", images=(image,), mask=mask, steps=10))
+    with pytest.raises(InvalidParamsError, match=r"guidance_scale must be 1\.5\.\.100"):
+        b.resolve(params("flux-pro-1.0-fill", images=(image,), mask=mask, guidance_scale=120))
+
+
+def test_unsupported_answers_per_model(stub: BFLStub) -> None:
+    cfg = config("bfl", stub.url, KEY)
+    image, mask = input_image(1024, 1024), mask_image(1024, 1024, (0, 0, 9, 9))
+    kontext = backend("flux-kontext-pro", cfg)
+    assert kontext.unsupported(params("flux-kontext-pro", images=(image,) * 4)) is None
+    assert kontext.unsupported(params("flux-kontext-pro", images=(image,) * 5)) == (
+        "model 'flux-kontext-pro' takes at most 4 input images, got 5"
+    )
+    reason = kontext.unsupported(params("flux-kontext-pro", images=(image,), mask=mask))
+    assert reason is not None and "does not take a mask" in reason
+    assert "flux-pro-1.0-fill" in reason
+    flux2 = backend("flux-2-pro", cfg)
+    assert flux2.unsupported(params("flux-2-pro", images=(image,) * 8)) is None
+    fill = backend("flux-pro-1.0-fill", cfg)
+    assert fill.unsupported(params("flux-pro-1.0-fill", images=(image,), mask=mask)) is None
+    assert "does not take text-to-image" in (fill.unsupported(params("flux-pro-1.0-fill")) or "")
+    reason = fill.unsupported(params("flux-pro-1.0-fill", images=(image,)))
+    assert reason is not None and "send an image and a mask" in reason
+    pro = backend("flux-pro-1.1", cfg)
+    reason = pro.unsupported(params("flux-pro-1.1", images=(image,)))
+    assert reason is not None and "'flux-pro-1.1'" in reason and "Redux" in reason
+    with pytest.raises(InvalidParamsError):
+        run(generate_once(pro, params("flux-pro-1.1", images=(image,))))
+    assert stub.state.requests == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,14 +14,16 @@ from models.base import (
     InvalidParamsError,
     TransientBackendError,
 )
-from tests.stubs.common import delay, reply
+from tests.stubs.common import alpha_as_white_mask, delay, reply
 from tests.stubs.fixtures import (
     RecordingEvents,
     RecordingSleep,
     backend,
     config,
     generate_once,
+    input_image,
     live,
+    mask_image,
     params,
     run,
 )
@@ -175,3 +178,84 @@ def test_bad_key_is_an_auth_error(stub: ImagegenStub) -> None:
     assert str(caught.value).startswith("imagegen: the API key was rejected (401)")
     assert "IMAGEGEN_PROVIDERS__IMAGEGEN__API_KEY" in str(caught.value)
     assert bad not in str(caught.value)
+
+
+# ------------------------------------------------------------------ edits (/v1/images/edits)
+
+
+def test_an_edit_is_forwarded_as_multipart_with_the_extension_fields(stub: ImagegenStub) -> None:
+    image = input_image(512, 768)
+    mask = mask_image(512, 768, (20, 20, 120, 120))
+    p = params(
+        "remote-imagegen",
+        width=512,
+        height=768,
+        n=2,
+        seed=11,
+        images=(image,),
+        mask=mask,
+        strength=0.6,
+        negative_prompt="blurry",
+        steps=20,
+        guidance_scale=6.5,
+        style="vivid",
+        mask_blur=4,
+    )
+    result = run(generate_once(backend("remote-imagegen", config("imagegen", stub.url, KEY)), p))
+    assert [(i.seed, i.width, i.height) for i in result.images] == [(11, 512, 768), (12, 512, 768)]
+    # style is a generation field; mask_blur is not a field of the edits form.
+    assert set(result.dropped_params) == {"style", "mask_blur"}
+    assert result.deterministic is True
+    (request,) = stub.state.requests
+    assert request.path == "/v1/images/edits"
+    assert request.form == {
+        "model": "sdxl",
+        "prompt": "a red fox in the snow",
+        "n": "2",
+        "size": "512x768",
+        "seed": "11",
+        "output_format": "png",
+        "response_format": "b64_json",
+        "negative_prompt": "blurry",
+        "steps": "20",
+        "guidance_scale": "6.5",
+        "strength": "0.6",
+    }
+    assert request.files["image"] == [image.data]
+    # The mask travels in OpenAI's convention; the remote reads it back to exactly ours.
+    from PIL import Image
+
+    with Image.open(io.BytesIO(mask.data)) as ours:
+        assert alpha_as_white_mask(request.files["mask"][0]) == ours.tobytes()
+
+
+def test_several_images_go_as_image_brackets(stub: ImagegenStub) -> None:
+    images = (input_image(512, 512), input_image(512, 512, (1, 2, 3)))
+    p = params("remote-imagegen", width=512, height=512, images=images)
+    run(generate_once(backend("remote-imagegen", config("imagegen", stub.url, KEY)), p))
+    (request,) = stub.state.requests
+    assert request.files == {"image[]": [image.data for image in images]}
+
+
+def test_the_remote_refusing_an_edit_is_invalid_params_naming_it(stub: ImagegenStub) -> None:
+    refusal = envelope(
+        "model 'sdxl-turbo' does not take a mask", "invalid_request_error", "unsupported", "mask"
+    )
+    stub.state.script("edit", reply(400, refusal))
+    mask = mask_image(512, 512, (0, 0, 9, 9))
+    p = params("remote-imagegen", width=512, height=512, images=(input_image(512, 512),), mask=mask)
+    with pytest.raises(InvalidParamsError, match="does not take a mask") as caught:
+        run(generate_once(backend("remote-imagegen", config("imagegen", stub.url, KEY)), p))
+    assert caught.value.param == "mask"
+    assert stub.state.count("edit") == 1
+
+
+def test_unsupported_only_refuses_lora_and_too_many_images(stub: ImagegenStub) -> None:
+    from models.base import LoraRef
+
+    b = backend("remote-imagegen", config("imagegen", stub.url, KEY))
+    image = input_image(512, 512)
+    assert b.unsupported(params("remote-imagegen", images=(image,) * 16)) is None
+    assert "at most 16" in (b.unsupported(params("remote-imagegen", images=(image,) * 17)) or "")
+    lora = params("remote-imagegen", loras=(LoraRef("style", 1.0, "0" * 64),))
+    assert "takes no LoRA adapters" in (b.unsupported(lora) or "")

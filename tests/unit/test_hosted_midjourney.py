@@ -22,6 +22,7 @@ from tests.stubs.fixtures import (
     backend,
     config,
     generate_once,
+    input_image,
     live,
     params,
     run,
@@ -162,3 +163,18 @@ def test_seed_range(stub: MidjourneyStub) -> None:
     with pytest.raises(InvalidParamsError) as caught:
         backend("midjourney", cfg(stub)).resolve(params("midjourney", seed=2**32))
     assert caught.value.param == "seed"
+
+
+def test_an_edit_is_refused_naming_what_the_proxy_lacks(stub: MidjourneyStub) -> None:
+    from models.base import LoraRef
+
+    b = backend("midjourney", cfg(stub))
+    image = input_image(1024, 1024)
+    reason = b.unsupported(params("midjourney", images=(image,)))
+    assert reason is not None and "'midjourney'" in reason and "base64Array" in reason
+    assert b.unsupported(params("midjourney")) is None
+    lora = params("midjourney", loras=(LoraRef("style", 1.0, "0" * 64),))
+    assert "takes no LoRA adapters" in (b.unsupported(lora) or "")
+    with pytest.raises(InvalidParamsError):
+        run(generate_once(b, params("midjourney", images=(image,))))
+    assert stub.state.requests == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,16 +17,19 @@ from models.base import (
     PromptTooLongError,
     TransientBackendError,
 )
-from tests.stubs.common import delay, reply, require_specs, variant
+from tests.stubs.common import alpha_as_white_mask, delay, reply, require_specs, variant
 from tests.stubs.fixtures import (
     RecordingEvents,
     RecordingSleep,
     backend,
     config,
     generate_once,
+    input_image,
     live,
+    mask_image,
     params,
     run,
+    spec,
 )
 from tests.stubs.openai_stub import (
     OpenAIStub,
@@ -38,14 +43,14 @@ KEY = "sk-test-openai-good"
 @pytest.fixture(scope="module")
 def stub() -> Iterator[OpenAIStub]:
     require_specs()
-    with live(OpenAIStub(api_key=KEY, models=("gpt-image-2", "dall-e-3"))) as served:
+    with live(OpenAIStub(api_key=KEY, models=("gpt-image-2", "dall-e-3", "dall-e-2"))) as served:
         yield served
 
 
 @pytest.fixture(autouse=True)
 def clean(stub: OpenAIStub) -> Iterator[None]:
     stub.state.reset()
-    stub.models = {"gpt-image-2", "dall-e-3"}
+    stub.models = {"gpt-image-2", "dall-e-3", "dall-e-2"}
     yield
     assert stub.state.invalid == [], "a request broke the OpenAI wire contract"
 
@@ -340,3 +345,169 @@ def test_an_injected_httpx_transport_reaches_the_sdk() -> None:
     result = run(generate_once(b, params("gpt-image-2")))
     assert (result.images[0].width, result.cost_usd) == (16, None)  # no usage, no per-image price
     assert seen[0]["model"] == "gpt-image-2"
+
+
+# ------------------------------------------------------------------ edits (/v1/images/edits)
+
+
+def test_one_image_edit_goes_as_multipart_with_string_numbers(stub: OpenAIStub) -> None:
+    image = input_image(1024, 1024)
+    p = params(
+        "gpt-image-2", n=2, quality="high", images=(image,), strength=0.4, input_fidelity="high"
+    )
+    result = run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY)), p))
+
+    assert [(i.width, i.height, i.format) for i in result.images] == [(1024, 1024, "png")] * 2
+    # The edits API edits by instruction: no strength knob to send it to.
+    assert set(result.dropped_params) == {"seed", "strength"}
+    # usage: 50 text + 1000 image tokens in, 8320 out.
+    assert result.cost_usd == pytest.approx((50 * 5 + 1000 * 8 + 8320 * 30) / 1e6)
+    (request,) = stub.state.requests
+    assert request.route == "edit" and request.path == "/v1/images/edits"
+    assert request.headers["content-type"].startswith("multipart/form-data")
+    assert request.form == {
+        "prompt": "a red fox in the snow",
+        "model": "gpt-image-2",
+        "n": "2",
+        "size": "1024x1024",
+        "output_format": "png",
+        "quality": "high",
+        "input_fidelity": "high",
+    }
+    assert request.files == {"image": [image.data]}
+
+
+def test_several_images_go_as_repeated_image_brackets(stub: OpenAIStub) -> None:
+    images = tuple(input_image(1024, 1024, (i * 40, 10, 10)) for i in range(3))
+    p = params("gpt-image-2", images=images)
+    run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY)), p))
+    (request,) = stub.state.requests
+    assert request.files == {"image[]": [image.data for image in images]}
+
+
+def test_the_mask_is_converted_to_transparent_is_edit(stub: OpenAIStub) -> None:
+    image = input_image(1024, 1536)
+    mask = mask_image(1024, 1536, (100, 200, 400, 600))
+    p = params("gpt-image-2", width=1024, height=1536, images=(image,), mask=mask)
+    result = run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY)), p))
+    assert (result.images[0].width, result.images[0].height) == (1024, 1536)
+    (request,) = stub.state.requests
+    sent = request.files["mask"][0]
+    from PIL import Image
+
+    with Image.open(io.BytesIO(sent)) as img:
+        assert img.mode == "RGBA"
+        alpha = img.getchannel("A")
+        assert alpha.getpixel((300, 400)) == 0  # inside the box: transparent, edited
+        assert alpha.getpixel((10, 10)) == 255  # outside: opaque, kept
+        assert alpha.getpixel((100, 200)) == 127  # the grey feather keeps its weight
+    with Image.open(io.BytesIO(mask.data)) as ours:
+        assert alpha_as_white_mask(sent) == ours.tobytes()  # exactly invertible
+
+
+def test_an_edit_drops_what_the_edits_api_lacks(stub: OpenAIStub) -> None:
+    mask = mask_image(1024, 1024, (0, 0, 10, 10))
+    p = params(
+        "gpt-image-2",
+        images=(input_image(1024, 1024),),
+        mask=mask,
+        moderation="low",
+        mask_blur=4,
+        inpaint_area="masked",
+    )
+    result = run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY)), p))
+    assert set(result.dropped_params) == {"seed", "moderation", "mask_blur", "inpaint_area"}
+    assert "moderation" not in (stub.state.requests[0].form or {})
+
+
+def test_edit_moderation_is_content_filtered(stub: OpenAIStub) -> None:
+    stub.state.script("edit", reply(400, moderation_blocked()))
+    p = params("gpt-image-2", images=(input_image(1024, 1024),))
+    with pytest.raises(ContentFilteredError, match="moderation_blocked"):
+        run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY)), p))
+    assert stub.state.count("edit") == 1
+
+
+def test_edit_429_is_retried(stub: OpenAIStub) -> None:
+    body = {"error": {"message": "Rate limit", "type": "requests", "param": None, "code": None}}
+    stub.state.script("edit", reply(429, body, retry_after="1"))
+    sleep = RecordingSleep()
+    p = params("gpt-image-2", images=(input_image(1024, 1024),))
+    run(generate_once(backend("gpt-image-2", config("openai", stub.url, KEY), sleep), p))
+    assert sleep.waits == [1.0] and stub.state.count("edit") == 2
+
+
+def test_dall_e_2_edits_one_square_png(stub: OpenAIStub) -> None:
+    from models.base import ModelSpec
+    from models.hosted import make_hosted_backend
+
+    dalle2 = ModelSpec(name="dall-e-2", kind="openai", source="openai", provider_model="dall-e-2")
+    b = make_hosted_backend(dalle2, config("openai", stub.url, KEY))
+    image = input_image(512, 512)
+    p = params("dall-e-2", width=512, height=512, n=2, images=(image,), quality="high")
+    result = run(generate_once(b, p))
+    assert len(result.images) == 2 and "quality" in result.dropped_params
+    (request,) = stub.state.requests
+    assert request.form is not None
+    assert request.form["response_format"] == "b64_json" and request.form["n"] == "2"
+    assert "output_format" not in request.form
+
+    wide = params("dall-e-2", width=512, height=512, images=(input_image(768, 512),))
+    assert "square images only" in (b.unsupported(wide) or "")
+    two = params("dall-e-2", width=512, height=512, images=(image, image))
+    assert "at most 1 input image, got 2" in (b.unsupported(two) or "")
+
+
+def test_unsupported_answers_per_model(stub: OpenAIStub) -> None:
+    from models.base import LoraRef
+
+    gpt = backend("gpt-image-2", config("openai", stub.url, KEY))
+    image = input_image(1024, 1024)
+    assert gpt.unsupported(params("gpt-image-2")) is None
+    assert gpt.unsupported(params("gpt-image-2", images=(image,) * 16)) is None
+    assert (
+        gpt.unsupported(
+            params("gpt-image-2", images=(image,), mask=mask_image(1024, 1024, (0, 0, 9, 9)))
+        )
+        is None
+    )
+    reason = gpt.unsupported(params("gpt-image-2", images=(image,) * 17))
+    assert reason == "model 'gpt-image-2' takes at most 16 input images, got 17"
+    lora = params("gpt-image-2", loras=(LoraRef("style", 0.8, "0" * 64),))
+    assert "takes no LoRA adapters" in (gpt.unsupported(lora) or "")
+    dalle3 = backend("dall-e-3", config("openai", stub.url, KEY))
+    reason = dalle3.unsupported(params("dall-e-3", images=(image,)))
+    assert reason is not None and "'dall-e-3'" in reason and "no edits endpoint" in reason
+
+
+def test_an_unsupported_edit_is_refused_before_anything_is_sent(stub: OpenAIStub) -> None:
+    b = backend("dall-e-3", config("openai", stub.url, KEY))
+    with pytest.raises(InvalidParamsError) as caught:
+        run(generate_once(b, params("dall-e-3", images=(input_image(1024, 1024),))))
+    assert caught.value.param == "image"
+    assert stub.state.requests == []
+
+
+def test_input_fidelity_is_dropped_where_the_model_lacks_it(stub: OpenAIStub) -> None:
+    from models.hosted import make_hosted_backend
+
+    mini = replace(
+        spec("gpt-image-1"),
+        name="gpt-image-1-mini",
+        provider_model="gpt-image-1-mini",
+        replacement=None,
+    )
+    stub.models = {"gpt-image-1-mini", "gpt-image-2"}
+    b = make_hosted_backend(mini, config("openai", stub.url, KEY))
+    p = params("gpt-image-1-mini", images=(input_image(1024, 1024),), input_fidelity="high")
+    result = run(generate_once(b, p))
+    assert "input_fidelity" in result.dropped_params
+    assert "input_fidelity" not in (stub.state.requests[0].form or {})
+    # Text to image has no input to be faithful to.
+    text = run(
+        generate_once(
+            backend("gpt-image-2", config("openai", stub.url, KEY)),
+            params("gpt-image-2", input_fidelity="low"),
+        )
+    )
+    assert "input_fidelity" in text.dropped_params

@@ -23,7 +23,9 @@ from tests.stubs.fixtures import (
     backend,
     config,
     generate_once,
+    input_image,
     live,
+    mask_image,
     params,
     run,
 )
@@ -259,3 +261,102 @@ def test_seed_zero_is_random_there_and_reported(stub: StabilityStub) -> None:
     assert result.deterministic is False
     assert result.images[0].seed not in (None, 0)  # the seed Stability actually used
     assert any("seed 0" in n for n in result.notices)
+
+
+# ------------------------------------------------------------------ image inputs
+
+
+def test_sd3_img2img_sends_mode_image_and_strength(stub: StabilityStub) -> None:
+    image = input_image(1216, 832)
+    b = backend("stability-sd3.5-large", config("stability", stub.url, KEY))
+    p = params("stability-sd3.5-large", width=1216, height=832, images=(image,), strength=0.35)
+    result = run(generate_once(b, p))
+    (out,) = result.images
+    assert (out.width, out.height) == (1216, 832)  # the input's size, no aspect-ratio mapping
+    assert result.notices == () and "width" not in result.dropped_params
+    assert result.cost_usd == pytest.approx(0.065)  # the model's own price
+    (request,) = stub.state.requests
+    assert request.path == "/v2beta/stable-image/generate/sd3"
+    assert request.form == {
+        "prompt": "a red fox in the snow",
+        "seed": "42",
+        "output_format": "png",
+        "strength": "0.35",
+        "mode": "image-to-image",
+        "model": "sd3.5-large",
+    }
+    assert request.files == {"image": [image.data]}
+
+
+def test_ultra_img2img_takes_the_default_strength(stub: StabilityStub) -> None:
+    b = backend("stability-ultra", config("stability", stub.url, KEY))
+    run(generate_once(b, params("stability-ultra", images=(input_image(1024, 1024),))))
+    (request,) = stub.state.requests
+    assert request.form is not None
+    assert request.form["strength"] == "0.75" and "mode" not in request.form
+
+
+def test_strength_changes_what_is_asked(stub: StabilityStub) -> None:
+    b = backend("stability-ultra", config("stability", stub.url, KEY))
+    image = input_image(1024, 1024)
+    low = run(generate_once(b, params("stability-ultra", images=(image,), strength=0.2)))
+    high = run(generate_once(b, params("stability-ultra", images=(image,), strength=0.9)))
+    assert low.images[0].data != high.images[0].data
+
+
+def test_inpaint_sends_image_and_mask_as_files(stub: StabilityStub) -> None:
+    image = input_image(1024, 1024)
+    mask = mask_image(1024, 1024, (100, 100, 300, 300))
+    b = backend("stability-inpaint", config("stability", stub.url, KEY))
+    p = params(
+        "stability-inpaint",
+        images=(image,),
+        mask=mask,
+        strength=0.5,
+        negative_prompt="blurry",
+        guidance_scale=5.0,
+    )
+    result = run(generate_once(b, p))
+    assert (result.images[0].width, result.images[0].height) == (1024, 1024)
+    assert set(result.dropped_params) == {"strength", "guidance_scale"}
+    assert result.cost_usd == pytest.approx(0.05)
+    (request,) = stub.state.requests
+    assert request.path == "/v2beta/stable-image/edit/inpaint"
+    # Stability's mask is white = repaint, as ours: the bytes go unchanged.
+    assert request.files == {"image": [image.data], "mask": [mask.data]}
+    assert request.form == {
+        "prompt": "a red fox in the snow",
+        "seed": "42",
+        "output_format": "png",
+        "negative_prompt": "blurry",
+    }
+
+
+def test_inpaint_filtered_is_content_filtered(stub: StabilityStub) -> None:
+    stub.state.script("edit", variant("filtered"))
+    mask = mask_image(1024, 1024, (0, 0, 9, 9))
+    p = params("stability-inpaint", images=(input_image(1024, 1024),), mask=mask)
+    with pytest.raises(ContentFilteredError):
+        run(generate_once(backend("stability-inpaint", config("stability", stub.url, KEY)), p))
+
+
+def test_unsupported_answers_per_endpoint(stub: StabilityStub) -> None:
+    image, mask = input_image(1024, 1024), mask_image(1024, 1024, (0, 0, 9, 9))
+    cfg = config("stability", stub.url, KEY)
+    core = backend("stability-core", cfg)
+    reason = core.unsupported(params("stability-core", images=(image,)))
+    assert reason is not None and "'stability-core'" in reason and "no image-to-image" in reason
+    sd3 = backend("stability-sd3.5-large", cfg)
+    assert sd3.unsupported(params("stability-sd3.5-large", images=(image,))) is None
+    reason = sd3.unsupported(params("stability-sd3.5-large", images=(image,), mask=mask))
+    assert reason is not None and "does not take a mask" in reason and "stability-inpaint" in reason
+    two = sd3.unsupported(params("stability-sd3.5-large", images=(image, image)))
+    assert two == "model 'stability-sd3.5-large' takes at most 1 input image, got 2"
+    inpaint = backend("stability-inpaint", cfg)
+    assert inpaint.unsupported(params("stability-inpaint", images=(image,), mask=mask)) is None
+    for p in (params("stability-inpaint"), params("stability-inpaint", images=(image,))):
+        assert "needs one image and a mask" in (inpaint.unsupported(p) or "")
+    # A refused edit sends nothing.
+    with pytest.raises(InvalidParamsError):
+        run(generate_once(core, params("stability-core", images=(image,))))
+    assert stub.state.requests == []
