@@ -46,10 +46,14 @@ def run(
     resume: bool = False,
     dry_run: bool = False,
     preset: str | None = None,
+    allow_absolute_paths: bool = False,
 ) -> int:
     try:
         options = BatchOptions(concurrency=concurrency, budget_usd=budget_usd)
-        rows = read_rows(file, BatchDefaults(model=model, preset=preset))
+        defaults = BatchDefaults(
+            model=model, preset=preset, allow_absolute_paths=allow_absolute_paths
+        )
+        rows = read_rows(file, defaults)
         if dry_run:
             return _dry_run(settings, rows, out)
         folder = BatchFolder.open(

@@ -177,7 +177,30 @@ def generate(
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
     preset: Annotated[str | None, typer.Option("--preset")] = None,
     from_image: Annotated[
-        Path | None, typer.Option("--from-image", help="Reproduce an imagegen PNG.")
+        Path | None,
+        typer.Option("--from-image", help="Reproduce an imagegen PNG (an edit: with --image)."),
+    ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="Input image: img2img, inpainting, edits (repeatable)."),
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option("--mask", help="Inpainting mask: white = repaint.")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option("--strength", help="Share of the schedule re-run (0-1].")
+    ] = None,
+    mask_blur: Annotated[
+        int | None, typer.Option("--mask-blur", help="Feather the mask edge (pixels).")
+    ] = None,
+    inpaint_area: Annotated[
+        str | None, typer.Option("--inpaint-area", help="whole | masked (crop around the mask).")
+    ] = None,
+    resize_mode: Annotated[
+        str | None, typer.Option("--resize-mode", help="crop | stretch | pad, to --size.")
+    ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", help="NAME or NAME:WEIGHT (repeatable).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -193,6 +216,15 @@ def generate(
 
     def go() -> None:
         width, height = parse_size(size)
+        edit = generate_cmd.EditOptions(
+            images=image or (),
+            mask=mask,
+            strength=strength,
+            mask_blur=mask_blur,
+            inpaint_area=inpaint_area,
+            resize_mode=resize_mode,
+            loras=lora or (),
+        )
         request = generate_cmd.build_request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -207,10 +239,18 @@ def generate(
             preset=preset,
             from_image=from_image,
             local_only=local_only,
+            edit=edit,
+            max_input_megapixels=settings.server.max_input_megapixels,
         )
         generate_cmd.run(settings, request, out=out, as_json=as_json)
 
-    run_guarded(go)
+    def flagged() -> None:
+        try:
+            go()
+        except errors.InvalidRequestError as exc:
+            raise generate_cmd.flagged(exc) from None
+
+    run_guarded(flagged)
 
 
 @app.command()
@@ -334,6 +374,13 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
     preset: Annotated[str | None, typer.Option("--preset")] = None,
+    allow_absolute_paths: Annotated[
+        bool,
+        typer.Option(
+            "--allow-absolute-paths",
+            help="Let image/mask cells name files outside the batch file's folder.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run a file of requests; resumable, with a manifest and a cost cap."""
@@ -352,6 +399,7 @@ def batch(
             resume=resume,
             dry_run=dry_run,
             preset=preset,
+            allow_absolute_paths=allow_absolute_paths,
         )
         if code:
             raise typer.Exit(code)

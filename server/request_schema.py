@@ -8,13 +8,28 @@ all strings, are validated with `strict=False` by the batch reader."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import base64
+import binascii
+import dataclasses
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+)
 from pydantic_core import PydanticCustomError
 
 from server import errors
-from server.request import MAX_N, ImageRequest
+from server.request import MAX_N, ImageRequest, LoraRequest
+
+# Validation context of the lax edges (form fields, CSV cells): every value arrives as text.
+LAX = {"lax": True}
 
 
 def _encodable(value: str) -> str:
@@ -35,6 +50,29 @@ def _encodable(value: str) -> str:
 
 # Every free-text field of the schema is Text.
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _json_text(value: Any, info: ValidationInfo) -> Any:
+    """A list field given as text where every value is text (a form field, a CSV cell): read
+    it as JSON. JSON bodies send the list itself (strict: text is refused there)."""
+    if isinstance(value, str) and (info.context or {}).get("lax"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise PydanticCustomError(
+                "json_text",
+                'must be JSON text, for example [{"name": "watercolor", "weight": 0.8}]',
+            ) from None
+    return value
+
+
+class LoraField(BaseModel):
+    """One adapter of `loras`: a file stem of the LoRA library (`imagegen loras`), its weight."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Text
+    weight: float = Field(default=1.0, allow_inf_nan=False)
 
 
 class ImageFields(BaseModel):
@@ -65,6 +103,8 @@ class ImageFields(BaseModel):
     # Data residency for this request: never sent to a hosted provider, whatever the server
     # allows (a hosted model is refused with code local_only).
     local_only: bool | None = None
+    # Adapters besides those the prompt names as <lora:name:weight>.
+    loras: Annotated[list[LoraField] | None, BeforeValidator(_json_text)] = None
 
     def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
         """The service's request: sizes parsed, OpenAI spellings mapped, once, here."""
@@ -91,6 +131,7 @@ class ImageFields(BaseModel):
             output_compression=None if output_format == "png" else self.output_compression,
             user=self.user,
             local_only=bool(self.local_only),
+            loras=tuple(LoraRequest(lora.name, lora.weight) for lora in self.loras or ()),
             request_id=request_id,
         )
 
@@ -99,6 +140,43 @@ class ImageFields(BaseModel):
         if self.output_compression is not None and (self.output_format or "png") == "png":
             return ("output_compression",)
         return ()
+
+
+class EditFields(BaseModel):
+    """The fields of an image input (img2img, inpainting, an edit), besides the images
+    themselves (uploads over HTTP, paths or base64 in batch rows: each edge reads its own).
+    Ranges are the service's checks (server/request.py), worded there once."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    strength: float | None = Field(default=None, allow_inf_nan=False)
+    mask_blur: int | None = None
+    inpaint_area: Literal["whole", "masked"] | None = None
+    inpaint_padding: int | None = None
+    resize_mode: Literal["crop", "stretch", "pad"] | None = None
+    input_fidelity: Literal["high", "low"] | None = None
+
+    def with_edit_fields(self, request: ImageRequest) -> ImageRequest:
+        """`request` with these fields set (the dataclass defaults where not given)."""
+        given = {
+            name: value
+            for name in EditFields.model_fields
+            if (value := getattr(self, name)) is not None
+        }
+        return dataclasses.replace(request, **given)
+
+
+# Fields only an image input has: on /v1/images/generations they are refused with a pointer
+# to the edits endpoint (server/http/errors.py words it).
+EDIT_ONLY_FIELDS: frozenset[str] = frozenset({"image", "image[]", "mask", *EditFields.model_fields})
+
+
+class RowFields(ImageFields, EditFields):
+    """A batch row: the image fields, the edit fields, and its inputs as text (`image`: one
+    or a list; `mask`): paths relative to the batch file, or base64 (server/batch/rows.py)."""
+
+    image: Text | list[Text] | None = None
+    mask: Text | None = None
 
 
 class ImageGenerationRequest(ImageFields):
@@ -110,14 +188,54 @@ class ImageGenerationRequest(ImageFields):
     # OpenAI streams partial images; this server reports progress through the jobs API.
     stream: bool | None = None
 
+    # The route this body is for, as error messages name it.
+    ROUTE: ClassVar[str] = "/v1/images/generations"
+
     def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
         if self.stream:
             raise errors.InvalidRequestError(
-                "stream is not supported by /v1/images/generations; create a job with "
+                f"stream is not supported by {self.ROUTE}; create a job with "
                 "POST /v1/jobs and follow GET /v1/jobs/{id}/events for progress",
                 param="stream",
             )
         return super().to_image_request(request_id=request_id)
+
+
+class ImageEditRequest(ImageGenerationRequest, EditFields):
+    """POST /v1/images/edits (multipart form fields, validated with the LAX context) and
+    POST /v1/jobs (JSON, strict): the generation fields plus the edit fields. The images
+    themselves are not fields of the schema: each edge reads them (uploaded files, base64
+    members) and hands them over with `with_inputs`, so they are never echoed into a job's
+    stored record."""
+
+    ROUTE: ClassVar[str] = "/v1/images/edits"
+    # OpenAI streams partial images (0-3) only with stream=true, refused above.
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+
+    _images: tuple[bytes, ...] = PrivateAttr(default=())
+    _mask: bytes | None = PrivateAttr(default=None)
+
+    def with_inputs(self, images: tuple[bytes, ...], mask: bytes | None) -> ImageEditRequest:
+        self._images, self._mask = images, mask
+        return self
+
+    @property
+    def input_count(self) -> int:
+        return len(self._images) + (self._mask is not None)
+
+    def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
+        request = self.with_edit_fields(super().to_image_request(request_id=request_id))
+        return dataclasses.replace(
+            request,
+            images=self._images,
+            mask=self._mask,
+            # OpenAI's convention: the mask's transparent pixels are the area to edit.
+            mask_convention="alpha",
+        )
+
+    def edge_dropped_params(self) -> tuple[str, ...]:
+        dropped = super().edge_dropped_params()
+        return (*dropped, "partial_images") if self.partial_images else dropped
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -136,3 +254,24 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
             f"size must have both sides above zero, got '{size}'", param="size"
         )
     return width, height
+
+
+def base64_image(text: str, *, param: str) -> bytes:
+    """An image sent as text: a `data:` URL (`data:image/png;base64,...`) or raw base64, as
+    A1111 clients and browsers send them. What the bytes are is decided later, from their
+    content (server/inputs.py)."""
+    payload = text.strip()
+    if payload.startswith("data:"):
+        header, comma, payload = payload.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise errors.InvalidRequestError(
+                f"{param}: a data URL must be base64, like 'data:image/png;base64,iVBOR...'",
+                param=param,
+            )
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.InvalidRequestError(
+            f"{param} is not valid base64; send the image file's bytes as base64 or as a data: URL",
+            param=param,
+        ) from None

@@ -4,6 +4,7 @@ bad row keeps its error and the field at fault, and fails alone."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -22,10 +23,14 @@ from server import errors
 from server.batch.errors import BatchError
 from server.cache import canonical_json
 from server.request import ImageRequest
-from server.request_schema import ImageFields
+from server.request_schema import LAX, RowFields, base64_image
 
-# The fields a row may carry: those of POST /v1/images/generations that decide an image.
-KNOWN_FIELDS: frozenset[str] = frozenset(ImageFields.model_fields)
+# The fields a row may carry: those of POST /v1/images/generations that decide an image, the
+# edit fields, and the inputs (`image`, `mask`).
+KNOWN_FIELDS: frozenset[str] = frozenset(RowFields.model_fields)
+# The image types an input cell may hold as raw base64 (their magic numbers): text that
+# decodes to one of them is the image itself, anything else is a path.
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
 _HINTS = {
     "width": 'give the size as size "WIDTHxHEIGHT"',
     "height": 'give the size as size "WIDTHxHEIGHT"',
@@ -40,10 +45,14 @@ _JSONL_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "applicat
 
 @dataclass(frozen=True)
 class BatchDefaults:
-    """Defaults for every row (command-line options, HTTP options); a row's own fields win."""
+    """Defaults for every row (command-line options, HTTP options); a row's own fields win.
+    `folder` is where input paths of rows are read from (the batch file's folder; None over
+    HTTP, where inputs are base64 only); paths never leave it unless `allow_absolute_paths`."""
 
     model: str | None = None
     preset: str | None = None
+    folder: Path | None = None
+    allow_absolute_paths: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,10 @@ def read_rows(path: Path, defaults: BatchDefaults = BatchDefaults()) -> list[Bat
         raise BatchError(
             "{file} cannot be read: {reason}", param="file", reason=exc.strerror
         ) from None
-    return rows_from_bytes(data, name=path.name, defaults=defaults)
+    folder = defaults.folder or path.resolve().parent
+    return rows_from_bytes(
+        data, name=path.name, defaults=dataclasses.replace(defaults, folder=folder)
+    )
 
 
 def rows_from_bytes(
@@ -172,16 +184,66 @@ def request_from_fields(
     Raises InvalidRequestError naming the field; range checks beyond the schema's are left to
     the service."""
     try:
-        parsed = ImageFields.model_validate(dict(fields), strict=False if lax else None)
+        if lax:
+            parsed = RowFields.model_validate(dict(fields), strict=False, context=LAX)
+        else:
+            parsed = RowFields.model_validate(dict(fields))
     except ValidationError as exc:
         found = sorted(exc.errors(include_url=False), key=lambda e: _FIRST.get(e["type"], 2))
         raise _field_error(found[0]) from None
-    request = parsed.to_image_request()
+    request = parsed.with_edit_fields(parsed.to_image_request())
+    texts = [parsed.image] if isinstance(parsed.image, str) else parsed.image or []
     return dataclasses.replace(
         request,
         model=defaults.model if request.model is None else request.model,
         preset=defaults.preset if request.preset is None else request.preset,
+        images=tuple(input_bytes(text, "image", defaults) for text in texts),
+        mask=input_bytes(parsed.mask, "mask", defaults) if parsed.mask is not None else None,
     )
+
+
+def input_bytes(text: str, field: str, defaults: BatchDefaults) -> bytes:
+    """An input cell's image: a `data:` URL, raw base64 of an image file, or (in a batch file
+    on disk) a path relative to the file's folder. A path may not leave that folder (`..`, a
+    symlink out, an absolute path) unless absolute paths are allowed."""
+    if text.startswith("data:"):
+        return base64_image(text, param=field)
+    if defaults.folder is None:
+        try:
+            return base64_image(text, param=field)
+        except errors.InvalidRequestError:
+            raise errors.InvalidRequestError(
+                f"{field} is not valid base64; rows sent over HTTP carry their images as base64 "
+                "or data: URLs (paths are read only by `imagegen batch` from the batch file's "
+                "folder)",
+                param=field,
+            ) from None
+    with contextlib.suppress(errors.InvalidRequestError):
+        data = base64_image(text, param=field)
+        if data.startswith(_IMAGE_MAGIC):
+            return data
+    folder = defaults.folder.resolve()
+    given = Path(text)
+    if given.is_absolute() and not defaults.allow_absolute_paths:
+        raise errors.InvalidRequestError(
+            f"{field}: '{text}' is an absolute path; name files relative to the batch file's "
+            "folder, or allow absolute paths (imagegen batch --allow-absolute-paths)",
+            param=field,
+        )
+    path = (folder / given).resolve()
+    if not defaults.allow_absolute_paths and not path.is_relative_to(folder):
+        raise errors.InvalidRequestError(
+            f"{field}: '{text}' leads outside the batch file's folder ('..' or a symlink); "
+            "keep inputs inside it, or allow absolute paths (--allow-absolute-paths)",
+            param=field,
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise errors.InvalidRequestError(
+            f"{field}: cannot read '{text}' (relative to the batch file's folder): {exc.strerror}",
+            param=field,
+        ) from None
 
 
 def _field_error(error: ErrorDetails) -> errors.InvalidRequestError:
@@ -220,10 +282,35 @@ def rows_fingerprint(rows: Sequence[BatchRow]) -> str:
     """sha256 over every row as parsed (defaults applied): a folder is resumed only with the
     same input."""
     items = [
-        [r.row, r.line, dataclasses.asdict(r.request) if r.request else {"error": r.error}]
+        [r.row, r.line, _fingerprinted(r.request) if r.request else {"error": r.error}]
         for r in rows
     ]
     return hashlib.sha256(canonical_json(items).encode("utf-8")).hexdigest()
+
+
+def _fingerprinted(request: ImageRequest) -> dict[str, Any]:
+    """The request as JSON: input images by their sha256 (bytes are not JSON)."""
+    fields = dataclasses.asdict(request)
+    fields["images"] = [hashlib.sha256(data).hexdigest() for data in request.images]
+    if request.mask is not None:
+        fields["mask"] = hashlib.sha256(request.mask).hexdigest()
+    if not request.images and request.mask is None:
+        # Rows without inputs keep the fingerprint they had (a batch folder resumes).
+        for name in (
+            "images",
+            "mask",
+            "mask_convention",
+            "strength",
+            "mask_blur",
+            "inpaint_area",
+            "inpaint_padding",
+            "resize_mode",
+            "input_fidelity",
+        ):
+            fields.pop(name)
+    if not request.loras:
+        fields.pop("loras")
+    return fields
 
 
 def pending_rows(rows: Sequence[BatchRow], finished: set[int]) -> list[BatchRow]:

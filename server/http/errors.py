@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import errors
+from server.request_schema import EDIT_ONLY_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,12 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     kind = error.get("type", "")
     if kind == "extra_forbidden":
+        if param in EDIT_ONLY_FIELDS:
+            return (
+                f"Unrecognized request argument supplied: {param} (image inputs and their "
+                "fields go to POST /v1/images/edits, multipart, or POST /v1/jobs)",
+                param,
+            )
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing":
         return f"{param} is required", param

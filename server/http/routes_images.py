@@ -1,29 +1,53 @@
-"""Routes: POST /v1/images/generations and GET /v1/files/{id} (images by content hash)."""
+"""Routes: POST /v1/images/generations, POST /v1/images/edits (multipart, as OpenAI defines it)
+and GET /v1/files/{id} (images by content hash)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.http.edits import EDIT_FORM_SCHEMA, read_edit_form
 from server.http.errors import NotFoundError
 from server.http.middleware import request_id_of
-from server.http.protocol import ImageGenerationRequest
+from server.http.protocol import ImageGenerationRequest, ImagesResponse
 from server.http.serving import response_headers, unless_disconnected
 from server.http.state import app_state
 
 router = APIRouter()
 
 _MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_EDIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": EDIT_FORM_SCHEMA}},
+    }
+}
 
 
 @router.post("/v1/images/generations")
 async def create_image(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    return await _generate(body, request, endpoint="images")
+
+
+@router.post(
+    "/v1/images/edits",
+    openapi_extra=_EDIT_BODY,
+    responses={200: {"model": ImagesResponse, "description": "The edited images"}},
+)
+async def edit_image(request: Request) -> JSONResponse:
+    return await _generate(await read_edit_form(request), request, endpoint="edits")
+
+
+async def _generate(
+    body: ImageGenerationRequest, request: Request, *, endpoint: str
+) -> JSONResponse:
     state = app_state(request)
     result = await unless_disconnected(
         request.is_disconnected,
-        state.serving.generate(body, endpoint="images", request_id=request_id_of(request.scope)),
+        state.serving.generate(body, endpoint=endpoint, request_id=request_id_of(request.scope)),
     )
     return JSONResponse(
         await state.serving.render(result, body, str(request.base_url)),

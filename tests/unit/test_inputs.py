@@ -4,8 +4,6 @@ naming its field before any model work (server.inputs); <lora:> tags come out of
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
@@ -13,22 +11,9 @@ from PIL import Image
 from server import errors
 from server.inputs import decode_inputs
 from server.request import ImageRequest, LoraRequest, split_lora_tags
+from tests.helpers_images import gradient, header_only_png, png
 
 CAP = 16.0
-
-
-def png(image: Image.Image, **save: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", **save)
-    return buf.getvalue()
-
-
-def gradient(width: int = 64, height: int = 48) -> Image.Image:
-    image = Image.new("RGB", (width, height))
-    image.putdata(
-        [(x * 4 % 256, y * 5 % 256, (x + y) % 256) for y in range(height) for x in range(width)]
-    )
-    return image
 
 
 def decode(**fields: object):  # type: ignore[no-untyped-def]
@@ -41,24 +26,6 @@ def refused(field: str, **fields: object) -> str:
         decode(**fields)
     assert caught.value.param == field
     return caught.value.message
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    """A valid PNG signature and IHDR claiming a huge size, with a tiny IDAT: a few bytes on
-    the wire that would decode to width*height*3 bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_no_image_means_no_inputs_and_a_lone_mask_is_refused() -> None:
