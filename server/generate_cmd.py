@@ -229,7 +229,12 @@ def _recorded_edit(
     images_matched = False
     for mode, convention in itertools.product(modes, conventions):
         candidate = dataclasses.replace(base, resize_mode=mode, mask_convention=convention)
-        decoded = decode_inputs(candidate, max_megapixels=max_input_megapixels)
+        try:
+            decoded = decode_inputs(candidate, max_megapixels=max_input_megapixels)
+        except errors.InvalidRequestError as exc:
+            if exc.param != "mask":
+                raise
+            continue  # the mask does not read in this convention (no alpha, say): not it
         assert decoded is not None  # images were given
         if [img.sha256 for img in decoded.images] != wanted:
             continue
