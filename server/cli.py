@@ -242,6 +242,44 @@ def models(
 
 
 @app.command()
+def loras(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The LoRA library (local.lora_dir): name, the family each fits, file hash and size."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from server.service import ImageService
+
+        service = ImageService(settings)
+        try:
+            rows = service.loras()
+        finally:
+            service.close()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            typer.echo(f"no LoRAs in {settings.lora_dir} (local.lora_dir)", err=True)
+        print_table(
+            ["lora", "family", "format", "sha256", "size"],
+            [
+                [
+                    row["name"],
+                    row["family"] or "unknown",
+                    row["format"],
+                    row["sha256"],
+                    str(row["size_bytes"]),
+                ]
+                for row in rows
+            ],
+        )
+
+    run_guarded(go)
+
+
+@app.command()
 def stats(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     config: ConfigOpt = None,

@@ -23,6 +23,8 @@ from typing import Any
 from models import base
 from models.base import NO_EVENTS, Backend, BackendResult, Events, GenerationParams, ModelSpec
 from models.catalogue import Catalogue
+from models.local import sources
+from models.local.loras import LoraLibrary
 from server import errors
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
@@ -543,6 +545,24 @@ class ImageService:
 
     def models(self) -> list[dict[str, Any]]:
         return self.registry.describe()
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The LoRA library (local.lora_dir): each adapter's name, the family it fits (None
+        where its header does not say), format, file sha256 and size. Blocking (the first
+        listing of a file hashes it): call it off the event loop."""
+        library = LoraLibrary(
+            self.settings.lora_dir, memo_dir=sources.digest_memo_dir(self.settings.data_dir)
+        )
+        return [
+            {
+                "name": lora.name,
+                "family": lora.family,
+                "format": lora.format,
+                "sha256": lora.sha256,
+                "size_bytes": lora.size_bytes,
+            }
+            for lora in library.list()
+        ]
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -71,9 +71,15 @@ class DiffusersBackend(Backend):
                 f"output_format must be png, jpeg or webp, got '{params.output_format}'",
                 param="output_format",
             )
+        # A LoRA that does not fit is refused here, before the request is queued.
+        self.runner.adapters.check(params.loras)
         return dataclasses.replace(
             params, scheduler=scheduler, steps=steps, guidance_scale=guidance
         )
+
+    def unsupported(self, params: GenerationParams) -> str | None:
+        # Every local family takes LoRA adapters (resolve() checks each one fits the model).
+        return super().unsupported(dataclasses.replace(params, loras=()))
 
     def dropped_params(self, params: GenerationParams) -> tuple[str, ...]:
         """OpenAI knobs a local diffusion model has no equivalent for."""

@@ -21,6 +21,8 @@ from models.base import (
     OutOfMemoryError,
 )
 from models.local import families, schedulers, sources
+from models.local.adapters import Adapters
+from models.local.loras import LoraLibrary
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,12 @@ class PipelineRunner:
         self._count_tokenizer: Any = None
         self._token_counts: dict[str, int] = {}
         self._scheduler_config: dict[str, object] | None = None
+        self.loras = LoraLibrary(
+            options.lora_dir or data_dir / "loras", memo_dir=sources.digest_memo_dir(data_dir)
+        )
+        self.adapters = Adapters(
+            self.loras, model=spec.name, kind=spec.kind, max_loaded=options.max_loaded_loras
+        )
 
     # -- loading -------------------------------------------------------------------------
 
@@ -150,6 +158,7 @@ class PipelineRunner:
 
     def unload(self) -> None:
         self.pipe = None
+        self.adapters.forget()
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -203,12 +212,14 @@ class PipelineRunner:
         on_step: Callable[[int, int], None] | None = None,
     ) -> BatchOutput:
         """One pipeline call for every image of every request in `batch` (all share the batch
-        key: model, size, steps, guidance, scheduler, whether a negative prompt is set)."""
+        key: model, size, steps, guidance, scheduler, whether a negative prompt is set, the
+        LoRA adapters and their weights)."""
         import torch
 
         self.load()
         pipe = self.pipe
         first = batch[0]
+        self.adapters.activate(pipe, first.loras)
         self._use_scheduler(first.scheduler or "")
         prompts: list[str] = []
         negatives: list[str] = []

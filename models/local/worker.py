@@ -59,6 +59,8 @@ def batch_key(params: GenerationParams) -> BatchKey:
         params.negative_prompt is not None,
         params.output_format,
         params.output_compression,
+        # One call runs one adapter set; in order, since the order LoRAs are summed in shows.
+        tuple((lora.name, lora.sha256, lora.weight) for lora in params.loras),
     )
 
 
