@@ -69,12 +69,12 @@ class LoraLibrary:
         self._lock = threading.Lock()
 
     def list(self) -> list[LoraFile]:
-        """Every readable adapter, by name. A damaged file is logged and left out (find()
-        names what is wrong with it)."""
+        """Every adapter find() would give, by name; the rest (a damaged file, a link out of
+        the folder) are logged with what is wrong and left out."""
         found = []
-        for path in self._files():
+        for name in self.names():
             try:
-                found.append(self._describe(path))
+                found.append(self.find(name))
             except InvalidParamsError as exc:
                 log.warning("LoRA library: %s", exc.message)
         return found

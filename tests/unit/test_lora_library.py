@@ -112,6 +112,7 @@ def test_a_link_out_of_the_folder_is_refused(library: LoraLibrary, tmp_path: Pat
     (library.root / "linked.safetensors").symlink_to(outside)
     with pytest.raises(InvalidParamsError, match="outside the LoRA library"):
         library.find("linked")
+    assert "linked" not in [r.name for r in library.list()]
 
 
 def test_an_unknown_name_lists_what_the_library_has(library: LoraLibrary) -> None:
