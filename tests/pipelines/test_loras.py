@@ -66,7 +66,7 @@ class Rig:
             height=SIZE[self.model],
             n=1,
             seed=seed,
-            steps=1,
+            steps=2,
             guidance_scale=3.5,
             scheduler=self.runner.family.default_scheduler,
             loras=loras,
