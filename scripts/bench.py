@@ -12,6 +12,10 @@ N edit requests with different input images one after another, then the same N s
 together (they batch into one pipeline call).
 Targets: overhead ratio >= 0.95, batching gain >= 1.4, cache-hit p50 <= 10 ms.
 
+The "lora" figure (local runs only): on the same tiny model in one process, the time to switch
+between two loaded LoRA adapters (set_adapters, what a request with another LoRA costs) against
+the time to load the model (what reloading the base would cost), median of several each.
+
 Both sides run in fresh processes, several times over (--trials): two processes running the
 very same pipeline differ by up to about 5% for as long as they live (memory layout, thread
 placement), as much as the margin being measured, so one pair of processes decides nothing.
@@ -223,6 +227,73 @@ def edits_figure(data_dir: Path, count: int) -> dict[str, Any]:
         "batched_pipeline_calls": raw["batched_calls"],
         "batching_gain": _r(batched / sequential),
     }
+
+
+def lora_child(data_dir: Path, switches: int) -> None:
+    """The LoRA figure's process: load the model (several fresh runners, after one that pays
+    for the imports), load two tiny LoRAs on one, then switch between them; one JSON line."""
+    from models.base import LoraRef
+    from models.catalogue import Catalogue
+    from models.local import tiny_loras
+    from models.local.pipeline import PipelineRunner, RuntimeOptions
+
+    spec = Catalogue.load([]).get(MODEL)
+    assert spec is not None
+    tiny_loras.build_tiny_loras(data_dir / "loras")
+
+    def fresh() -> PipelineRunner:
+        return PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions())
+
+    fresh().load()  # imports, the tiny build and the revision hash: paid once by any server
+    loads = []
+    for _ in range(3):
+        runner = fresh()
+        started = time.perf_counter()
+        runner.load()
+        loads.append(time.perf_counter() - started)
+    refs = [
+        LoraRef(name=name, weight=1.0, sha256=runner.loras.find(name).sha256)
+        for name in tiny_loras.SDXL_LORAS[:2]
+    ]
+    started = time.perf_counter()
+    for ref in refs:
+        runner.adapters.activate(runner.pipe, [ref])
+    first_loads = (time.perf_counter() - started) / len(refs)
+    times = []
+    for i in range(switches):
+        started = time.perf_counter()
+        runner.adapters.activate(runner.pipe, [refs[i % 2]])
+        times.append(time.perf_counter() - started)
+    switch, load = statistics.median(times), statistics.median(loads)
+    print(
+        json.dumps(
+            {
+                "model": MODEL,
+                "switch_ms_p50": round(switch * 1000, 3),
+                "adapter_first_load_ms": round(first_loads * 1000, 3),
+                "model_load_ms_p50": round(load * 1000, 3),
+                "switch_vs_model_load": round(switch / load, 5),
+                "switches": switches,
+            }
+        ),
+        flush=True,
+    )
+
+
+def lora_figure(data_dir: Path, switches: int) -> dict[str, Any] | None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--lora-child", str(data_dir), "--lora-switches", str(switches)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        print(f"bench: the LoRA figure failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    figure: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return figure
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -448,6 +519,10 @@ def main() -> None:
     parser.add_argument("--no-edits", action="store_true", help="skip the edits figure")
     parser.add_argument("--direct-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--edits-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lora-switches", type=int, default=20, help="LoRA switches timed (0: no LoRA figure)"
+    )
+    parser.add_argument("--lora-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.direct_child is not None:
@@ -455,6 +530,9 @@ def main() -> None:
         return
     if args.edits_child is not None:
         edits_child(args.edits_child, args.edit_requests)
+        return
+    if args.lora_child is not None:
+        lora_child(args.lora_child, args.lora_switches)
         return
 
     started = time.perf_counter()
@@ -539,9 +617,14 @@ def main() -> None:
             }
             for t in trials
         ],
+        "lora": (
+            lora_figure(Path(scratch.name) / "lora", args.lora_switches)
+            if args.lora_switches > 0 and not args.url
+            else None
+        ),
         "targets": TARGETS,
-        "elapsed_s": _r(time.perf_counter() - started),
     }
+    result["elapsed_s"] = _r(time.perf_counter() - started)
     result["meets_targets"] = (
         None
         if overhead is None or batching is None or p50 is None

@@ -25,3 +25,7 @@ should_exit
 
 # Part of the result contract (GenerationResult), read by callers and tests.
 fallback_from
+
+# The tiny LoRA builder (models/local/tiny_loras.py): used by the tests and scripts/bench.py.
+build_tiny_loras
+TINY_LORAS

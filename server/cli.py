@@ -127,6 +127,30 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         typer.echo("\t".join(value.replace("\t", " ").replace("\n", " ") for value in line))
 
 
+def with_service(settings: Any, fn: Callable[[Any], T]) -> T:
+    """`fn(service)` on an ImageService opened for it and closed after."""
+    from server.service import ImageService
+
+    service = ImageService(settings)
+    try:
+        return fn(service)
+    finally:
+        service.close()
+
+
+def print_listing(
+    rows: list[dict[str, Any]],
+    as_json: bool,
+    headers: list[str],
+    cells: Callable[[dict[str, Any]], list[str]],
+) -> None:
+    """A listing command's output: the rows as JSON, or a table of `cells` of each row."""
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    print_table(headers, [cells(row) for row in rows])
+
+
 @app.callback()
 def _root(ctx: typer.Context, debug: DebugOpt = False) -> None:
     _State.debug = debug
@@ -260,30 +284,45 @@ def models(
 ) -> None:
     """The model catalogue and whether each model can be used here."""
     settings = load_settings_or_exit(config)
+    run_guarded(
+        lambda: print_listing(
+            with_service(settings, lambda service: service.models()),
+            as_json,
+            ["model", "kind", "provider", "available", "on disk", "source"],
+            lambda row: [
+                row["name"],
+                row["kind"],
+                row["provider"],
+                "yes" if row["available"] else "no (see --json)",
+                "built-in" if row.get("builtin") else ("yes" if row["on_disk"] else "no"),
+                row["source"],
+            ],
+        )
+    )
+
+
+@app.command()
+def loras(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The LoRA library (local.lora_dir): name, the family each fits, file hash and size."""
+    settings = load_settings_or_exit(config)
 
     def go() -> None:
-        from server.service import ImageService
-
-        service = ImageService(settings)
-        try:
-            rows = service.models()
-        finally:
-            service.close()
-        if as_json:
-            typer.echo(json.dumps(rows, indent=2))
-            return
-        print_table(
-            ["model", "kind", "provider", "available", "on disk", "source"],
-            [
-                [
-                    row["name"],
-                    row["kind"],
-                    row["provider"],
-                    "yes" if row["available"] else "no (see --json)",
-                    "built-in" if row.get("builtin") else ("yes" if row["on_disk"] else "no"),
-                    row["source"],
-                ]
-                for row in rows
+        rows = with_service(settings, lambda service: service.loras())
+        if not rows and not as_json:
+            typer.echo(f"no LoRAs in {settings.lora_dir} (local.lora_dir)", err=True)
+        print_listing(
+            rows,
+            as_json,
+            ["lora", "family", "format", "sha256", "size"],
+            lambda row: [
+                row["name"],
+                row["family"] or "unknown",
+                row["format"],
+                row["sha256"],
+                str(row["size_bytes"]),
             ],
         )
 

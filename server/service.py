@@ -22,6 +22,8 @@ from typing import Any
 from models import base
 from models.base import NO_EVENTS, Backend, BackendResult, Events, GenerationParams, ModelSpec
 from models.catalogue import Catalogue
+from models.local import sources
+from models.local.loras import LoraLibrary
 from server import errors
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
@@ -108,6 +110,9 @@ class ImageService:
         self.costs = Costs(settings.cost, self.ledger)
         self.registry = registry or BackendRegistry(settings, self.catalogue)
         self.router = Router(settings, self.catalogue, self.ledger)
+        self.lora_library = LoraLibrary(
+            settings.lora_dir, memo_dir=sources.digest_memo_dir(settings.data_dir)
+        )
         self._resolving = threading.Lock()
 
     # -- the production path -------------------------------------------------------------
@@ -255,11 +260,9 @@ class ImageService:
     def _find_lora(self, name: str) -> base.LoraRef:
         """The library's file of that name (its hash keys the cache); whether it fits the
         model is the backend's check, in resolve."""
-        # The LoRA library lands with models.local.loras (being merged).
-        raise errors.InvalidRequestError(
-            f"loras: '{name}' cannot be resolved yet: this build has no LoRA library",
-            param="loras",
-        )
+        with errors.mapped():
+            found = self.lora_library.find(name)
+        return base.LoraRef(name=found.name, weight=0.0, sha256=found.sha256)
 
     def _estimate(self, spec: ModelSpec, params: GenerationParams) -> float | None:
         backend = self.registry.backend_for(spec.name)
@@ -562,6 +565,21 @@ class ImageService:
 
     def models(self) -> list[dict[str, Any]]:
         return self.registry.describe()
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The LoRA library (local.lora_dir): each adapter's name, the family it fits (None
+        where its header does not say), format, file sha256 and size. Blocking (the first
+        listing of a file hashes it): call it off the event loop."""
+        return [
+            {
+                "name": lora.name,
+                "family": lora.family,
+                "format": lora.format,
+                "sha256": lora.sha256,
+                "size_bytes": lora.size_bytes,
+            }
+            for lora in self.lora_library.list()
+        ]
 
     def stats(self) -> dict[str, Any]:
         return {

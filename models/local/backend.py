@@ -79,6 +79,8 @@ class DiffusersBackend(Backend):
             )
         strength = self._strength(params, steps)
         self._check_input_sizes(params)
+        # A LoRA that does not fit is refused here, before the request is queued.
+        self.runner.adapters.check(params.loras)
         return dataclasses.replace(
             params, scheduler=scheduler, steps=steps, guidance_scale=guidance, strength=strength
         )

@@ -23,6 +23,8 @@ from models.base import (
     Task,
 )
 from models.local import families, images, schedulers, sources
+from models.local.adapters import Adapters
+from models.local.loras import LoraLibrary
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,12 @@ class PipelineRunner:
         self._count_tokenizer: Any = None
         self._token_counts: dict[str, int] = {}
         self._scheduler_config: dict[str, object] | None = None
+        self.loras = LoraLibrary(
+            options.lora_dir or data_dir / "loras", memo_dir=sources.digest_memo_dir(data_dir)
+        )
+        self.adapters = Adapters(
+            self.loras, model=spec.name, kind=spec.kind, max_loaded=options.max_loaded_loras
+        )
 
     # -- loading -------------------------------------------------------------------------
 
@@ -161,6 +169,7 @@ class PipelineRunner:
     def unload(self) -> None:
         self.pipe = None
         self.pipes = {}
+        self.adapters.forget()
 
     def pipeline_for(self, task: Task) -> Any:
         """The pipeline of `task`, made from the loaded one on first use. torch_dtype is
@@ -235,12 +244,14 @@ class PipelineRunner:
         """One pipeline call for every image of every request in `batch` (all share the batch
         key: model, task, size, steps, strength, guidance, scheduler, whether a negative prompt
         is set). Input images and masks go in as lists, one per image, so requests with
-        different inputs share the call; inpainting results are pasted back per request."""
+        different inputs share the call; inpainting results are pasted back per request.
+        The LoRA adapters and their weights are part of the key too."""
         import torch
 
         first = batch[0]
         task = first.task
         pipe = self.pipeline_for(task)
+        self.adapters.activate(pipe, first.loras)
         self._use_scheduler(pipe, first.scheduler or "")
         prompts: list[str] = []
         negatives: list[str] = []

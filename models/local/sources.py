@@ -48,11 +48,17 @@ def _hash_files(files: list[Path], root: Path, memo_dir: Path | None) -> str:
     digest = hashlib.sha256()
     for file in sorted(files):
         digest.update(str(file.relative_to(root)).encode())
-        digest.update(_file_sha256(file, memo_dir).encode())
+        digest.update(file_sha256(file, memo_dir).encode())
     return digest.hexdigest()
 
 
-def _file_sha256(file: Path, memo_dir: Path | None) -> str:
+def digest_memo_dir(data_dir: Path) -> Path:
+    """Where file digests are remembered (weights, LoRA files) under the data directory."""
+    return data_dir / "revisions"
+
+
+def file_sha256(file: Path, memo_dir: Path | None) -> str:
+    """The file's sha256, remembered under (path, size, mtime) in `memo_dir`."""
     stat = file.stat()
     memo: Path | None = None
     if memo_dir is not None:
@@ -129,7 +135,7 @@ def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> Reso
     """Find the weights on disk and compute their revision. Raises ModelUnavailableError with
     what to do when they are not there. Never downloads."""
     kind = classify(source)
-    memo_dir = data_dir / "revisions"
+    memo_dir = digest_memo_dir(data_dir)
     if kind == "builtin":
         name = source.removeprefix("builtin:")
         if name not in tiny.TINY_MODELS:
@@ -148,7 +154,7 @@ def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> Reso
             raise ModelUnavailableError(
                 f"checkpoint file '{path}' does not exist; check the model's source path"
             )
-        return ResolvedSource("single_file", path, "sha256:" + _file_sha256(path, memo_dir))
+        return ResolvedSource("single_file", path, "sha256:" + file_sha256(path, memo_dir))
     if not (path / "model_index.json").is_file():
         raise ModelUnavailableError(
             f"'{path}' is not a diffusers model folder (no model_index.json); use a folder "

@@ -71,6 +71,8 @@ def batch_key(params: GenerationParams) -> BatchKey:
         params.mask_blur,
         params.inpaint_area,
         params.inpaint_padding,
+        # One call runs one adapter set; in order, since the order LoRAs are summed in shows.
+        tuple((lora.name, lora.sha256, lora.weight) for lora in params.loras),
     )
 
 

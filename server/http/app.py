@@ -16,7 +16,14 @@ from models import base
 from models.catalogue import Catalogue
 from server import errors
 from server.http import errors as http_errors
-from server.http import routes_batches, routes_images, routes_jobs, routes_models, routes_ops
+from server.http import (
+    routes_batches,
+    routes_images,
+    routes_jobs,
+    routes_loras,
+    routes_models,
+    routes_ops,
+)
 from server.http.auth import ApiKeys, AuthMiddleware
 from server.http.batches import BatchesServing
 from server.http.job_store import JobStore
@@ -79,7 +86,14 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     )
     app.state.imagegen = state
     http_errors.install(app)
-    for module in (routes_images, routes_jobs, routes_batches, routes_models, routes_ops):
+    for module in (
+        routes_images,
+        routes_jobs,
+        routes_batches,
+        routes_models,
+        routes_loras,
+        routes_ops,
+    ):
         app.include_router(module.router)
     # Added last = runs first: the request id (every response, a 401 included, carries it),
     # then the key check, then the body limit (no one streams a body here without a key).

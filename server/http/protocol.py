@@ -57,6 +57,23 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoraCard(BaseModel):
+    """One adapter of the LoRA library (GET /v1/loras)."""
+
+    id: str  # the name requests give (`loras: [{"name": ...}]`, `<lora:name:weight>`)
+    object: Literal["lora"] = "lora"
+    # The model family it fits ("sdxl", "flux", "sd15"); None where its header does not say.
+    family: str | None
+    format: str  # "diffusers" or "kohya"
+    sha256: str
+    size_bytes: int
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
+
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
