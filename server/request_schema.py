@@ -219,10 +219,6 @@ class ImageEditRequest(ImageGenerationRequest, EditFields):
         self._images, self._mask = images, mask
         return self
 
-    @property
-    def input_count(self) -> int:
-        return len(self._images) + (self._mask is not None)
-
     def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
         request = self.with_edit_fields(super().to_image_request(request_id=request_id))
         return dataclasses.replace(
