@@ -306,11 +306,12 @@ class PipelineRunner:
         self._interrupt = False
 
         def callback(p: Any, step: int, _timestep: Any, cb_kwargs: dict[str, Any]) -> Any:
-            if self._interrupt:
-                p._interrupt = True
             if on_step is not None:
                 # A strength below 1 runs only the tail of the schedule.
                 on_step(step + 1, int(getattr(p, "num_timesteps", steps)))
+            # After on_step, which may have asked to stop (every request of it cancelled).
+            if self._interrupt:
+                p._interrupt = True
             return cb_kwargs
 
         kwargs["callback_on_step_end"] = callback

@@ -398,12 +398,17 @@ class DeviceWorker:
         for item in batch:
             _safely(item.events.started)
 
+        runner = batch[0].runner
+
         def on_step(step: int, total: int) -> None:
             for item in batch:
                 if not item.cancelled:
                     _safely(item.events.progress, step, total)
+            # Asked again at every step, from the items' own state: a cancel that came while
+            # the batch was being set up (before the runner armed its stop flag) still stops it.
+            if all(item.cancelled for item in batch):
+                runner.interrupt()
 
-        runner = batch[0].runner
         try:
             output = runner.run_batch(
                 [item.params for item in batch], precise=batch[0].precise, on_step=on_step

@@ -8,7 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from models.base import GenerationParams
+import pytest
+
+from models.base import GenerationParams, WorkCancelledError
 from models.catalogue import Catalogue
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.worker import DeviceWorker, WorkItem
@@ -86,5 +88,52 @@ def test_a_cancelled_control_call_is_skipped_and_the_worker_lives_on() -> None:
         release.set()
         assert worker.call(lambda: "alive").result(timeout=30) == "alive"
         assert ran == []
+    finally:
+        worker.stop()
+
+
+class CancelsOnArrival:
+    """Forces the race: the request is cancelled after the worker has made it the running
+    batch but before the pipeline has started (and armed its stop flag)."""
+
+    def __init__(self, inner: PipelineRunner, worker: DeviceWorker) -> None:
+        self.inner, self.worker = inner, worker
+        self.item: WorkItem | None = None
+        self.steps: list[int] = []
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def interrupt(self) -> None:
+        self.inner.interrupt()
+
+    def run_batch(self, batch, *, precise=False, on_step=None):  # type: ignore[no-untyped-def]
+        assert self.item is not None
+        self.worker.cancel(self.item)
+
+        def counted(step: int, total: int) -> None:
+            self.steps.append(step)
+            if on_step is not None:
+                on_step(step, total)
+
+        return self.inner.run_batch(batch, precise=precise, on_step=counted)
+
+
+def test_a_cancel_during_batch_setup_still_stops_the_batch(data_dir: Path) -> None:
+    """It was lost: the runner cleared its stop flag as it started, after the cancel."""
+    spec = Catalogue.load([]).get("tiny-sdxl")
+    assert spec is not None
+    worker = DeviceWorker()
+    runner = CancelsOnArrival(
+        PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions()), worker
+    )
+    try:
+        worker.call(runner.load).result(timeout=120)
+        long = GenerationParams(**{**_params(4).__dict__, "steps": 12})
+        runner.item = WorkItem(params=long, runner=runner)
+        worker.submit(runner.item)
+        with pytest.raises(WorkCancelledError):
+            runner.item.future.result(timeout=120)
+        assert 1 <= len(runner.steps) < 12, runner.steps
     finally:
         worker.stop()
