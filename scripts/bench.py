@@ -205,17 +205,9 @@ def edits_child(data_dir: Path, count: int) -> None:
 
 
 def edits_figure(data_dir: Path, count: int) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--edits-child", str(data_dir), "--edit-requests", str(count)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit("bench: the edits process failed:\n" + done.stderr[-2000:])
-    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    raw = _child_figure("edits", ["--edits-child", str(data_dir), "--edit-requests", str(count)])
+    if raw is None:
+        raise SystemExit("bench: the edits figure failed (its process's error is above)")
     sequential = count / raw["sequential_s"]
     batched = count / raw["batched_s"]
     return {
@@ -281,16 +273,22 @@ def lora_child(data_dir: Path, switches: int) -> None:
 
 
 def lora_figure(data_dir: Path, switches: int) -> dict[str, Any] | None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return _child_figure("LoRA", ["--lora-child", str(data_dir), "--lora-switches", str(switches)])
+
+
+def _child_figure(what: str, args: list[str]) -> dict[str, Any] | None:
+    """One figure measured in a fresh child process (its own imports and memory, so figures do
+    not colour each other): the JSON line it prints last, or None after printing its error."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--lora-child", str(data_dir), "--lora-switches", str(switches)],
-        env=env,
+        [sys.executable, __file__, *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     if proc.returncode != 0:
-        print(f"bench: the LoRA figure failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        print(f"bench: the {what} figure failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     figure: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return figure
