@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from models import base
@@ -25,6 +24,7 @@ from models.catalogue import Catalogue
 from models.local import sources
 from models.local.loras import LoraLibrary
 from server import errors
+from server.attempt import Attempt, PreparedRequest
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
 from server.db import Database
@@ -56,45 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A request validated and resolved exactly as `generate` would, without running it: what
-    batch dry runs and budget reservations price."""
-
-    params: GenerationParams
-    backend: Backend
-    revised_prompt: str
-    cache_key: str
-    # The request came with a seed and its result is in the cache: `generate` serves it free.
-    cached: bool
-    # What running it is expected to cost (0 with the basis "served from the cache" if cached).
-    estimate: Estimate
-
-    @property
-    def provider(self) -> str:
-        return self.backend.provider
-
-
-@dataclass
-class Attempt:
-    """One model of the route trying one request: everything the steps after routing share."""
-
-    request_id: str
-    request: ImageRequest
-    candidate: Candidate
-    backend: Backend
-    # The request as this model sees it (its size defaults, steps, guidance, scheduler).
-    params: GenerationParams
-    key: str
-    identity: dict[str, Any]
-    started: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def provider(self) -> str:
-        return self.backend.provider
 
 
 class ImageService:
