@@ -362,9 +362,12 @@ class Backend(abc.ABC):
         Asked for by name, such a request is refused (400); as a fallback, the model is
         skipped: an edit is never silently answered with a text-to-image picture."""
         if params.images:
-            return f"model '{self.spec.name}' does not take image inputs"
+            return (
+                f"model '{self.spec.name}' does not take image inputs; choose one that does "
+                "(see README, Which models take inputs)"
+            )
         if params.loras:
-            return f"model '{self.spec.name}' does not take LoRA adapters"
+            return f"model '{self.spec.name}' does not take LoRA adapters; choose a local model"
         return None
 
     def admit(self, params: GenerationParams) -> None:  # noqa: B027 - optional hook

@@ -253,7 +253,7 @@ class ImageService:
         unsupported = backend.unsupported(params)
         if unsupported is not None:
             raise errors.InvalidRequestError(
-                f"{unsupported}; choose a model that does (`imagegen models`)",
+                unsupported,
                 param="loras" if params.loras and not params.images else "model",
             )
         # One request resolves at a time: this runs on worker threads, and what it may do on

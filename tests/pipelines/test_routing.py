@@ -314,3 +314,50 @@ def test_a_mapped_retired_model_is_served_by_its_replacement(
     (request,) = stubs["openai"].state.requests
     assert request.json["model"] == "gpt-image-2" and request.json["quality"] == "high"
     assert "style" in served.dropped_params
+
+
+def _picture(size: int = 256) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 120, 150)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_edit_passes_over_a_fallback_that_cannot_take_images(
+    data_dir: Path, stubs: dict[str, Any]
+) -> None:
+    """stability-ultra is down; stability-core takes no image, so it is passed over without a
+    request, and the local model serves the edit (never a text-to-image picture)."""
+    service = make_service(
+        data_dir, stubs, fallbacks={"stability-ultra": ["stability-core", "tiny-sdxl"]}
+    )
+    try:
+        stubs["stability"].state.script(
+            "generate", *[reply(500, {"error": "down"}) for _ in range(3)]
+        )
+        served = generate(
+            service, prompt="a red door", model="stability-ultra", images=(_picture(),), seed=2
+        )
+        assert served.provider == "local" and served.params.task == "img2img"
+        assert served.fallback_from == ("stability-ultra", "stability-core")
+        assert any("stability-core" in n and "image" in n for n in served.notices), served.notices
+        paths = [r.path for r in stubs["stability"].state.requests]
+        assert paths and all(path.endswith("/ultra") for path in paths), paths
+    finally:
+        service.close()
+
+
+def test_an_edit_asked_of_a_model_without_image_inputs_is_a_400_sending_nothing(
+    data_dir: Path, stubs: dict[str, Any]
+) -> None:
+    service = make_service(data_dir, stubs)
+    try:
+        with pytest.raises(errors.InvalidRequestError) as caught:
+            generate(service, prompt="a red door", model="midjourney", images=(_picture(),))
+        assert caught.value.param == "model" and status_of(caught.value)[0] == 400
+        assert total_requests(stubs) == 0
+    finally:
+        service.close()
