@@ -453,4 +453,7 @@ def _params_record(p: GenerationParams) -> dict[str, Any]:
         "scheduler": p.scheduler,
         "quality": p.quality,
         "output_format": p.output_format,
+        # An edit's inputs and adapters, as the PNG records them (hashes, not pixels): what a
+        # reader of the manifest needs to tell two rows' work apart.
+        **{k: v for k, v in p.pixel_fields().items() if k in ("inputs", "loras")},
     }

@@ -522,3 +522,39 @@ def test_batch_errors_name_options_as_fields_unless_the_cli_words_them() -> None
     cli = error.spelled(batch_cmd.cli_names(Path("rows.jsonl")))
     assert cli.message == "--budget-usd must be a non-negative amount, got -1"
     assert (type(cli), cli.param, cli.code) == (BatchError, "budget_usd", "invalid_request")
+
+
+def test_edit_rows_run_from_files_beside_the_batch_and_record_their_inputs(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An img2img row (image path relative to the batch file), an inpaint row (image and mask),
+    a plain row, and a row whose path leaves the folder: the bad row fails alone, naming
+    `image`; the manifest records each edit's input hashes."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    src = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"prompt": "a red door", "image": "in.png", "strength": 0.5, "seed": 1, "steps": 2},
+            {"prompt": "a red door", "image": "in.png", "mask": "mask.png", "seed": 1, "steps": 2},
+            {"prompt": "a red door", "seed": 1, "steps": 2},
+            {"prompt": "a red door", "image": "../in.png", "seed": 1, "steps": 2},
+        ],
+    )
+    out = tmp_path / "out"
+    assert batch_cmd.run(settings, file=src, out=out) == batch_cmd.EXIT_ROWS_FAILED
+    manifest = read_manifest(out / MANIFEST_NAME)
+    assert [manifest[i].status for i in (1, 2, 3, 4)] == ["done", "done", "done", "failed"]
+    assert manifest[4].param == "image"
+    img2img, inpaint, plain = (manifest[i].params for i in (1, 2, 3))
+    assert img2img["inputs"]["task"] == "img2img" and img2img["inputs"]["strength"] == 0.5
+    assert inpaint["inputs"]["task"] == "inpaint" and inpaint["inputs"]["mask"]
+    assert img2img["inputs"]["images"] == inpaint["inputs"]["images"]
+    assert "inputs" not in plain
+    original = np.asarray(Image.open(tmp_path / "in.png").convert("RGB"))
+    painted = np.asarray(Image.open(out / manifest[2].images[0]).convert("RGB"))
+    keep = np.asarray(mask) == 0
+    assert (original[keep] == painted[keep]).all()
