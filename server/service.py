@@ -15,10 +15,8 @@ file read and digest check run on the loop (a 64x64 PNG: microseconds; a 1024x10
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +28,7 @@ from models.catalogue import Catalogue
 from models.local import sources
 from models.local.loras import LoraLibrary
 from server import errors
-from server.attempt import Attempt, PreparedRequest
+from server.attempt import Attempt, PreparedRequest, Resolver
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
 from server.db import Database
@@ -80,12 +78,7 @@ class ImageService:
         self.lora_library = LoraLibrary(
             settings.lora_dir, memo_dir=sources.digest_memo_dir(settings.data_dir)
         )
-        self._resolving = threading.Lock()
-        # Models that have resolved a request once (their first-use work is done), and a lock
-        # per model: a tokenizer is never used by two threads at once, and a request for a
-        # warm model never waits on another model's first use.
-        self._warm: set[str] = set()
-        self._model_locks: dict[str, threading.Lock] = {}
+        self._resolver = Resolver()
 
     # -- the production path -------------------------------------------------------------
 
@@ -197,7 +190,7 @@ class ImageService:
             return False
         if "<lora:" in request.prompt.lower():
             return False
-        return (request.model or self.settings.default_model) in self._warm
+        return self._resolver.warm(request.model or self.settings.default_model)
 
     def _begin(
         self, request: ImageRequest, request_id: str, started: float
@@ -284,16 +277,8 @@ class ImageService:
                 unsupported,
                 param="loras" if params.loras and not params.images else "model",
             )
-        # What a model may do on first use (load a tokenizer, hash weights into the data
-        # directory) is not safe to do twice at once: first uses take turns. After it, a
-        # resolve is dictionary lookups under the model's own lock.
-        first_use = contextlib.nullcontext() if spec.name in self._warm else self._resolving
-        model_lock = self._model_locks.setdefault(spec.name, threading.Lock())
-        with first_use, model_lock, errors.mapped():
-            params = backend.resolve(params)
-            backend.check_prompt(params.prompt)
-            identity = backend.identity(params).as_dict()
-        self._warm.add(spec.name)
+        with errors.mapped():
+            params, identity = self._resolver.resolve(backend, params)
         return Attempt(
             request_id=request_id,
             request=request,

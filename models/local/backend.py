@@ -149,11 +149,15 @@ class DiffusersBackend(Backend):
         return None
 
     def dropped_params(self, params: GenerationParams) -> tuple[str, ...]:
-        """OpenAI knobs a local diffusion model has no equivalent for, and a negative prompt
-        where the family's pipeline takes none."""
+        """OpenAI knobs a local diffusion model has no equivalent for, a negative prompt where
+        the family's pipeline takes none, and every input image after the first."""
         dropped = params.given("quality", "style", "background", "moderation", "input_fidelity")
         if self.family.negative_prompt == "none":
             dropped += params.given("negative_prompt")
+        if len(params.images) > 1:
+            # The local pipelines take one init (or reference) image; OpenAI-style reference
+            # lists are honoured by hosted models only.
+            dropped.append("image[1:]")
         return tuple(dropped)
 
     def check_prompt(self, prompt: str) -> None:

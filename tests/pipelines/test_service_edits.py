@@ -64,6 +64,15 @@ def test_an_edit_twice_is_a_cache_hit_and_a_new_image_or_mask_a_miss(
     assert not run(service, images=(image,), mask=square_mask(), seed=3, strength=0.6).cached
 
 
+def test_a_local_model_uses_the_first_image_and_says_it_dropped_the_rest(
+    service: ImageService,
+) -> None:
+    one = run(service, images=(photo(),), seed=8)
+    two = run(service, images=(photo(), photo(shift=2)), seed=8)
+    assert "image[1:]" in two.dropped_params and "image[1:]" not in one.dropped_params
+    assert rgb(two.images[0].data).tolist() == rgb(one.images[0].data).tolist()
+
+
 def test_the_size_comes_from_the_image_without_a_requested_size(service: ImageService) -> None:
     result = run(service, images=(photo(80, 48),), seed=1)
     assert (result.images[0].width, result.images[0].height) == (80, 48)
