@@ -20,6 +20,7 @@ from models.base import (
     ModelSpec,
     PromptTooLongError,
 )
+from models.local import prompt_weights
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
 from models.local.worker import DeviceWorker, Runner, WorkItem
@@ -154,6 +155,12 @@ class DiffusersBackend(Backend):
         dropped = params.given("quality", "style", "background", "moderation", "input_fidelity")
         if self.family.negative_prompt == "none":
             dropped += params.given("negative_prompt")
+        if not self.family.prompt_weighting and any(
+            prompt_weights.parse(text).weighted
+            for text in (params.prompt, params.negative_prompt or "")
+        ):
+            # Run as the text without the syntax (models.local.weighted_embeds).
+            dropped.append("prompt weighting")
         if len(params.images) > 1:
             # The local pipelines take one init (or reference) image; OpenAI-style reference
             # lists are honoured by hosted models only.
@@ -161,14 +168,30 @@ class DiffusersBackend(Backend):
         return tuple(dropped)
 
     def check_prompt(self, prompt: str) -> None:
+        """The prompt as the pipeline gets it: without its attention syntax, and where the
+        family weights embeddings, per BREAK-separated chunk with each weighted segment
+        tokenized apart (models.local.weighted_embeds). A chunk over the limit is refused,
+        never split: A1111 would carry the overflow into a new chunk at a place of its
+        choosing; here the user places every BREAK."""
         limit = self.runner.max_prompt_tokens
-        used = self.runner.count_tokens(prompt)
-        if used > limit:
-            raise PromptTooLongError(
-                f"prompt is {used} tokens; model '{self.spec.name}' takes at most {limit}. "
-                "Shorten it (imagegen never truncates prompts silently)",
-                param="prompt",
-            )
+        parsed = prompt_weights.parse(prompt)
+        if not (self.family.prompt_weighting and parsed.weighted):
+            counts = [self.runner.count_tokens(parsed.text)]
+        else:
+            counts = [sum(self.runner.count_tokens(s.text) for s in c) for c in parsed.chunks]
+        weighting = self.family.prompt_weighting
+        fix = "shorten it or split it with BREAK" if weighting else "shorten it"
+        for i, used in enumerate(counts):
+            if used > limit:
+                where = (
+                    f"prompt part {i + 1} (parts split at BREAK)" if len(counts) > 1 else "prompt"
+                )
+                raise PromptTooLongError(
+                    f"{where} is {used} tokens; model '{self.spec.name}' takes at most {limit}"
+                    f"{' per part' if weighting else ''}; {fix} "
+                    "(imagegen never truncates prompts silently)",
+                    param="prompt",
+                )
 
     def identity(self, params: GenerationParams) -> BackendIdentity:
         resolved = self.runner.resolve_source()

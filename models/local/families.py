@@ -61,6 +61,11 @@ class Family:
     # can use one, at the cost of a second transformer pass per step) or "none" (the pipeline
     # has no way to take one: it is reported as dropped).
     negative_prompt: Literal["native", "true_cfg", "none"]
+    # Whether the prompt's attention syntax (models.local.prompt_weights) weights the text
+    # embeddings (models.local.weighted_embeds: SDXL's two CLIP encoders). Elsewhere the
+    # syntax is stripped and reported dropped: Flux's prompt is carried by T5, for which
+    # there is no established way to weight tokens (its CLIP gives only a pooled vector).
+    prompt_weighting: bool
     # Whether `from_single_file` can build the pipeline from one .safetensors checkpoint.
     single_file: bool
     # Whether the precise retry (after a NaN or black frame) decodes in fp32 through the VAE's
@@ -117,6 +122,7 @@ _SDXL = Family(
     default_scheduler="euler",
     prompt_tokenizer=_CLIP,
     negative_prompt="native",
+    prompt_weighting=True,
     single_file=True,
     precise_vae=True,
     denoiser="unet",
@@ -138,6 +144,7 @@ _FLUX = Family(
     default_scheduler="flow_euler",
     prompt_tokenizer=_T5,
     negative_prompt="true_cfg",
+    prompt_weighting=False,
     single_file=False,
     precise_vae=False,
     denoiser="transformer",

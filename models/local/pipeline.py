@@ -22,7 +22,7 @@ from models.base import (
     OutOfMemoryError,
     Task,
 )
-from models.local import families, images, schedulers, sources
+from models.local import families, images, schedulers, sources, weighted_embeds
 from models.local.adapters import Adapters
 from models.local.loras import LoraLibrary
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
@@ -243,9 +243,11 @@ class PipelineRunner:
     ) -> BatchOutput:
         """One pipeline call for every image of every request in `batch` (all share the batch
         key: model, task, size, steps, strength, guidance, scheduler, whether a negative prompt
-        is set). Input images and masks go in as lists, one per image, so requests with
-        different inputs share the call; inpainting results are pasted back per request.
-        The LoRA adapters and their weights are part of the key too."""
+        is set, the prompts' chunk count). Prompts go in as text, or as weighted embeddings
+        where one uses the attention syntax (models.local.weighted_embeds). Input images and
+        masks go in as lists, one per image, so requests with different inputs share the call;
+        inpainting results are pasted back per request. The LoRA adapters and their weights
+        are part of the key too."""
         import torch
 
         first = batch[0]
@@ -273,7 +275,6 @@ class PipelineRunner:
         has_negative = first.negative_prompt is not None and family.negative_prompt != "none"
         steps = int(first.steps or 1)
         kwargs: dict[str, Any] = {
-            "prompt": prompts,
             "num_inference_steps": steps,
             "guidance_scale": float(first.guidance_scale or 0.0),
             "generator": generators,
@@ -299,10 +300,8 @@ class PipelineRunner:
         if family.sequence_length_from is not None:
             tokenizer = getattr(pipe, family.sequence_length_from)
             kwargs["max_sequence_length"] = int(tokenizer.model_max_length)
-        if has_negative:
-            kwargs["negative_prompt"] = negatives
-            if family.negative_prompt == "true_cfg":
-                kwargs["true_cfg_scale"] = self.options.flux_true_cfg_scale
+        if has_negative and family.negative_prompt == "true_cfg":
+            kwargs["true_cfg_scale"] = self.options.flux_true_cfg_scale
         self._interrupt = False
 
         def callback(p: Any, step: int, _timestep: Any, cb_kwargs: dict[str, Any]) -> Any:
@@ -324,6 +323,12 @@ class PipelineRunner:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
+                # Here for the OOM mapping: weighted prompts run the text encoders themselves.
+                kwargs.update(
+                    weighted_embeds.prompt_kwargs(
+                        pipe, family, prompts, negatives if has_negative else None
+                    )
+                )
                 out = pipe(**kwargs)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()

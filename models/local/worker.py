@@ -34,6 +34,7 @@ from models.base import (
     QueueFullError,
     WorkCancelledError,
 )
+from models.local import prompt_weights
 from models.local.runtime import describe_device_fault, is_fatal_device_error
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,12 @@ def batch_key(params: GenerationParams) -> BatchKey:
         params.mask_blur,
         params.inpaint_area,
         params.inpaint_padding,
+        # The embeddings of one call share a length: chunks of the attention syntax's BREAK
+        # (models.local.prompt_weights), the larger of the prompt's and the negative's.
+        max(
+            prompt_weights.chunk_count(params.prompt),
+            prompt_weights.chunk_count(params.negative_prompt),
+        ),
         # One call runs one adapter set; in order, since the order LoRAs are summed in shows.
         tuple((lora.name, lora.sha256, lora.weight) for lora in params.loras),
     )
