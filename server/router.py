@@ -182,10 +182,10 @@ class Router:
         return self.aliases.active(catalogue=self.catalogue, openai_ready=self.openai_ready())
 
     def openai_ready(self) -> bool:
-        """Whether OpenAI could serve a request: its key is set and the server is not
-        local-only (a request's own local-only flag does not change what a name means)."""
+        """Whether OpenAI's names mean OpenAI here: its key is set. Local-only does not change
+        what a name means: a hosted name stays refused under it, never silently replaced."""
         config = self.settings.providers.get("openai")
-        return config is not None and config.api_key is not None and not self.local_only(False)
+        return config is not None and config.api_key is not None
 
     @staticmethod
     def _refuse_hosted(spec: ModelSpec, local_only: bool) -> None:

@@ -77,13 +77,18 @@ def test_with_an_openai_key_the_retired_rule_applies_to_retired_names(tmp_path: 
     assert first.notice == "gpt-image-1 is retired: served by gpt-image-2"
 
 
-def test_a_section_without_a_key_or_a_local_only_server_keeps_aliases_local(
+def test_local_only_serves_aliases_without_a_key_and_refuses_openai_names_with_one(
     tmp_path: Path,
 ) -> None:
-    no_key = make_router(tmp_path, providers={"openai": {"map_retired_to_replacement": True}})
-    assert no_key.plan("gpt-image-2", local_only=False)[0].spec.name == "tiny-sdxl"
-    local_only = make_router(tmp_path, providers=KEYED, local_only=True)
-    assert local_only.plan("gpt-image-2", local_only=True)[0].spec.name == "tiny-sdxl"
+    no_key = make_router(
+        tmp_path, providers={"openai": {"map_retired_to_replacement": True}}, local_only=True
+    )
+    assert no_key.plan("gpt-image-2", local_only=True)[0].spec.name == "tiny-sdxl"
+    # With a key the name is OpenAI's: local-only refuses it, never silently replaces it.
+    keyed = make_router(tmp_path, providers=KEYED, local_only=True)
+    with pytest.raises(errors.LocalOnlyError):
+        keyed.plan("gpt-image-2", local_only=True)
+    assert keyed.plan("gpt-image-1.5", local_only=True)[0].spec.name == "tiny-sdxl"
 
 
 def test_the_users_aliases_win_over_the_file_and_over_openai(tmp_path: Path) -> None:
