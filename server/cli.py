@@ -295,7 +295,7 @@ def models(
                 row["provider"],
                 "yes" if row["available"] else "no (see --json)",
                 "built-in" if row.get("builtin") else ("yes" if row["on_disk"] else "no"),
-                row["source"],
+                f"alias of {row['alias_of']}" if row.get("alias_of") else row["source"],
             ],
         )
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from models.base import ModelSpec
 from models.catalogue import Catalogue
 from server import errors
+from server.aliases import Alias, AliasTable
 from server.ledger import Ledger
 from server.settings import Settings
 
@@ -104,6 +105,12 @@ class Router:
     clock: Clock = time.monotonic
     wall_clock: Callable[[], float] = time.time
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    aliases: AliasTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.aliases = AliasTable.load(
+            alias_model=self.settings.alias_target, user=self.settings.aliases
+        )
 
     # -- planning ------------------------------------------------------------------------
 
@@ -120,7 +127,9 @@ class Router:
         """The models to try, in order. A hosted model under local-only is refused outright
         (never silently replaced by a local one); fallbacks that are hosted are left out. A
         retired model (its catalogue entry names a `replacement`) is refused, or served by the
-        replacement where its provider's `map_retired_to_replacement` says so."""
+        replacement where its provider's `map_retired_to_replacement` says so. A client alias
+        (server.aliases: dall-e-3 with no OpenAI key) is planned as the model it maps to, and
+        says so in a notice."""
         if model == "auto":
             # Retired entries are reachable by name only: `auto` never picks one.
             pool = self._auto_pool(local_only, estimate)
@@ -132,15 +141,28 @@ class Router:
                     param="model",
                 )
             return chain
-        spec = self.catalogue.get(model)
+        alias = self.alias(model)
+        target = alias.target if alias is not None else model
+        spec = self.catalogue.get(target)
         if spec is None:
-            raise errors.ModelNotFoundError.for_model(model)
+            if alias is None:
+                raise errors.ModelNotFoundError.for_model(model)
+            raise errors.ModelNotFoundError(
+                f"model '{model}' is an alias of '{target}', which is not in the catalogue; "
+                f"set {alias.setting} to a model of `imagegen models`",
+                param="model",
+            )
         self._refuse_hosted(spec, local_only)
         first = self._unretired(spec)
         self._refuse_hosted(first.spec, local_only)
+        if alias is not None:
+            told = [alias.notice, *([first.notice] if first.notice else [])]
+            first = Candidate(first.spec, notice="; ".join(told))
         chain = [first]
-        seen = {model, first.spec.name}
-        for name in self.settings.fallbacks.get(model, []):
+        seen = {model, target, first.spec.name}
+        # An alias's own fallbacks where the user set them, else its target's.
+        fallbacks = self.settings.fallbacks.get(model) or self.settings.fallbacks.get(target, [])
+        for name in fallbacks:
             fallback = self.catalogue.get(name)
             if fallback is None or name in seen or (local_only and not fallback.is_local):
                 continue
@@ -149,6 +171,21 @@ class Router:
             seen.add(name)
             chain.append(Candidate(fallback))
         return chain
+
+    def alias(self, model: str) -> Alias | None:
+        """The alias `model` stands for here (None where it names itself)."""
+        return self.aliases.resolve(
+            model, catalogue=self.catalogue, openai_ready=self.openai_ready()
+        )
+
+    def active_aliases(self) -> list[Alias]:
+        return self.aliases.active(catalogue=self.catalogue, openai_ready=self.openai_ready())
+
+    def openai_ready(self) -> bool:
+        """Whether OpenAI's names mean OpenAI here: its key is set. Local-only does not change
+        what a name means: a hosted name stays refused under it, never silently replaced."""
+        config = self.settings.providers.get("openai")
+        return config is not None and config.api_key is not None
 
     @staticmethod
     def _refuse_hosted(spec: ModelSpec, local_only: bool) -> None:

@@ -27,7 +27,7 @@ from models.base import NO_EVENTS, Backend, BackendResult, Events, GenerationPar
 from models.catalogue import Catalogue
 from models.local import sources
 from models.local.loras import LoraLibrary
-from server import errors
+from server import aliases, errors
 from server.attempt import Attempt, PreparedRequest, Resolver
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
@@ -541,7 +541,7 @@ class ImageService:
             )
 
     def models(self) -> list[dict[str, Any]]:
-        return self.registry.describe()
+        return aliases.listing(self.registry.describe(), self.router.active_aliases())
 
     def loras(self) -> list[dict[str, Any]]:
         """The LoRA library (local.lora_dir): each adapter's name, the family it fits (None

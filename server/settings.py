@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -94,6 +95,22 @@ class ServerSettings(BaseModel):
     # before the pixels are decoded (a 20000x20000 PNG is a few kB of header and 1.2 GB of RGB).
     max_input_megapixels: float = Field(default=16.0, gt=0)
 
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """`url` results and batch links are built on it: it must be absolute, or clients
+        would get links they cannot fetch."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise PydanticCustomError(
+                "public_base_url",
+                "server.public_base_url must be an absolute http(s) URL such as "
+                "'https://images.example.com' (a path prefix may follow)",
+            )
+        return value.rstrip("/")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -128,6 +145,11 @@ class Settings(BaseSettings):
     budgets: dict[str, float] = Field(default_factory=dict)
     # The user's own presets: name -> {template, negative_prompt, description}.
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Client model aliases (server/data/aliases.toml: dall-e-2, dall-e-3, gpt-image-*): the
+    # model they map to (default: default_model), and the user's own name -> model entries,
+    # which win over the file ("" turns a built-in alias off).
+    alias_model: str | None = None
+    aliases: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("data_dir")
     @classmethod
@@ -181,6 +203,10 @@ class Settings(BaseSettings):
     @property
     def lora_dir(self) -> Path:
         return self.local.lora_dir or self.data_dir / "loras"
+
+    @property
+    def alias_target(self) -> str:
+        return self.alias_model or self.default_model
 
 
 def provider_ids(user_models: Iterable[Any]) -> set[str]:

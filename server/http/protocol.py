@@ -50,6 +50,8 @@ class ModelCard(BaseModel):
     available: bool
     kind: str
     description: str = ""
+    # An extension: the model this name is a client alias of (GET /v1/models lists aliases).
+    alias_of: str | None = None
 
 
 class ModelList(BaseModel):

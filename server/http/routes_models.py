@@ -23,6 +23,7 @@ def _card(state: AppState, row: dict[str, Any]) -> ModelCard:
         available=bool(row["available"]),
         kind=str(row["kind"]),
         description=str(row.get("description") or ""),
+        alias_of=row.get("alias_of"),
     )
 
 

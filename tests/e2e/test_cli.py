@@ -186,6 +186,9 @@ def test_listings_piped_print_whole_values(cli_env: dict[str, str]) -> None:
     as_json = {row["name"] for row in json.loads(imagegen(cli_env, "models", "--json").stdout)}
     assert names == as_json and "stability-sd3.5-large-turbo" in names
     assert all(len(row) == 6 for row in rows)
+    # Client aliases are listed with what they map to (no OpenAI key here).
+    by_name = {row[0]: row for row in rows[1:]}
+    assert by_name["dall-e-2"][5] == by_name["dall-e-3"][5] == "alias of tiny-sdxl"
     presets = imagegen(cli_env, "presets").stdout.strip().splitlines()
     assert presets[0].split("\t") == ["preset", "template", "negative prompt"]
     assert any(line.startswith("product-photo\t") for line in presets)

@@ -121,9 +121,10 @@ def test_a_retired_model_is_refused_naming_its_replacement_and_the_setting(tmp_p
         assert caught.value.param == "model"
         assert "use model 'gpt-image-2'" in caught.value.message
         assert "providers.openai.map_retired_to_replacement = true" in caught.value.message
-    # With no providers.openai section at all, the same (nothing maps it).
+    # With no providers.openai section at all, the same (nothing maps it) once the client
+    # alias of that name (server.aliases, which serves it locally by default) is turned off.
     with pytest.raises(errors.InvalidRequestError, match="map_retired_to_replacement"):
-        make_router(tmp_path).plan("dall-e-3", local_only=False)
+        make_router(tmp_path, aliases={"dall-e-3": ""}).plan("dall-e-3", local_only=False)
 
 
 def test_a_mapped_retired_model_is_served_by_its_replacement_with_a_notice(
@@ -185,6 +186,9 @@ def test_auto_never_routes_to_a_retired_model(tmp_path: Path) -> None:
 
 
 def test_local_only_refuses_a_retired_hosted_model_as_hosted(tmp_path: Path) -> None:
-    router = make_router(tmp_path, providers={"openai": {"map_retired_to_replacement": True}})
+    # With a key the name is OpenAI's (without one it is a client alias of a local model).
+    router = make_router(
+        tmp_path, providers={"openai": {"api_key": "k", "map_retired_to_replacement": True}}
+    )
     with pytest.raises(errors.LocalOnlyError):
         router.plan("dall-e-3", local_only=True)
