@@ -190,7 +190,9 @@ class ImageService:
             return False
         if "<lora:" in request.prompt.lower():
             return False
-        return self._resolver.warm(request.model or self.settings.default_model)
+        model = request.model or self.settings.default_model
+        alias = self.router.alias(model)
+        return self._resolver.warm(alias.target if alias is not None else model)
 
     def _begin(
         self, request: ImageRequest, request_id: str, started: float
@@ -519,7 +521,7 @@ class ImageService:
         return self.costs.usd_per_gpu_hour
 
     def knows_model(self, name: str) -> bool:
-        return self.catalogue.get(name) is not None
+        return self.catalogue.get(name) is not None or self.router.alias(name) is not None
 
     def read_file(self, sha256: str) -> tuple[bytes, str] | None:
         """A generated image by its content hash, while the cache holds it."""
