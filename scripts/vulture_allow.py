@@ -12,6 +12,7 @@ StabilityBackend
 
 # Wire-schema fields (server/http/protocol.py): written to clients by pydantic, read by them.
 owned_by
+alias_of
 queue_position
 invalid_rows
 manifest_url
