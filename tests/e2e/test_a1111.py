@@ -302,15 +302,31 @@ def test_basic_auth(server: LiveServer) -> None:
     assert openai_route.status_code == 200
 
 
-def test_empty_basic_header_ignored_with_keys_off(tmp_path: Path) -> None:
-    settings = tiny_settings(fresh_data_dir(tmp_path), models=[])
+def test_open_webui_sequence_with_keys_off(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """Open WebUI's automatic1111 engine, replayed: it sends an empty Basic header on every
+    call (ignored with keys off), reads options and sd-models, generates, and echoes the whole
+    options dict back to change the model."""
+    settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir))
+    # "Basic " with nothing after it (h11 trims the space, as servers do on receipt).
     with (
         live_server(settings) as live,
-        httpx.Client(base_url=live.url, headers={"Authorization": "Basic"}) as client,
+        httpx.Client(
+            base_url=live.url, headers={"authorization": "Basic"}, timeout=120.0
+        ) as client,
     ):
-        response = client.get("/sdapi/v1/options")
-    assert response.status_code == 200
-    assert response.json()["sd_model_checkpoint"] == "tiny-sdxl"
+        options = client.get("/sdapi/v1/options")
+        assert options.status_code == 200
+        assert options.json()["sd_model_checkpoint"] == "tiny-sdxl"
+        models = client.get("/sdapi/v1/sd-models").json()
+        assert {"title", "model_name"} <= set(models[0])
+        body = {"prompt": "a kite", "batch_size": 1, "width": 64, "height": 64, "steps": 2}
+        generated = client.post("/sdapi/v1/txt2img", json={**body, "negative_prompt": "rain"})
+        assert generated.status_code == 200, generated.text
+        assert len(generated.json()["images"]) == 1
+        assert json.loads(generated.json()["info"])["negative_prompt"] == "rain"
+        echoed = {**options.json(), "sd_model_checkpoint": "tiny-flux"}
+        assert client.post("/sdapi/v1/options", json=echoed).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-flux"
 
 
 def test_progress_and_interrupt_touch_only_the_callers_work(
