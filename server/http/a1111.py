@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,14 +18,22 @@ from fastapi.responses import JSONResponse
 from models.local.schedulers import A1111_SAMPLERS
 from server import errors, pngmeta
 from server.http.a1111_schema import AUTOMATIC, Img2ImgBody, Txt2ImgBody
+from server.http.a1111_state import A1111Call
 from server.http.auth import caller_of
 from server.http.errors import NotFoundError
 from server.http.middleware import request_id_of
 from server.http.serving import response_headers, unless_disconnected
 from server.http.state import AppState, app_state
+from server.request import ImageRequest
 from server.service import GenerationResult
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
+
+# A1111's clients block on one call and never retry a 429 (SillyTavern and webuiapi set no
+# timeout; A1111 itself queues everything): a full device queue is waited out, re-asking this
+# often, for up to this long, and only then answered 429.
+QUEUE_WAIT_S = 300.0
+QUEUE_POLL_S = 0.25
 
 
 @router.post("/txt2img")
@@ -47,11 +56,12 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
     )
     call = state.a1111.begin(caller, body.force_task_id or request_id or "")
     call.task = asyncio.ensure_future(
-        state.serving.run(
+        _run_waiting(
+            state,
             lambda: body.to_image_request(model=model, request_id=request_id),
             endpoint=endpoint,
             model=model,
-            events=call,
+            call=call,
         )
     )
     try:
@@ -79,6 +89,25 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
         },
         headers=response_headers(result),
     )
+
+
+async def _run_waiting(
+    state: AppState,
+    build: Callable[[], ImageRequest],
+    *,
+    endpoint: str,
+    model: str | None,
+    call: A1111Call,
+) -> GenerationResult:
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while True:
+        try:
+            return await state.serving.run(build, endpoint=endpoint, model=model, events=call)
+        except errors.QueueFullError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            await asyncio.sleep(min(QUEUE_POLL_S, left))
 
 
 def _info(result: GenerationResult, body: Txt2ImgBody) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.helpers_server import (
     WatchedRunner,
     fresh_data_dir,
     live_server,
+    metric_value,
     tiny_settings,
     watched_server,
 )
@@ -364,3 +366,55 @@ def test_progress_and_interrupt_touch_only_the_callers_work(
     assert response.json()["images"] == []
     assert json.loads(response.json()["info"])["interrupted"] is True
     api.util_wait_for_ready(check_interval=0.05)
+
+
+def test_a_full_queue_is_waited_out_not_refused(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """One image of queue and the worker held busy (its control channel blocks on an Event):
+    an OpenAI request beyond it is a 429, an A1111 one waits and then succeeds."""
+    settings = tiny_settings(
+        fresh_data_dir(tmp_path, tiny_models_dir),
+        local={"max_queue_images": 1, "batch_window_ms": 0},
+    )
+    with live_server(settings) as live:
+        release = threading.Event()
+        live.service.registry.worker.call(release.wait)
+        responses: dict[str, httpx.Response] = {}
+
+        def post(name: str, path: str, body: dict[str, Any]) -> None:
+            with live.client(timeout=120.0) as client:
+                responses[name] = client.post(path, json=body)
+
+        filler = threading.Thread(
+            target=post, args=("filler", "/v1/images/generations", {"prompt": "f", "steps": 2})
+        )
+        filler.start()
+        a1111 = threading.Thread(
+            target=post, args=("a1111", "/sdapi/v1/txt2img", {"prompt": "w", **SMALL})
+        )
+        try:
+            with live.client() as client:
+                deadline = time.monotonic() + 30
+                while "imagegen_queue_depth_images 1.0" not in client.get("/metrics").text:
+                    assert time.monotonic() < deadline, "the filler never queued"
+                    time.sleep(0.02)
+                refused = client.post("/v1/images/generations", json={"prompt": "r", "steps": 2})
+                assert refused.status_code == 429
+                a1111.start()
+                # It has met the full queue (and been told 429 inside), yet not answered.
+                while not metric_value(
+                    client.get("/metrics").text,
+                    "imagegen_requests_total",
+                    endpoint="a1111_txt2img",
+                    status="429",
+                ):
+                    assert time.monotonic() < deadline, "the A1111 call never met the full queue"
+                    time.sleep(0.02)
+                assert "a1111" not in responses
+        finally:
+            release.set()
+            filler.join(60)
+            if a1111.ident is not None:
+                a1111.join(60)
+    assert responses["filler"].status_code == 200
+    assert responses["a1111"].status_code == 200, responses["a1111"].text
+    assert len(responses["a1111"].json()["images"]) == 1
