@@ -9,22 +9,14 @@ from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
+from models.local.schedulers import A1111_SAMPLERS
+
 PARAMETERS_KEY = "parameters"  # the key AUTOMATIC1111, ComfyUI importers and Civitai read
 RECORD_KEY = "imagegen"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Fixed so the same pixels and text always give the same bytes (Pillow writes no tIME chunk).
 _COMPRESS_LEVEL = 6
-
-# Our scheduler names -> the sampler names A1111 writes, so other tools recognise them.
-_A1111_SAMPLERS = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "ddim": "DDIM",
-    "flow_euler": "Euler (flow)",
-}
 
 
 class MetadataError(ValueError):
@@ -66,7 +58,7 @@ def a1111_parameters(
     if steps is not None:
         fields.append(("Steps", str(steps)))
     if sampler is not None:
-        fields.append(("Sampler", _quote(_A1111_SAMPLERS.get(sampler, sampler))))
+        fields.append(("Sampler", _quote(A1111_SAMPLERS.get(sampler, sampler))))
     if cfg_scale is not None:
         fields.append(("CFG scale", _number(cfg_scale)))
     fields.append(("Seed", str(seed)))

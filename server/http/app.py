@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from models import base
 from models.catalogue import Catalogue
 from server import errors
-from server.http import errors as http_errors
 from server.http import (
+    a1111,
     routes_batches,
     routes_images,
     routes_jobs,
@@ -24,6 +24,7 @@ from server.http import (
     routes_models,
     routes_ops,
 )
+from server.http import errors as http_errors
 from server.http.auth import ApiKeys, AuthMiddleware
 from server.http.batches import BatchesServing
 from server.http.job_store import JobStore
@@ -93,6 +94,8 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
         routes_models,
         routes_loras,
         routes_ops,
+        # At the root, never under a prefix: SillyTavern replaces any path it is given.
+        a1111,
     ):
         app.include_router(module.router)
     # Added last = runs first: the request id (every response, a 401 included, carries it),

@@ -1,12 +1,13 @@
 """Every HTTP error body, in one place: the OpenAI envelope {"error": {"message", "type", "param",
-"code"}} with statuses the OpenAI SDK maps, and the handlers that turn exceptions into it."""
+"code"}} with statuses the OpenAI SDK maps, A1111's own body on its /sdapi/v1 routes, and the
+handlers that turn exceptions into them."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +30,16 @@ _TYPE_BY_STATUS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+# Which error body a path answers with: A1111's clients (webuiapi, SillyTavern, Open WebUI's
+# automatic1111 engine) read A1111's, everyone else the OpenAI envelope.
+Dialect = Literal["openai", "a1111"]
+A1111_PREFIX = "/sdapi/"
+
+
+def dialect_of(path: str) -> Dialect:
+    return "a1111" if path.startswith(A1111_PREFIX) else "openai"
 
 
 class NotFoundError(errors.ServiceError):
@@ -83,12 +94,17 @@ def error_response(
     error_type: str | None = None,
     retry_after_s: int | None = None,
     headers: Mapping[str, str] | None = None,
+    dialect: Dialect = "openai",
 ) -> JSONResponse:
     """The one builder of error responses."""
     all_headers = dict(headers or {})
     if retry_after_s is not None:
         all_headers["Retry-After"] = str(max(1, int(retry_after_s)))
     kind = error_type or _TYPE_BY_STATUS.get(status, "server_error")
+    if dialect == "a1111":
+        return JSONResponse(
+            a1111_error_body(message, kind=code or kind), status_code=status, headers=all_headers
+        )
     return JSONResponse(
         error_body(message, error_type=kind, code=code, param=param),
         status_code=status,
@@ -96,7 +112,13 @@ def error_response(
     )
 
 
-def from_service_error(exc: errors.ImagegenError) -> JSONResponse:
+def a1111_error_body(message: str, *, kind: str) -> dict[str, Any]:
+    """A1111's body (modules/api/api.py handle_exception): its clients show `detail`; `error`
+    is its exception's name, here our error code."""
+    return {"error": kind, "detail": message, "body": "", "errors": message}
+
+
+def from_service_error(exc: errors.ImagegenError, dialect: Dialect = "openai") -> JSONResponse:
     retry = exc.retry_after_s if isinstance(exc, errors.RateLimitedError) else None
     if isinstance(exc, errors.NotReadyError):
         retry = 1
@@ -108,6 +130,7 @@ def from_service_error(exc: errors.ImagegenError) -> JSONResponse:
         param=exc.param,
         error_type=error_type,
         retry_after_s=retry,
+        dialect=dialect,
     )
 
 
@@ -165,13 +188,15 @@ def install(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.ImagegenError)
-        return from_service_error(exc)
+        return from_service_error(exc, dialect_of(request.url.path))
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         found = exc.errors()
         message, param = _validation_message(dict(found[0])) if found else ("invalid", None)
-        return error_response(400, message, code="invalid_request", param=param)
+        return error_response(
+            400, message, code="invalid_request", param=param, dialect=dialect_of(request.url.path)
+        )
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -185,7 +210,13 @@ def install(app: FastAPI) -> None:
             # FastAPI's answer to a body it cannot decode (not UTF-8, a broken form).
             code = "invalid_request"
             message = "the request body could not be read: send JSON (UTF-8) or a multipart form"
-        return error_response(exc.status_code, message, code=code, headers=exc.headers)
+        return error_response(
+            exc.status_code,
+            message,
+            code=code,
+            headers=exc.headers,
+            dialect=dialect_of(request.url.path),
+        )
 
     app.add_exception_handler(errors.ImagegenError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

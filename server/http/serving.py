@@ -20,6 +20,7 @@ from server.http.protocol import (
     ImagegenInfo,
     ImagesResponse,
 )
+from server.request import ImageRequest
 from server.service import GenerationResult, ImageService
 from server.settings import Settings
 
@@ -81,19 +82,35 @@ class ImagesServing:
         request_id: str | None = None,
         events: Events = NO_EVENTS,
     ) -> GenerationResult:
+        return await self.run(
+            lambda: body.to_image_request(request_id=request_id),
+            endpoint=endpoint,
+            model=body.model,
+            events=events,
+        )
+
+    async def run(
+        self,
+        build: Callable[[], ImageRequest],
+        *,
+        endpoint: str,
+        model: str | None,
+        events: Events = NO_EVENTS,
+    ) -> GenerationResult:
+        """The one generation path of every route: readiness, the request `build` makes (its
+        errors are the client's, counted like the service's), the service, the metrics."""
         started = time.perf_counter()
         try:
             self.readiness.check()
-            request = body.to_image_request(request_id=request_id)
-            result = await self.service.generate(request, events=events)
+            result = await self.service.generate(build(), events=events)
         except errors.ImagegenError as exc:
-            self.metrics.failed(endpoint, self._model_label(body), status_of(exc)[0])
+            self.metrics.failed(endpoint, self._model_label(model), status_of(exc)[0])
             raise
         except asyncio.CancelledError:
-            self.metrics.failed(endpoint, self._model_label(body), 499)
+            self.metrics.failed(endpoint, self._model_label(model), 499)
             raise
         except Exception:
-            self.metrics.failed(endpoint, self._model_label(body), 500)
+            self.metrics.failed(endpoint, self._model_label(model), 500)
             raise
         self.metrics.served(endpoint, result, time.perf_counter() - started)
         return result
@@ -104,10 +121,10 @@ class ImagesServing:
         self.readiness.check()
         await self.service.admit(body.to_image_request())
 
-    def _model_label(self, body: ImageGenerationRequest) -> str:
+    def _model_label(self, model: str | None) -> str:
         # Only catalogue names become label values: a client must not be able to grow the
         # metric's label set with made-up model names.
-        name = body.model or self.settings.default_model
+        name = model or self.settings.default_model
         return name if self.service.knows_model(name) else "unknown"
 
     async def render(

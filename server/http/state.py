@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from server.http.a1111_state import A1111State
 from server.http.batches import BatchesServing
 from server.http.jobs import JobRunner
 from server.http.metrics import Metrics
@@ -29,6 +30,8 @@ class AppState:
     started: float
     # Called when a named model fails to load (`imagegen serve` exits; tests just see 503).
     on_load_failed: Callable[[str], None] | None = None
+    # The A1111 API's per-caller default models and calls in flight.
+    a1111: A1111State = field(default_factory=A1111State)
 
 
 def app_state(request: Request) -> AppState:

@@ -86,7 +86,8 @@ def test_a1111_parameters_exact(
         ("dpmpp_2m_karras", "DPM++ 2M Karras"),
         ("ddim", "DDIM"),
         ("flow_euler", "Euler (flow)"),
-        ("unipc", "unipc"),
+        ("unipc", "UniPC"),
+        ("some_future_one", "some_future_one"),
     ],
 )
 def test_sampler_names(scheduler: str, sampler: str) -> None:
