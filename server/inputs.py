@@ -118,12 +118,15 @@ def _mask_source(
                 param="mask",
             )
         return _from_alpha(mask)
+    grey = mask.convert("L")
+    if request.mask_convention == "black":
+        grey = ImageOps.invert(grey)
     if _has_transparency(mask):
-        # A white-convention mask with alpha: transparent counts as "keep" (black).
+        # A mask with alpha: transparent counts as "keep".
         flat = Image.new("L", mask.size, 0)
-        flat.paste(mask.convert("L"), mask=mask.convert("RGBA").getchannel("A"))
+        flat.paste(grey, mask=mask.convert("RGBA").getchannel("A"))
         return flat
-    return mask.convert("L")
+    return grey
 
 
 def _has_transparency(image: Image.Image) -> bool:

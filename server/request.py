@@ -36,9 +36,10 @@ _LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>", re.IGNORECASE)
 # "stretch" scales each side to fit ("Just resize"), "pad" fits it inside and fills the rest
 # with edge colour ("Resize and fill").
 ResizeMode = Literal["crop", "stretch", "pad"]
-# Where a mask marks the area to repaint: "white" (imagegen's one convention, A1111's too) or
-# "alpha" (OpenAI's edits API: the transparent pixels).
-MaskConvention = Literal["white", "alpha"]
+# Where a mask marks the area to repaint: "white" (imagegen's one convention, A1111's too),
+# "black" (A1111's inpainting_mask_invert) or "alpha" (OpenAI's edits API: the transparent
+# pixels).
+MaskConvention = Literal["white", "black", "alpha"]
 
 
 @dataclass(frozen=True)

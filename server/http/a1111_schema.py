@@ -4,10 +4,8 @@ with the keys that had no effect named; and A1111's sampler names mapped to our 
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict
 
 from models.local.schedulers import A1111_SAMPLERS
@@ -168,15 +166,14 @@ class Img2ImgBody(Txt2ImgBody):
                 param="resize_mode",
             )
         mask = base64_image(self.mask, param="mask") if self.mask else None
-        if mask is not None and self.inpainting_mask_invert:
-            mask = _inverted(mask)
         # A1111's default is "only masked" (inpaint_full_res true).
         masked = mask is not None and self.inpaint_full_res is not False
         strength = self.denoising_strength
         return {
             "images": tuple(base64_image(t, param="init_images") for t in texts),
             "mask": mask,
-            "mask_convention": "white",
+            # Inverted (black = repaint) is decoded, under the megapixel cap, by server.inputs.
+            "mask_convention": "black" if self.inpainting_mask_invert else "white",
             "strength": strength if strength is not None else A1111_DENOISING_STRENGTH,
             "mask_blur": (
                 (self.mask_blur if self.mask_blur is not None else A1111_MASK_BLUR)
@@ -187,16 +184,3 @@ class Img2ImgBody(Txt2ImgBody):
             "inpaint_padding": (self.inpaint_full_res_padding or 0) if masked else 32,
             "resize_mode": RESIZE_MODES[self.resize_mode or 0],
         }
-
-
-def _inverted(mask: bytes) -> bytes:
-    """The mask with repaint and keep swapped (A1111's inpainting_mask_invert), as a grey PNG.
-    Bytes that are no image are passed on: server.inputs reports them with the rest."""
-    try:
-        with Image.open(io.BytesIO(mask)) as image:
-            grey = ImageOps.invert(image.convert("L"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return mask
-    out = io.BytesIO()
-    grey.save(out, format="PNG")
-    return out.getvalue()

@@ -171,3 +171,20 @@ def test_lora_tags_leave_the_prompt_with_their_weights() -> None:
     with pytest.raises(errors.InvalidRequestError) as caught:
         split_lora_tags("x <lora:ink:strong>")
     assert caught.value.param == "prompt" and "not a number" in caught.value.message
+
+
+def test_black_convention_is_the_inverse_of_white() -> None:
+    """A1111's inpainting_mask_invert: decoded (under the cap) and inverted here, at the edge."""
+    image = png(gradient(64, 48))
+    white = Image.new("L", (64, 48), 0)
+    white.paste(255, (8, 8, 24, 24))
+    black = Image.new("L", (64, 48), 255)
+    black.paste(0, (8, 8, 24, 24))
+    plain = decode(images=(image,), mask=png(white))
+    inverted = decode(images=(image,), mask=png(black), mask_convention="black")
+    assert plain is not None and inverted is not None and plain.mask and inverted.mask
+    assert plain.mask.sha256 == inverted.mask.sha256
+    message = refused(
+        "mask", images=(image,), mask=header_only_png(5000, 4000), mask_convention="black"
+    )
+    assert "server.max_input_megapixels" in message
