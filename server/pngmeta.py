@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
-from models.local.schedulers import A1111_SAMPLERS
+from server.samplers import A1111_SAMPLERS
 
 PARAMETERS_KEY = "parameters"  # the key AUTOMATIC1111, ComfyUI importers and Civitai read
 RECORD_KEY = "imagegen"

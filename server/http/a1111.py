@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from models.local.schedulers import A1111_SAMPLERS
 from server import errors, pngmeta
 from server.http.a1111_schema import AUTOMATIC, Img2ImgBody, Txt2ImgBody
 from server.http.a1111_state import A1111Call
@@ -25,6 +24,7 @@ from server.http.middleware import request_id_of
 from server.http.serving import response_headers, unless_disconnected
 from server.http.state import AppState, app_state
 from server.request import ImageRequest
+from server.samplers import A1111_SAMPLERS
 from server.service import GenerationResult
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111"])

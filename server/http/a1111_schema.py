@@ -8,11 +8,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from models.local.schedulers import A1111_SAMPLERS
 from server import errors
 from server.http.errors import NotFoundError
 from server.request import MAX_N, ImageRequest, ResizeMode
 from server.request_schema import base64_image
+from server.samplers import A1111_SAMPLERS
 
 # A1111's resize_mode numbers: 0 "Just resize", 1 "Crop and resize", 2 "Resize and fill",
 # 3 "Just resize (latent upscale)" (a plain resize here: there is no latent upscaler).
