@@ -38,9 +38,6 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def accepts(self, token: str) -> bool:
-        return self.match(token) is not None
-
     def match(self, token: str) -> str | None:
         """The id of the key `token` is (a short hex of its digest, safe to keep and log), or
         None when it is none of them."""

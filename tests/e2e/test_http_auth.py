@@ -88,8 +88,9 @@ def test_routes_added_later_are_protected(server: LiveServer) -> None:
 def test_api_keys_compare_digests() -> None:
     keys = ApiKeys([SecretStr("alpha"), SecretStr("sha256:" + hashlib.sha256(b"beta").hexdigest())])
     assert keys.enabled
-    assert keys.accepts("alpha") and keys.accepts("beta")
-    assert not keys.accepts("alph") and not keys.accepts("") and not keys.accepts("gamma")
+    alpha, beta = keys.match("alpha"), keys.match("beta")
+    assert alpha is not None and beta is not None and alpha != beta
+    assert keys.match("alph") is None and keys.match("") is None and keys.match("gamma") is None
     assert not ApiKeys([]).enabled
 
 
