@@ -97,6 +97,11 @@ class ImageRequest:
         return ("user",) if self.user is not None else ()
 
 
+def names_loras(prompt: str) -> bool:
+    """Whether `prompt` holds a <lora:...> tag (the same pattern split_lora_tags removes)."""
+    return _LORA_TAG.search(prompt) is not None
+
+
 def split_lora_tags(prompt: str) -> tuple[str, tuple[LoraRequest, ...]]:
     """The prompt without its <lora:name:weight> tags (what is encoded, and what the revised
     prompt shows), and the adapters the tags name, in order."""

@@ -36,7 +36,7 @@ from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook
 from server.quality import QualityReport
 from server.registry import BackendRegistry, WorkerObserver
-from server.request import MAX_N, MAX_SEED, ImageRequest, expand
+from server.request import MAX_N, MAX_SEED, ImageRequest, expand, names_loras
 from server.result import (
     GenerationResult,
     ResultImage,
@@ -188,7 +188,7 @@ class ImageService:
         adapters), `auto` and a model's first use keep the hop."""
         if request.images or request.mask is not None or request.loras or request.preset:
             return False
-        if "<lora:" in request.prompt.lower():
+        if names_loras(request.prompt):
             return False
         model = request.model or self.settings.default_model
         alias = self.router.alias(model)
