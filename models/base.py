@@ -79,7 +79,11 @@ class Events:
       ahead moves.
     - `started()`: the work is on the device, or submitted to the provider.
     - `progress(step, total, preview)`: denoising step (local) or the provider's percentage
-      mapped onto 100. `preview` is reserved for live previews (an image); None for now.
+      mapped onto 100. `preview` is None, or a live preview of the denoising state where the
+      listener asked for one at this step: a tuple with one small PIL image per image of the
+      request (models.local.previews; a hosted provider shows none).
+    - `wants_preview(step, total)`: asked by a local backend before each step's report;
+      previews are made only where it says yes, so work nobody watches pays nothing for them.
     - `retry(reason)`: the service runs the request once more (quality check).
     - `fallback(model, reason)`: the model could not serve it; the next one of the route will.
     """
@@ -92,6 +96,9 @@ class Events:
 
     def progress(self, step: int, total: int, preview: Any = None) -> None:
         pass
+
+    def wants_preview(self, step: int, total: int) -> bool:
+        return False
 
     def retry(self, reason: str) -> None:
         pass

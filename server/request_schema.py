@@ -12,7 +12,7 @@ import base64
 import binascii
 import dataclasses
 import json
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -185,20 +185,16 @@ class ImageGenerationRequest(ImageFields):
 
     # b64_json by default: the image comes back in the response, no second request needed.
     response_format: Literal["b64_json", "url"] | None = None
-    # OpenAI streams partial images; this server reports progress through the jobs API.
+    # Server-sent events in OpenAI's format instead of one JSON body (server/http/streaming.py):
+    # `partial_images` previews of the denoising state, then the images. Without stream,
+    # partial_images does nothing, as at OpenAI.
     stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
 
-    # The route this body is for, as error messages name it.
-    ROUTE: ClassVar[str] = "/v1/images/generations"
-
-    def to_image_request(self, *, request_id: str | None = None) -> ImageRequest:
-        if self.stream:
-            raise errors.InvalidRequestError(
-                f"stream is not supported by {self.ROUTE}; create a job with "
-                "POST /v1/jobs and follow GET /v1/jobs/{id}/events for progress",
-                param="stream",
-            )
-        return super().to_image_request(request_id=request_id)
+    def edge_dropped_params(self) -> tuple[str, ...]:
+        dropped = super().edge_dropped_params()
+        # Previews are what a stream is for; without one there is nowhere to send them.
+        return (*dropped, "partial_images") if self.partial_images and not self.stream else dropped
 
 
 class ImageEditRequest(ImageGenerationRequest, EditFields):
@@ -207,10 +203,6 @@ class ImageEditRequest(ImageGenerationRequest, EditFields):
     themselves are not fields of the schema: each edge reads them (uploaded files, base64
     members) and hands them over with `with_inputs`, so they are never echoed into a job's
     stored record."""
-
-    ROUTE: ClassVar[str] = "/v1/images/edits"
-    # OpenAI streams partial images (0-3) only with stream=true, refused above.
-    partial_images: int | None = Field(default=None, ge=0, le=3)
 
     _images: tuple[bytes, ...] = PrivateAttr(default=())
     _mask: bytes | None = PrivateAttr(default=None)
@@ -228,10 +220,6 @@ class ImageEditRequest(ImageGenerationRequest, EditFields):
             # OpenAI's convention: the mask's transparent pixels are the area to edit.
             mask_convention="alpha",
         )
-
-    def edge_dropped_params(self) -> tuple[str, ...]:
-        dropped = super().edge_dropped_params()
-        return (*dropped, "partial_images") if self.partial_images else dropped
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

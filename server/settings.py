@@ -94,6 +94,10 @@ class ServerSettings(BaseModel):
     # The largest input image (img2img, inpainting, edits) taken, in megapixels: past it, 400
     # before the pixels are decoded (a 20000x20000 PNG is a few kB of header and 1.2 GB of RGB).
     max_input_megapixels: float = Field(default=16.0, gt=0)
+    # Live previews on job events (GET /v1/jobs/{id}/events) and A1111's /sdapi/v1/progress:
+    # one every this many denoising steps while someone listens (0: none). A stream's
+    # partial_images are spread over the schedule instead.
+    preview_every_steps: int = Field(default=5, ge=0)
 
     @field_validator("public_base_url")
     @classmethod

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.base import GenerationParams
 from models.catalogue import Catalogue
+from models.local.pipeline import StepHook
 from models.local.worker import Runner
 from server.http import create_app
 from server.http.state import AppState
@@ -143,6 +144,7 @@ class DeviceBatch:
 
     prompts: list[str]
     steps: int = 0  # the last step it reported
+    previews: int = 0  # the live previews rendered (one per image per step that showed one)
 
 
 class WatchedRunner:
@@ -182,15 +184,20 @@ class WatchedRunner:
         batch: list[GenerationParams],
         *,
         precise: bool = False,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: StepHook | None = None,
     ) -> Any:
         seen = DeviceBatch(prompts=[params.prompt for params in batch])
         self.batches.append(seen)
 
-        def counted(step: int, total: int) -> None:
+        def counted(step: int, total: int, render: Callable[[int], Any]) -> None:
             seen.steps = step
+
+            def rendered(index: int) -> Any:
+                seen.previews += 1
+                return render(index)
+
             if on_step is not None:
-                on_step(step, total)
+                on_step(step, total, rendered)
             if step == 1 and not self.gate.is_set():
                 self.holding.set()
                 self.gate.wait()

@@ -53,6 +53,9 @@ class Family:
     # Width and height must be multiples of this: the VAE's downscale factor (8), times 2
     # where the transformer packs 2x2 latent patches (Flux).
     size_multiple: int
+    # The side of the latent patches the transformer packs into one token (2 for Flux; 1 for
+    # SDXL's plain latent grid): how step latents unpack into a picture for live previews.
+    latent_packing: int
     schedulers: Mapping[str, SchedulerChoice]
     default_scheduler: str
     prompt_tokenizer: PromptTokenizer
@@ -118,6 +121,7 @@ _SDXL = Family(
     },
     cuda_dtype="float16",
     size_multiple=8,
+    latent_packing=1,
     schedulers=SDXL_SCHEDULERS,
     default_scheduler="euler",
     prompt_tokenizer=_CLIP,
@@ -140,6 +144,7 @@ _FLUX = Family(
     },
     cuda_dtype="bfloat16",
     size_multiple=16,
+    latent_packing=2,
     schedulers=FLUX_SCHEDULERS,
     default_scheduler="flow_euler",
     prompt_tokenizer=_T5,

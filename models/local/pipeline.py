@@ -25,6 +25,7 @@ from models.base import (
 from models.local import families, images, schedulers, sources, weighted_embeds
 from models.local.adapters import Adapters
 from models.local.loras import LoraLibrary
+from models.local.previews import LatentPreviewer
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ class RuntimeOptions:
     # The LoRA library (models.local.loras) and how many adapters stay loaded per pipeline.
     lora_dir: Path | None = None
     max_loaded_loras: int = 8
+
+
+# What a step reports: (step, total, render), where render(i) is the preview of image i of the
+# call (a small PIL image, or None), computed only if called.
+StepHook = Callable[[int, int, Callable[[int], Any]], None]
 
 
 @dataclass
@@ -79,6 +85,7 @@ class PipelineRunner:
         self._interrupt = False
         self._count_tokenizer: Any = None
         self._token_counts: dict[str, int] = {}
+        self._previewer: LatentPreviewer | None = None
         self._scheduler_config: dict[str, object] | None = None
         self.loras = LoraLibrary(
             options.lora_dir or data_dir / "loras", memo_dir=sources.digest_memo_dir(data_dir)
@@ -239,7 +246,7 @@ class PipelineRunner:
         batch: Sequence[GenerationParams],
         *,
         precise: bool = False,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: StepHook | None = None,
     ) -> BatchOutput:
         """One pipeline call for every image of every request in `batch` (all share the batch
         key: model, task, size, steps, strength, guidance, scheduler, whether a negative prompt
@@ -306,8 +313,13 @@ class PipelineRunner:
 
         def callback(p: Any, step: int, _timestep: Any, cb_kwargs: dict[str, Any]) -> Any:
             if on_step is not None:
+                latents = cb_kwargs.get("latents")
+
+                def render(index: int) -> Any:
+                    return self._preview(latents, index, first.width, first.height)
+
                 # A strength below 1 runs only the tail of the schedule.
-                on_step(step + 1, int(getattr(p, "num_timesteps", steps)))
+                on_step(step + 1, int(getattr(p, "num_timesteps", steps)), render)
             # After on_step, which may have asked to stop (every request of it cancelled).
             if self._interrupt:
                 p._interrupt = True
@@ -361,6 +373,18 @@ class PipelineRunner:
                 i += 1
             encoded.append(row)
         return BatchOutput(images=encoded, device_seconds=elapsed)
+
+    def _preview(self, latents: Any, index: int, width: int, height: int) -> Any:
+        """Image `index`'s preview, or None: a preview that fails never fails the batch."""
+        if latents is None:
+            return None
+        if self._previewer is None:
+            self._previewer = LatentPreviewer(self.pipe, packing=self.family.latent_packing)
+        try:
+            return self._previewer.render(latents, index, width, height)
+        except Exception:
+            log.exception("%s: preview of step latents failed", self.spec.name)
+            return None
 
     def _use_scheduler(self, pipe: Any, name: str) -> None:
         if not name or name == self._schedulers.get(id(pipe)):

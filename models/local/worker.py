@@ -95,7 +95,7 @@ class Runner(Protocol):
         batch: list[GenerationParams],
         *,
         precise: bool = False,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, Callable[[int], Any]], None] | None = None,
     ) -> Any: ...
 
 
@@ -407,10 +407,21 @@ class DeviceWorker:
 
         runner = batch[0].runner
 
-        def on_step(step: int, total: int) -> None:
-            for item in batch:
-                if not item.cancelled:
-                    _safely(item.events.progress, step, total)
+        # Where each request's images start among the call's.
+        offsets = [0]
+        for item in batch:
+            offsets.append(offsets[-1] + item.images)
+
+        def on_step(step: int, total: int, render: Callable[[int], Any]) -> None:
+            for item, offset in zip(batch, offsets, strict=False):
+                if item.cancelled:
+                    continue
+                preview = None
+                if _asks(item.events.wants_preview, step, total):
+                    preview = tuple(render(offset + i) for i in range(item.images))
+                    if any(p is None for p in preview):
+                        preview = None
+                _safely(item.events.progress, step, total, preview)
             # Asked again at every step, from the items' own state: a cancel that came while
             # the batch was being set up (before the runner armed its stop flag) still stops it.
             if all(item.cancelled for item in batch):
@@ -501,6 +512,15 @@ def _safely(hook: Callable[..., None], *args: Any) -> None:
         hook(*args)
     except Exception:
         log.exception("event listener failed")
+
+
+def _asks(question: Callable[[int, int], bool], step: int, total: int) -> bool:
+    """A listener's answer; one that fails is taken as no."""
+    try:
+        return bool(question(step, total))
+    except Exception:
+        log.exception("event listener failed")
+        return False
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:

@@ -54,7 +54,11 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
     model = (
         checkpoint_model(state, wanted) if wanted is not None else state.a1111.default_model(caller)
     )
-    call = state.a1111.begin(caller, body.force_task_id or request_id or "")
+    call = state.a1111.begin(
+        caller,
+        body.force_task_id or request_id or "",
+        preview_every=state.settings.server.preview_every_steps,
+    )
     call.task = asyncio.ensure_future(
         _run_waiting(
             state,
@@ -306,8 +310,10 @@ async def sd_vae() -> list[dict[str, Any]]:
 
 
 @router.get("/progress")
-async def progress(request: Request) -> dict[str, Any]:
-    return app_state(request).a1111.progress(caller_of(request.scope))
+async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    return app_state(request).a1111.progress(
+        caller_of(request.scope), show_image=not skip_current_image
+    )
 
 
 @router.post("/interrupt")

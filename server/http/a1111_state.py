@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.base import Events
+from server.http import previews
 
 
 @dataclass(eq=False)
@@ -26,13 +27,23 @@ class A1111Call(Events):
     total: int = 0
     interrupted: bool = False
     task: asyncio.Task[Any] | None = None
+    # Live previews: one every this many steps (0: none), once someone has polled
+    # /progress for it (`watched`); the latest is the first image's (a PIL image).
+    preview_every: int = 0
+    watched: bool = False
+    preview: Any = None
 
     def started(self) -> None:
         self.running = True
 
+    def wants_preview(self, step: int, total: int) -> bool:
+        return self.watched and previews.every(step, self.preview_every)
+
     def progress(self, step: int, total: int, preview: Any = None) -> None:
         self.running = True
         self.step, self.total = step, total
+        if preview:
+            self.preview = preview[0]
 
     def retry(self, reason: str) -> None:
         self.step = 0
@@ -54,8 +65,8 @@ class A1111State:
     def set_default_model(self, caller: str, model: str) -> None:
         self._models[caller] = model
 
-    def begin(self, caller: str, task_id: str) -> A1111Call:
-        call = A1111Call(task_id=task_id)
+    def begin(self, caller: str, task_id: str, *, preview_every: int = 0) -> A1111Call:
+        call = A1111Call(task_id=task_id, preview_every=preview_every)
         self._calls[caller].append(call)
         return call
 
@@ -76,10 +87,15 @@ class A1111State:
             call.interrupt()
         return len(calls)
 
-    def progress(self, caller: str) -> dict[str, Any]:
+    def progress(self, caller: str, *, show_image: bool = True) -> dict[str, Any]:
         """A1111's /progress body for the caller: idle (progress 0, job_count 0) when nothing
-        of theirs runs, which is what SillyTavern and webuiapi wait for."""
+        of theirs runs, which is what SillyTavern and webuiapi wait for. A poll that shows
+        the image turns previews on for the caller's calls: until someone looks, none is
+        made."""
         calls = self.calls(caller)
+        if show_image:
+            for call in calls:
+                call.watched = True
         current = next((c for c in calls if c.running), calls[0] if calls else None)
         fraction = 0.0
         eta = 0.0
@@ -104,8 +120,11 @@ class A1111State:
                 "sampling_step": current.step if current else 0,
                 "sampling_steps": current.total if current else 0,
             },
-            # Live previews are not produced yet.
-            "current_image": None,
+            "current_image": (
+                previews.encoded(current.preview)
+                if show_image and current is not None and current.preview is not None
+                else None
+            ),
             "textinfo": None,
             "current_task": current.task_id if current else None,
         }

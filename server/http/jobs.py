@@ -17,6 +17,7 @@ from typing import Any
 
 from models.base import Events
 from server import errors
+from server.http import previews
 from server.http.errors import NotFoundError, error_object, internal_error_object
 from server.http.job_store import INTERRUPTED, OBJECT_BY_KIND, JobStore
 from server.http.protocol import (
@@ -109,8 +110,15 @@ class JobEvents(Events):
     def started(self) -> None:
         self._call(self.runner._on_started, self.job)
 
+    def wants_preview(self, step: int, total: int) -> bool:
+        # A plain read of the loop's list from the worker's thread: a subscriber that comes
+        # mid-step gets the next preview.
+        return bool(self.job.subscribers) and previews.every(step, self.runner.preview_every)
+
     def progress(self, step: int, total: int, preview: Any = None) -> None:
-        self._call(self.runner._on_progress, self.job, step, total)
+        # Encoded here (the worker's thread), not on the loop; the first image's only.
+        shown = previews.encoded(preview[0]) if preview else None
+        self._call(self.runner._on_progress, self.job, step, total, shown)
 
     def _call(self, fn: Any, *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
@@ -127,6 +135,7 @@ class JobRunner:
         self.serving = serving
         self.live: dict[str, LiveJob] = {}
         self._closing = False
+        self.preview_every = serving.settings.server.preview_every_steps
 
     def start(self) -> None:
         self.store.purge()
@@ -150,6 +159,12 @@ class JobRunner:
         """Check the request exactly as a generation would be checked (bad fields, unknown
         model, blocked prompt, a spent budget or a full queue are HTTP errors, with no job
         record), then answer at once: the job reports queued -> running -> its end."""
+        if body.stream:
+            raise errors.InvalidRequestError(
+                "stream is for POST /v1/images/generations and /v1/images/edits; a job "
+                "reports its progress and previews on GET /v1/jobs/{id}/events: drop stream",
+                param="stream",
+            )
         await self.serving.admit(body)
         job = LiveJob(
             id="job_" + uuid.uuid4().hex[:24],
@@ -275,11 +290,14 @@ class JobRunner:
         self.store.update(job.id, "running")
         self._publish(job, "started", {})
 
-    def _on_progress(self, job: LiveJob, step: int, total: int) -> None:
+    def _on_progress(self, job: LiveJob, step: int, total: int, preview: str | None) -> None:
         if job.status in TERMINAL_STATUSES:
             return
         job.step, job.total = step, total
-        self._publish(job, "progress", {"step": step, "total": total})
+        data: dict[str, Any] = {"step": step, "total": total}
+        if preview is not None:
+            data["preview"] = preview  # base64 PNG of the first image's denoising state
+        self._publish(job, "progress", data)
 
     def _finish(
         self,

@@ -15,6 +15,7 @@ from server.http.middleware import request_id_of
 from server.http.protocol import ImageGenerationRequest, ImagesResponse
 from server.http.serving import response_headers, unless_disconnected
 from server.http.state import app_state
+from server.http.streaming import stream_images
 
 router = APIRouter()
 
@@ -28,7 +29,7 @@ _EDIT_BODY: dict[str, Any] = {
 
 
 @router.post("/v1/images/generations")
-async def create_image(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+async def create_image(body: ImageGenerationRequest, request: Request) -> Response:
     return await _generate(body, request, endpoint="images")
 
 
@@ -37,13 +38,13 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> JSONRe
     openapi_extra=_EDIT_BODY,
     responses={200: {"model": ImagesResponse, "description": "The edited images"}},
 )
-async def edit_image(request: Request) -> JSONResponse:
+async def edit_image(request: Request) -> Response:
     return await _generate(await read_edit_form(request), request, endpoint="edits")
 
 
-async def _generate(
-    body: ImageGenerationRequest, request: Request, *, endpoint: str
-) -> JSONResponse:
+async def _generate(body: ImageGenerationRequest, request: Request, *, endpoint: str) -> Response:
+    if body.stream:
+        return await stream_images(body, request, endpoint=endpoint)
     state = app_state(request)
     result = await unless_disconnected(
         request.is_disconnected,

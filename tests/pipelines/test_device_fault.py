@@ -8,7 +8,6 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from models.base import (
     GenerationParams,
     OutOfMemoryError,
 )
-from models.local.pipeline import BatchOutput
+from models.local.pipeline import BatchOutput, StepHook
 from models.local.runtime import describe_device_fault, is_fatal_device_error
 from models.local.worker import GENERATION_FAILED, DeviceWorker, WorkItem
 
@@ -49,7 +48,7 @@ class ScriptedRunner:
         batch: list[GenerationParams],
         *,
         precise: bool = False,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: StepHook | None = None,
     ) -> Any:
         self.calls.append([params.prompt for params in batch])
         self.entered.set()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,10 +113,10 @@ class CancelsOnArrival:
         assert self.item is not None
         self.worker.cancel(self.item)
 
-        def counted(step: int, total: int) -> None:
+        def counted(step: int, total: int, render: Callable[[int], Any]) -> None:
             self.steps.append(step)
             if on_step is not None:
-                on_step(step, total)
+                on_step(step, total, render)
 
         return self.inner.run_batch(batch, precise=precise, on_step=counted)
 
