@@ -12,6 +12,11 @@ N edit requests with different input images one after another, then the same N s
 together (they batch into one pipeline call).
 Targets: overhead ratio >= 0.95, batching gain >= 1.4, cache-hit p50 <= 10 ms.
 
+The "stream" figure: one sequential client again, each request streamed (`stream: true`) with
+--stream-partials partial images (live previews rendered on the device), as a ratio to the
+plain sequential run of the same round: what previews cost when they are used. When nobody
+asks for one, none is rendered; the plain sequential figure is that case.
+
 The "lora" figure (local runs only): on the same tiny model in one process, the time to switch
 between two loaded LoRA adapters (set_adapters, what a request with another LoRA costs) against
 the time to load the model (what reloading the base would cost), median of several each.
@@ -51,8 +56,12 @@ SCHEDULER = "euler"
 TARGETS = {"overhead_ratio": 0.95, "batching_gain": 1.4, "cache_hit_p50_ms": 10.0}
 
 
-def _body(seed: int, prompt: str = "a lighthouse at dusk") -> dict[str, Any]:
+def _body(
+    seed: int, prompt: str = "a lighthouse at dusk", partials: int | None = None
+) -> dict[str, Any]:
+    stream = {} if partials is None else {"stream": True, "partial_images": partials}
     return {
+        **stream,
         "model": MODEL,
         "prompt": prompt,
         "size": f"{WIDTH}x{HEIGHT}",
@@ -384,21 +393,37 @@ class Client:
         return Session(self.url, self.headers)
 
     def generate(
-        self, conn: Session, seed: int, prompt: str = "a lighthouse at dusk"
+        self,
+        conn: Session,
+        seed: int,
+        prompt: str = "a lighthouse at dusk",
+        partials: int | None = None,
     ) -> dict[str, str]:
-        """One request; returns the response headers (the body is read and checked)."""
-        status, headers, data = conn.post("/v1/images/generations", _body(seed, prompt))
+        """One request (streamed with `partials` partial images when given); returns the
+        response headers (the body is read and checked)."""
+        status, headers, data = conn.post("/v1/images/generations", _body(seed, prompt, partials))
         if status != 200:
             raise SystemExit(f"bench: {status} {data[:300].decode(errors='replace')}")
-        if not json.loads(data)["data"][0]["b64_json"]:
-            raise SystemExit("bench: a response came without its image")
+        if partials is None:
+            image = json.loads(data)["data"][0]["b64_json"]
+        else:
+            events = [
+                json.loads(line[len(b"data: ") :])
+                for line in data.splitlines()
+                if line.startswith(b"data: ")
+            ]
+            image = events[-1].get("b64_json") if len(events) == partials + 1 else None
+        if not image:
+            raise SystemExit("bench: a response came without its image (or its partials)")
         return headers
 
-    def sequential(self, count: int, seeds: list[int]) -> tuple[int, float]:
+    def sequential(
+        self, count: int, seeds: list[int], partials: int | None = None
+    ) -> tuple[int, float]:
         with self.session() as conn:
             started = time.perf_counter()
             for _ in range(count):
-                self.generate(conn, seeds.pop())
+                self.generate(conn, seeds.pop(), partials=partials)
             return count, time.perf_counter() - started
 
     def concurrent(self, clients: int, per_client: int, seeds: list[int]) -> tuple[int, float]:
@@ -458,6 +483,7 @@ class Round:
     direct: float | None
     sequential: float
     concurrent: float
+    streamed: float | None = None
 
 
 @dataclass
@@ -472,7 +498,17 @@ class Trial:
     def ratio(self, kind: str) -> float | None:
         """Median over the used rounds of that kind's rate / the direct rate (ratios within a
         round: its runs ran back to back, under the same conditions)."""
-        return _median([getattr(r, kind) / r.direct for r in self.used() if r.direct])
+        return self.between(kind, "direct")
+
+    def between(self, kind: str, base: str) -> float | None:
+        """Median over the used rounds of that kind's rate / the `base` kind's rate."""
+        return _median(
+            [
+                getattr(r, kind) / getattr(r, base)
+                for r in self.used()
+                if getattr(r, kind) and getattr(r, base)
+            ]
+        )
 
     def rate(self, kind: str) -> float | None:
         return _median([v for r in self.used() if (v := getattr(r, kind)) is not None])
@@ -515,6 +551,12 @@ def main() -> None:
         "--edit-requests", type=int, default=8, help="img2img requests of the edits figure"
     )
     parser.add_argument("--no-edits", action="store_true", help="skip the edits figure")
+    parser.add_argument(
+        "--stream-partials",
+        type=int,
+        default=3,
+        help="partial images per request of the stream figure (-1: no stream figure)",
+    )
     parser.add_argument("--direct-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--edits-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -562,6 +604,11 @@ def main() -> None:
                         direct=_rate(direct.run(args.requests)) if direct is not None else None,
                         sequential=_rate(client.sequential(args.requests, seeds)),
                         concurrent=_rate(client.concurrent(args.clients, args.per_client, seeds)),
+                        streamed=(
+                            _rate(client.sequential(args.requests, seeds, args.stream_partials))
+                            if args.stream_partials >= 0
+                            else None
+                        ),
                     )
                 )
             trials.append(trial)
@@ -598,6 +645,18 @@ def main() -> None:
         "batching_gain": _r(batching),
         "cache_hit_p50_ms": _r(p50),
         "cache_hit_p99_ms": _r(p99),
+        "stream": (
+            None
+            if args.stream_partials < 0
+            else {
+                "partial_images": args.stream_partials,
+                "images_per_s": _r(_median_of(trials, "streamed")),
+                # Streamed / plain sequential, within each round (the cost of previews used).
+                "ratio_to_sequential": _r(
+                    _median([v for t in trials if (v := t.between("streamed", "sequential"))])
+                ),
+            }
+        ),
         "edits": edits,
         "trials": [
             {
@@ -608,6 +667,7 @@ def main() -> None:
                         "direct": _r(r.direct),
                         "sequential": _r(r.sequential),
                         "concurrent": _r(r.concurrent),
+                        "streamed": _r(r.streamed),
                         "used": any(r is u for u in t.used()),
                     }
                     for r in t.rounds
