@@ -67,7 +67,6 @@ def a1111_route(server: LiveServer, prompt: str) -> np.ndarray:
 def test_unit_weight_is_the_plain_word_and_more_weight_changes_it(
     route: Callable[[LiveServer, str], np.ndarray], server: LiveServer
 ) -> None:
-
     plain = route(server, "a red cube on a table")
     assert np.array_equal(route(server, "a (red:1.0) cube on a table"), plain)
     assert not np.array_equal(route(server, "a (red:1.5) cube on a table"), plain)
