@@ -28,9 +28,15 @@ from tests.helpers_server import (
     LiveServer,
     WatchedRunner,
     fresh_data_dir,
+    live_server,
     tiny_settings,
     watched_server,
 )
+from tests.stubs.common import reply, require_specs
+from tests.stubs.fixtures import FAST, live
+from tests.stubs.openai_stub import OpenAIStub, content_policy_violation
+
+OPENAI_KEY = "sk-test-openai-good"
 
 DEADLINE_S = 60  # only stops a hung test
 
@@ -256,6 +262,51 @@ def test_a1111_progress_shows_the_preview_once_polled(
         device.release()
         thread.join(DEADLINE_S)
     assert result["response"].status_code == 200
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[OpenAIStub]:
+    require_specs()  # the stub checks every request against OpenAI's published schema
+    with live(OpenAIStub(api_key=OPENAI_KEY)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keyed(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path, stub: OpenAIStub
+) -> Iterator[LiveServer]:
+    data = fresh_data_dir(tmp_path_factory.mktemp("stream-keyed"), tiny_models_dir)
+    providers = {"openai": {"base_url": stub.url, "api_key": OPENAI_KEY, **FAST}}
+    settings = tiny_settings(data, api_keys=[API_KEY], top={"providers": providers})
+    with live_server(settings) as running:
+        yield running
+
+
+def test_a_hosted_model_streams_its_image_and_a_later_failure_is_an_error_event(
+    keyed: LiveServer, stub: OpenAIStub
+) -> None:
+    """A provider shows no intermediate state: no partials, the image. Once the request is
+    under way (sent to the provider) the answer has begun: a refusal then is an error event,
+    which the SDK raises as APIError with our message."""
+    client = sdk(keyed)
+    stub.state.reset()
+    events = list(
+        client.images.generate(
+            model="gpt-image-2", prompt="a red fox", size="1024x1024", stream=True, partial_images=2
+        )
+    )
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert events[0].model_extra is not None
+    assert events[0].model_extra["imagegen"]["provider"] == "openai"
+    assert stub.state.invalid == []
+    stub.state.script("generate", reply(400, content_policy_violation()))
+    with pytest.raises(openai.APIError) as caught:
+        list(
+            client.images.generate(
+                model="gpt-image-2", prompt="a red fox", size="1024x1024", stream=True
+            )
+        )
+    assert "safety" in str(caught.value).lower() or "policy" in str(caught.value).lower()
 
 
 def sse_events(text: str) -> list[dict[str, Any]]:
