@@ -29,17 +29,16 @@ def runner(name: str, data_dir: Path) -> PipelineRunner:
 def params(name: str, seed: int, **extra: Any) -> GenerationParams:
     spec = Catalogue.load([]).get(name)
     assert spec is not None
+    size = {"width": 64, "height": 64, **extra}
     return GenerationParams(
         prompt="a red cube",
         model=name,
-        width=64,
-        height=64,
         n=1,
         seed=seed,
         steps=4,
         guidance_scale=2.0,
         scheduler=spec.defaults.scheduler,
-        **extra,
+        **size,
     )
 
 
@@ -77,13 +76,20 @@ def test_each_preview_looks_most_like_its_own_image(name: str, data_dir: Path) -
 
 
 def test_edit_pipelines_preview_too(data_dir: Path) -> None:
-    """Inpainting (SDXL's 9-channel UNet) and Flux Fill, whose denoisers take more than the
-    latents: the preview is of the latents alone."""
+    """Inpainting (SDXL's 9-channel UNet), Flux Fill and Kontext, whose denoisers take more
+    than the latents (a mask, image tokens): the preview is of the output latents alone, at
+    the output's aspect (Kontext here at 64x48, so Flux's tokens unpack to a non-square grid)."""
     init, mask = encode(picture(1)), encode(square_mask())
     for name in ("tiny-sdxl-inpaint", "tiny-flux-fill"):
         run = runner(name, data_dir)
         shown, _ = final_previews(run, [params(name, 1, images=(init,), mask=mask)])
         assert shown[0].shape == (64, 64, 3)
+    run = runner("tiny-flux-kontext", data_dir)
+    wide = encode(picture(2, 64, 48))
+    shown, _ = final_previews(
+        run, [params("tiny-flux-kontext", 1, images=(wide,), width=64, height=48)]
+    )
+    assert shown[0].shape == (48, 64, 3)
 
 
 def test_preview_size_keeps_the_aspect_within_the_cap() -> None:
