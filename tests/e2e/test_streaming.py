@@ -29,6 +29,7 @@ from tests.helpers_server import (
     WatchedRunner,
     fresh_data_dir,
     live_server,
+    metric_value,
     tiny_settings,
     watched_server,
 )
@@ -262,6 +263,43 @@ def test_a1111_progress_shows_the_preview_once_polled(
         device.release()
         thread.join(DEADLINE_S)
     assert result["response"].status_code == 200
+
+
+def test_a_client_that_leaves_a_stream_stops_the_work(
+    server: LiveServer, device: WatchedRunner
+) -> None:
+    body = {"prompt": "a long road", "size": "64x64", "steps": 8, "stream": True}
+    first = len(device.batches)
+    with server.client(API_KEY) as http:
+        billed = http.get("/v1/stats").json()["requests"]
+        left = metric_value(http.get("/metrics").text, "imagegen_requests_total", status="499")
+        device.hold()
+        try:
+            with http.stream("POST", "/v1/images/generations", json=body) as response:
+                # Admitted: the answer has begun (queued), and the batch is mid-run.
+                assert response.status_code == 200
+                assert device.holding.wait(DEADLINE_S)
+            http.close()  # the connection goes with it
+            with server.client(API_KEY) as probe:
+                deadline = time.monotonic() + DEADLINE_S
+                while (
+                    metric_value(
+                        probe.get("/metrics").text, "imagegen_requests_total", status="499"
+                    )
+                    == left
+                ):
+                    assert time.monotonic() < deadline, "the server never saw the client leave"
+                    time.sleep(0.02)
+        finally:
+            device.release()
+    with server.client(API_KEY) as http:
+        quick = http.post("/v1/images/generations", json={"prompt": "next", "steps": 2})
+        assert quick.status_code == 200
+        (stopped, served) = device.batches[first:]
+        assert stopped.prompts == ["a long road"] and served.prompts == ["next"]
+        assert 1 <= stopped.steps < 8
+        # Work nobody received is neither billed nor cached.
+        assert http.get("/v1/stats").json()["requests"] == billed + 1
 
 
 @pytest.fixture(scope="module")
