@@ -285,6 +285,25 @@ def test_errors_in_a1111_shape(server: LiveServer) -> None:
         assert _client(server).get(path).status_code == 200
 
 
+def test_a_body_past_the_limit_is_a1111s_413(tmp_path: Path, tiny_models_dir: Path) -> None:
+    settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir), max_body_mb=0.01, models=[])
+    big = json.dumps({"prompt": "x", "init_images": ["A" * 20_000]}).encode()
+    with live_server(settings) as live, live.client() as client:
+        declared = client.post(
+            "/sdapi/v1/img2img", content=big, headers={"Content-Type": "application/json"}
+        )
+        # Chunked: no Content-Length to go by, cut off once it passes the limit.
+        chunked = client.post(
+            "/sdapi/v1/img2img",
+            content=(big[i : i + 4096] for i in range(0, len(big), 4096)),
+            headers={"Content-Type": "application/json"},
+        )
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        error = _a1111_error(response)
+        assert error["error"] == "request_too_large" and "server.max_body_mb" in error["detail"]
+
+
 def test_basic_auth(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30.0) as client:
         missing = client.get("/sdapi/v1/options")
