@@ -53,9 +53,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
     request_id = request_id_of(request.scope)
     wanted = body.checkpoint()
     model = (
-        await model_named(state, wanted)
-        if wanted is not None
-        else state.a1111.default_model(caller)
+        await model_named(state, wanted) if wanted is not None else _default_model(state, caller)
     )
     call = state.a1111.begin(caller, body.force_task_id or request_id or "")
     call.task = asyncio.ensure_future(
@@ -184,6 +182,13 @@ async def sd_models(request: Request) -> list[dict[str, Any]]:
     ]
 
 
+def _default_model(state: AppState, caller: str) -> str | None:
+    """The model the caller set with POST /options, while the catalogue still has it: it is
+    kept across restarts, and the catalogue may have changed in between."""
+    model = state.a1111.default_model(caller)
+    return model if model is not None and state.service.knows_model(model) else None
+
+
 @router.post("/refresh-checkpoints")
 async def refresh_checkpoints() -> None:
     # The catalogue is read at start-up; there is nothing to rescan.
@@ -193,7 +198,7 @@ async def refresh_checkpoints() -> None:
 @router.get("/options")
 async def get_options(request: Request) -> dict[str, Any]:
     state = app_state(request)
-    model = state.a1111.default_model(caller_of(request.scope)) or state.settings.default_model
+    model = _default_model(state, caller_of(request.scope)) or state.settings.default_model
     current = await checkpoint(state, model)
     return {
         # A1111's shape: the title as in /sd-models (Open WebUI matches the two), the sha256.

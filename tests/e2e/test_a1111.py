@@ -315,6 +315,40 @@ def test_checkpoint_hashes_are_the_weights_revision(tmp_path: Path, tiny_models_
         assert unknown.status_code == 404
 
 
+def test_a_callers_model_outlives_a_restart(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """POST /options is kept in the server's database per key: a new server on the same data
+    directory answers with it for that key only; a model gone from the catalogue since falls
+    back to the server's default."""
+    data = fresh_data_dir(tmp_path, tiny_models_dir)
+    third = "third-key-5555555555"
+
+    def settings(*models: dict[str, Any]) -> Any:
+        keys = [API_KEY, OTHER_KEY, third]
+        return tiny_settings(data, api_keys=keys, models=[], top={"models": list(models)})
+
+    own = {"name": "own-sdxl", "kind": "sdxl", "source": "builtin:tiny-sdxl"}
+    with live_server(settings(own)) as live:
+        titles = _titles(live)
+        with _client(live) as mine, _client(live, third) as gone:
+            assert mine.post(
+                "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-flux"}
+            ).is_success
+            assert gone.post(
+                "/sdapi/v1/options", json={"sd_model_checkpoint": "own-sdxl"}
+            ).is_success
+            assert gone.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["own-sdxl"]
+    with live_server(settings()) as again:
+        options = {}
+        for key in (API_KEY, OTHER_KEY, third):
+            with _client(again, key) as client:
+                options[key] = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    assert options == {
+        API_KEY: titles["tiny-flux"],
+        OTHER_KEY: titles["tiny-sdxl"],
+        third: titles["tiny-sdxl"],
+    }
+
+
 def test_per_request_checkpoint_override(server: LiveServer) -> None:
     with _client(server) as client:
         missing = client.post(
