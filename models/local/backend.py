@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from models import prompt_weights
 from models.base import (
     NO_EVENTS,
     Backend,
@@ -21,7 +22,7 @@ from models.base import (
     ModelUnavailableError,
     PromptTooLongError,
 )
-from models.local import prompt_weights, sources
+from models.local import sources
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
 from models.local.worker import DeviceWorker, Runner, WorkItem
