@@ -388,6 +388,14 @@ class Backend(abc.ABC):
     def loaded(self) -> bool:
         return True
 
+    def weights_revision(self) -> str | None:
+        """What identifies this model's weights (a local model's cache-key revision,
+        models.local.sources: "sha256:<hex>" of a folder's files or of one checkpoint file,
+        "hub:<commit>"), where it is known without loading them; None for hosted models (the
+        provider's weights) and for weights not on disk. Blocking: the first call for a model
+        may hash its files (remembered under the data directory)."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device memory or HTTP clients this backend holds."""
 

@@ -545,6 +545,15 @@ class ImageService:
     def models(self) -> list[dict[str, Any]]:
         return aliases.listing(self.registry.describe(), self.router.active_aliases())
 
+    def model_revision(self, name: str) -> str | None:
+        """What identifies catalogue model `name`'s weights (Backend.weights_revision): None
+        for hosted models and weights not on disk. Blocking (the first look at a local model
+        may hash its files): call it off the event loop."""
+        spec = self.catalogue.get(name)
+        if spec is None or not spec.is_local:
+            return None
+        return self.backend(name).weights_revision()
+
     def loras(self) -> list[dict[str, Any]]:
         """The LoRA library (local.lora_dir): each adapter's name, the family it fits (None
         where its header does not say), format, file sha256 and size. Blocking (the first

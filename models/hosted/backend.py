@@ -1,13 +1,16 @@
 """What every hosted backend shares: provider config, HTTP client, prices, identity, and the
-order of `generate` (checks, `events.started()`, then the backend's provider part)."""
+order of `generate` (checks, `events.started()`, then the backend's provider part, given the
+prompt without A1111's attention syntax)."""
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, ClassVar
 
 import httpx
 
+from models import prompt_weights
 from models.base import (
     NO_EVENTS,
     Backend,
@@ -35,6 +38,9 @@ class HostedBackend(Backend):
     # Whether the provider refuses every request without a key. midjourney-proxy's secret and
     # another imagegen server's keys are optional, so those backends send without one.
     needs_key: ClassVar[bool] = True
+    # Whether the provider reads A1111's attention syntax itself (another imagegen server
+    # does); the others are sent the prompt without it, the weighting reported as dropped.
+    reads_prompt_weights: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -101,7 +107,33 @@ class HostedBackend(Backend):
         if self.needs_key and self.config.api_key is None:
             raise auth_failure(self.config)  # before anything is sent
         events.started()
-        return await self._generate(params, events)
+        sent, weighted = self._without_prompt_weights(params)
+        result = await self._generate(sent, events)
+        if not weighted:
+            return result
+        return dataclasses.replace(
+            result, dropped_params=(*result.dropped_params, "prompt weighting")
+        )
+
+    def _without_prompt_weights(self, params: GenerationParams) -> tuple[GenerationParams, bool]:
+        """`params` with the prompts as the provider gets them (`sent_text`), and whether that
+        lost a weighting."""
+        prompt, weighted = self.sent_text(params.prompt)
+        negative = params.negative_prompt
+        if negative is not None:
+            negative, negative_weighted = self.sent_text(negative)
+            weighted = weighted or negative_weighted
+        return dataclasses.replace(params, prompt=prompt, negative_prompt=negative), weighted
+
+    def sent_text(self, text: str) -> tuple[str, bool]:
+        """A prompt as the provider gets it, and whether that lost a weighting (a weight other
+        than 1, a BREAK): the text without A1111's attention syntax, as a local model that
+        cannot weight gets it (models.prompt_weights), so `(fox:1.3)` never reaches a
+        provider as written and `(fox:1.0)` is plainly `fox`."""
+        if self.reads_prompt_weights:
+            return text, False
+        parsed = prompt_weights.parse(text)
+        return parsed.text, parsed.weighted
 
     @abc.abstractmethod
     async def _generate(self, params: GenerationParams, events: Events) -> BackendResult:
@@ -110,9 +142,10 @@ class HostedBackend(Backend):
 
     def check_prompt(self, prompt: str) -> None:
         limit = self.spec.extra.get("max_prompt_chars")
-        if isinstance(limit, int) and len(prompt) > limit:
+        sent, _ = self.sent_text(prompt)  # the limit is on what the provider gets
+        if isinstance(limit, int) and len(sent) > limit:
             raise PromptTooLongError(
-                f"prompt is {len(prompt)} characters; {self.spec.name} accepts at most {limit}",
+                f"prompt is {len(sent)} characters; {self.spec.name} accepts at most {limit}",
                 provider=self.provider,
                 param="prompt",
             )

@@ -81,6 +81,7 @@ def _error_fields(response: httpx.Response) -> dict[str, Any]:
 
 class RemoteImagegenBackend(HostedBackend):
     needs_key = False  # a server on a private network may run without API keys
+    reads_prompt_weights = True  # the other server parses and weights the prompt itself
 
     def resolve(self, params: GenerationParams) -> GenerationParams:
         if params.width <= 0 or params.height <= 0 or params.n < 1:

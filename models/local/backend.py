@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from models import prompt_weights
 from models.base import (
     NO_EVENTS,
     Backend,
@@ -18,9 +19,10 @@ from models.base import (
     GenerationParams,
     InvalidParamsError,
     ModelSpec,
+    ModelUnavailableError,
     PromptTooLongError,
 )
-from models.local import prompt_weights
+from models.local import sources
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
 from models.local.worker import DeviceWorker, Runner, WorkItem
@@ -226,6 +228,20 @@ class DiffusersBackend(Backend):
 
     def admit(self, params: GenerationParams) -> None:
         self.worker.admit(params.n)
+
+    def weights_revision(self) -> str | None:
+        # Only weights already on disk are looked at: a built-in tiny model is not built, nor a
+        # hub repo searched for beyond the local cache, just to be named.
+        runner = self.runner
+        if (
+            runner.resolved is None
+            and not sources.availability(self.spec.source, data_dir=runner.data_dir).on_disk
+        ):
+            return None
+        try:
+            return runner.resolve_source().revision
+        except ModelUnavailableError:
+            return None
 
     async def load(self) -> None:
         async with self._load_lock:

@@ -64,7 +64,7 @@ class Family:
     # can use one, at the cost of a second transformer pass per step) or "none" (the pipeline
     # has no way to take one: it is reported as dropped).
     negative_prompt: Literal["native", "true_cfg", "none"]
-    # Whether the prompt's attention syntax (models.local.prompt_weights) weights the text
+    # Whether the prompt's attention syntax (models.prompt_weights) weights the text
     # embeddings (models.local.weighted_embeds: SDXL's two CLIP encoders). Elsewhere the
     # syntax is stripped and reported dropped: Flux's prompt is carried by T5, for which
     # there is no established way to weight tokens (its CLIP gives only a pooled vector).

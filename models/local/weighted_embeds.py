@@ -1,5 +1,5 @@
 """The prompt arguments of a pipeline call: plain text where no prompt of the call uses the
-attention syntax (models.local.prompt_weights), else SDXL text embeddings built here with the
+attention syntax (models.prompt_weights), else SDXL text embeddings built here with the
 weights applied, A1111's way.
 
 How SDXL embeddings are weighted, as A1111 does by default ("Original" emphasis): each chunk
@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from models.local import prompt_weights
+from models import prompt_weights
 from models.local.families import Family
 
 log = logging.getLogger(__name__)

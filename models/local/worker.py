@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from models import prompt_weights
 from models.base import (
     NO_EVENTS,
     BackendError,
@@ -34,7 +35,6 @@ from models.base import (
     QueueFullError,
     WorkCancelledError,
 )
-from models.local import prompt_weights
 from models.local.runtime import describe_device_fault, is_fatal_device_error
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def batch_key(params: GenerationParams) -> BatchKey:
         params.inpaint_area,
         params.inpaint_padding,
         # The embeddings of one call share a length: chunks of the attention syntax's BREAK
-        # (models.local.prompt_weights), the larger of the prompt's and the negative's.
+        # (models.prompt_weights), the larger of the prompt's and the negative's.
         max(
             prompt_weights.chunk_count(params.prompt),
             prompt_weights.chunk_count(params.negative_prompt),

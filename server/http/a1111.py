@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server import errors, pngmeta
+from server.http.a1111_checkpoints import Checkpoint, checkpoint, checkpoints, model_named
 from server.http.a1111_schema import AUTOMATIC, Img2ImgBody, Txt2ImgBody
 from server.http.a1111_state import A1111Call
 from server.http.auth import caller_of
@@ -52,7 +53,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
     request_id = request_id_of(request.scope)
     wanted = body.checkpoint()
     model = (
-        checkpoint_model(state, wanted) if wanted is not None else state.a1111.default_model(caller)
+        await model_named(state, wanted) if wanted is not None else _default_model(state, caller)
     )
     call = state.a1111.begin(
         caller,
@@ -81,6 +82,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
         )
     finally:
         state.a1111.end(caller, call)
+    served = await checkpoint(state, result.model)
     return JSONResponse(
         {
             "images": (
@@ -89,7 +91,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
                 else []
             ),
             "parameters": body.echo(),
-            "info": json.dumps(_info(result, body)),
+            "info": json.dumps(_info(result, body, served)),
         },
         headers=response_headers(result),
     )
@@ -114,7 +116,7 @@ async def _run_waiting(
             await asyncio.sleep(min(QUEUE_POLL_S, left))
 
 
-def _info(result: GenerationResult, body: Txt2ImgBody) -> dict[str, Any]:
+def _info(result: GenerationResult, body: Txt2ImgBody, served: Checkpoint) -> dict[str, Any]:
     """A1111's `info` (modules/processing.py Processed.js) for what was generated."""
     params = result.params
     seeds = [seed if seed is not None else params.seed for seed in result.seeds]
@@ -143,7 +145,7 @@ def _info(result: GenerationResult, body: Txt2ImgBody) -> dict[str, Any]:
         "batch_size": body.batch_size or 1,
         "restore_faces": False,
         "sd_model_name": result.model,
-        "sd_model_hash": None,
+        "sd_model_hash": served.hash,
         "denoising_strength": params.strength if params.images else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
@@ -169,41 +171,26 @@ def _info(result: GenerationResult, body: Txt2ImgBody) -> dict[str, Any]:
 # -- models and options ----------------------------------------------------------------------
 
 
-def _models(state: AppState) -> list[dict[str, Any]]:
-    return [row for row in state.service.models() if row.get("available")]
-
-
-def checkpoint_model(state: AppState, text: str) -> str:
-    """The model an A1111 checkpoint names: by title ("<name>" or "<name> [hash]"), model
-    name or file name, case-insensitively (webuiapi lowercases what it sends)."""
-    wanted = text.strip()
-    if wanted.endswith("]") and " [" in wanted:
-        wanted = wanted[: wanted.rindex(" [")]
-    for row in _models(state):
-        name = str(row["name"])
-        if wanted.lower() in (name.lower(), str(row.get("source") or "").lower()):
-            return name
-    raise errors.ModelNotFoundError(
-        f"sd_model_checkpoint '{text}' names no model here; GET /sdapi/v1/sd-models lists the "
-        "titles to use",
-        param="sd_model_checkpoint",
-    )
-
-
 @router.get("/sd-models")
 async def sd_models(request: Request) -> list[dict[str, Any]]:
-    # No title carries a hash: the models are not single checkpoint files with one digest.
     return [
         {
-            "title": row["name"],
-            "model_name": row["name"],
-            "hash": None,
-            "sha256": None,
-            "filename": row["name"],
+            "title": found.title,
+            "model_name": found.name,
+            "hash": found.hash,
+            "sha256": found.sha256,
+            "filename": found.name,
             "config": None,
         }
-        for row in _models(app_state(request))
+        for found in await checkpoints(app_state(request))
     ]
+
+
+def _default_model(state: AppState, caller: str) -> str | None:
+    """The model the caller set with POST /options, while the catalogue still has it: it is
+    kept across restarts, and the catalogue may have changed in between."""
+    model = state.a1111.default_model(caller)
+    return model if model is not None and state.service.knows_model(model) else None
 
 
 @router.post("/refresh-checkpoints")
@@ -215,10 +202,12 @@ async def refresh_checkpoints() -> None:
 @router.get("/options")
 async def get_options(request: Request) -> dict[str, Any]:
     state = app_state(request)
-    model = state.a1111.default_model(caller_of(request.scope)) or state.settings.default_model
+    model = _default_model(state, caller_of(request.scope)) or state.settings.default_model
+    current = await checkpoint(state, model)
     return {
-        "sd_model_checkpoint": model,
-        "sd_checkpoint_hash": None,
+        # A1111's shape: the title as in /sd-models (Open WebUI matches the two), the sha256.
+        "sd_model_checkpoint": current.title,
+        "sd_checkpoint_hash": current.sha256,
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
@@ -241,7 +230,7 @@ async def set_options(request: Request) -> None:
         raise errors.InvalidRequestError("the options body must be a JSON object", param="body")
     wanted = body.get("sd_model_checkpoint")
     if wanted:
-        model = checkpoint_model(state, str(wanted))
+        model = await model_named(state, str(wanted))
         state.a1111.set_default_model(caller_of(request.scope), model)
     return None
 

@@ -1,7 +1,8 @@
-"""What the A1111 API keeps per caller (an API key, or a client address with keys off), in
-memory: the default model POST /sdapi/v1/options set, and the calls in flight that
-/sdapi/v1/progress reports and /interrupt and /skip cancel. One caller never sees or stops
-another's work: A1111's own state is global, a shared server's must not be."""
+"""What the A1111 API keeps per caller (an API key, or a client address with keys off): the
+default model POST /sdapi/v1/options set (in the database, server.http.a1111_store), and the
+calls in flight, in memory, that /sdapi/v1/progress reports and /interrupt and /skip cancel.
+One caller never sees or stops another's work: A1111's own state is global, a shared
+server's must not be."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.base import Events
+from server.db import Database
 from server.http import previews
+from server.http.a1111_store import DefaultModels
 
 
 @dataclass(eq=False)
@@ -55,15 +58,15 @@ class A1111Call(Events):
 
 
 class A1111State:
-    def __init__(self) -> None:
-        self._models: dict[str, str] = {}
+    def __init__(self, db: Database) -> None:
+        self._models = DefaultModels(db)
         self._calls: dict[str, list[A1111Call]] = defaultdict(list)
 
     def default_model(self, caller: str) -> str | None:
         return self._models.get(caller)
 
     def set_default_model(self, caller: str, model: str) -> None:
-        self._models[caller] = model
+        self._models.set(caller, model)
 
     def begin(self, caller: str, task_id: str, *, preview_every: int = 0) -> A1111Call:
         call = A1111Call(task_id=task_id, preview_every=preview_every)

@@ -25,6 +25,7 @@ from server.http import (
     routes_ops,
 )
 from server.http import errors as http_errors
+from server.http.a1111_state import A1111State
 from server.http.auth import ApiKeys, AuthMiddleware
 from server.http.batches import BatchesServing
 from server.http.job_store import JobStore
@@ -61,6 +62,7 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
         serving=serving,
         jobs=jobs,
         batches=BatchesServing(settings, service, jobs, readiness),
+        a1111=A1111State(service.db),
         owns_service=owns_service,
         started=time.time(),
     )

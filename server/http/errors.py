@@ -145,14 +145,19 @@ def internal_error_object(what: str) -> dict[str, Any]:
     }
 
 
-def internal_error(request_id: str | None) -> JSONResponse:
+def internal_error(request_id: str | None, dialect: Dialect = "openai") -> JSONResponse:
     what = f"request id {request_id}" if request_id else "no request id"
-    return JSONResponse({"error": internal_error_object(what)}, status_code=500)
+    error = internal_error_object(what)
+    return error_response(
+        500, error["message"], code=error["code"], error_type=error["type"], dialect=dialect
+    )
 
 
-def internal_error_bytes(request_id: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """The same 500 envelope for raw ASGI middleware: (status, headers, body)."""
-    response = internal_error(request_id)
+def internal_error_bytes(
+    request_id: str | None, dialect: Dialect = "openai"
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The same 500 for raw ASGI middleware: (status, headers, body)."""
+    response = internal_error(request_id, dialect)
     return response.status_code, list(response.raw_headers), bytes(response.body)
 
 

@@ -1,6 +1,6 @@
 """Per-request ASGI middleware: the request id (X-Request-Id on every response), the catch-all
-that logs an unexpected exception and answers with a generic 500 envelope, and the cap on
-request bodies."""
+that logs an unexpected exception and answers with a generic 500, and the cap on request
+bodies; both answers in the error shape of the path's dialect (server.http.errors)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.errors import error_response, internal_error_bytes
+from server.http.errors import dialect_of, error_response, internal_error_bytes
 
 log = logging.getLogger("server.http")
 
@@ -60,7 +60,7 @@ class RequestContextMiddleware:
             if started:
                 # Headers are out: all that is left is to end the response.
                 return
-            status, headers, body = internal_error_bytes(request_id)
+            status, headers, body = internal_error_bytes(request_id, dialect_of(scope["path"]))
             await send_with_id(
                 {"type": "http.response.start", "status": status, "headers": headers}
             )
@@ -74,7 +74,8 @@ class _BodyTooLarge(Exception):
 class BodyLimitMiddleware:
     """Caps request bodies (batch uploads are the big ones) at server.max_body_mb: a declared
     Content-Length past it is refused before anything is read; a chunked body is cut off as
-    soon as it passes it. Either way the answer is a 413 in the OpenAI envelope."""
+    soon as it passes it. Either way the answer is a 413 (A1111's shape on /sdapi/, else the
+    OpenAI envelope)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -126,6 +127,7 @@ class BodyLimitMiddleware:
             f"the request body is larger than this server takes ({limit_mb:g} MB, "
             "server.max_body_mb); split the batch into smaller uploads or raise the limit",
             code="request_too_large",
+            dialect=dialect_of(scope["path"]),
         )
         await response(scope, receive, send)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -25,13 +25,13 @@ class AppState:
     serving: ImagesServing
     jobs: JobRunner
     batches: BatchesServing
+    # The A1111 API's per-caller default models and calls in flight.
+    a1111: A1111State
     # Whether the app built the service (and so closes it at shutdown).
     owns_service: bool
     started: float
     # Called when a named model fails to load (`imagegen serve` exits; tests just see 503).
     on_load_failed: Callable[[str], None] | None = None
-    # The A1111 API's per-caller default models and calls in flight.
-    a1111: A1111State = field(default_factory=A1111State)
 
 
 def app_state(request: Request) -> AppState:

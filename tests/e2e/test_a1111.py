@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import webuiapi
 from PIL import Image
 
 from models.local import tiny_loras
+from server import pngmeta
 from tests.helpers_images import gradient, white_mask
 from tests.helpers_server import (
     API_KEY,
@@ -96,6 +98,12 @@ def _client(server: LiveServer, key: str = API_KEY) -> httpx.Client:
 
 def _pixels(image: Image.Image) -> np.ndarray[Any, Any]:
     return np.asarray(image.convert("RGB"))
+
+
+def _titles(server: LiveServer) -> dict[str, str]:
+    """Each listed model's A1111 title ("<name> [<short hash>]"), by model name."""
+    with _client(server) as client:
+        return {row["model_name"]: row["title"] for row in client.get("/sdapi/v1/sd-models").json()}
 
 
 def _a1111_error(response: httpx.Response) -> dict[str, Any]:
@@ -218,25 +226,23 @@ def test_sillytavern_body_with_its_extra_keys(server: LiveServer) -> None:
         ignored = set(info["imagegen"]["ignored_params"])
         assert {"url", "save_images", "scheduler", "override_settings.sd_vae"} <= ignored
         assert body["parameters"]["url"] == "http://127.0.0.1:7860"
-        # set-model, then its poll of /progress until idle.
-        titles = [row["title"] for row in client.get("/sdapi/v1/sd-models").json()]
-        assert "tiny-sdxl" in titles
-        assert client.post(
-            "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}
-        ).is_success
+        # set-model (the title from its model list), then its poll of /progress until idle.
+        title = _titles(server)["tiny-sdxl"]
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": title}).is_success
         progress = client.get("/sdapi/v1/progress").json()
         assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
 
 
 def test_models_and_options_are_per_key(server: LiveServer) -> None:
     api, other = _api(server), _api(server, OTHER_KEY)
+    titles = _titles(server)
     names = api.util_get_model_names()
-    assert "tiny-sdxl" in names and "tiny-flux" in names
-    assert api.util_get_current_model() == "tiny-sdxl"
+    assert titles["tiny-sdxl"] in names and titles["tiny-flux"] in names
+    assert api.util_get_current_model() == titles["tiny-sdxl"]
     try:
         api.util_set_model("tiny-flux")
-        assert api.util_get_current_model() == "tiny-flux"
-        assert other.util_get_current_model() == "tiny-sdxl"
+        assert api.util_get_current_model() == titles["tiny-flux"]
+        assert other.util_get_current_model() == titles["tiny-sdxl"]
     finally:
         api.util_set_model("tiny-sdxl")
     api.util_set_model("tiny-flux")
@@ -244,10 +250,103 @@ def test_models_and_options_are_per_key(server: LiveServer) -> None:
     with _client(server) as client:
         echoed = {**client.get("/sdapi/v1/options").json(), "sd_model_checkpoint": "TINY-SDXL"}
         assert client.post("/sdapi/v1/options", json=echoed).status_code == 200
-        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sdxl"
+        current = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+        assert current == titles["tiny-sdxl"]
         unknown = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope [abc]"})
     assert unknown.status_code == 404
     assert "sd-models" in _a1111_error(unknown)["detail"]
+
+
+def test_checkpoint_hashes_are_the_weights_revision(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """Titles, hashes, sd_checkpoint_hash and info.sd_model_hash are the revision of the weights
+    that the cache key and the PNG metadata carry: its sha256, the first 10 digits the short
+    hash. A hosted model has none, nor a built-in one not built yet (it is not built to be
+    named). A title, name, short hash or sha256 picks a model."""
+    data = fresh_data_dir(tmp_path, tiny_models_dir)
+    unbuilt = data / "models" / "tiny-flux-fill"
+    shutil.rmtree(unbuilt)
+    settings = tiny_settings(data, top={"providers": {"stability": {"api_key": "k-never-used"}}})
+    with live_server(settings) as live, httpx.Client(base_url=live.url, timeout=120.0) as client:
+        generated = client.post("/sdapi/v1/txt2img", json={"prompt": "a kite", **SMALL}).json()
+        record = pngmeta.read(base64.b64decode(generated["images"][0]))[1] or {}
+        revision = str(record["model_revision"])
+        assert revision.startswith("sha256:")
+        sha256 = revision.removeprefix("sha256:")
+        assert len(sha256) == 64
+        assert json.loads(generated["info"])["sd_model_hash"] == sha256[:10]
+
+        rows = {row["model_name"]: row for row in client.get("/sdapi/v1/sd-models").json()}
+        sdxl, flux, hosted = rows["tiny-sdxl"], rows["tiny-flux"], rows["stability-core"]
+        assert (sdxl["title"], sdxl["hash"], sdxl["sha256"]) == (
+            f"tiny-sdxl [{sha256[:10]}]",
+            sha256[:10],
+            sha256,
+        )
+        assert (hosted["title"], hosted["hash"], hosted["sha256"]) == ("stability-core", None, None)
+        assert rows["tiny-flux-fill"]["hash"] is None and not unbuilt.exists()
+        options = client.get("/sdapi/v1/options").json()
+        assert options["sd_model_checkpoint"] == sdxl["title"]
+        assert options["sd_checkpoint_hash"] == sha256
+
+        assert flux["hash"] not in (None, sdxl["hash"]) and len(flux["sha256"]) == 64
+        for text in (
+            flux["title"],
+            "TINY-FLUX",
+            flux["hash"],
+            flux["sha256"],
+            f"sha256:{flux['hash']}",
+        ):
+            reset = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"})
+            assert reset.is_success
+            chosen = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": text})
+            assert chosen.status_code == 200, (text, chosen.text)
+            current = client.get("/sdapi/v1/options").json()
+            assert current["sd_model_checkpoint"] == flux["title"], text
+            assert current["sd_checkpoint_hash"] == flux["sha256"]
+        # tiny-flux is the default now; the aliases of tiny-sdxl share its hash, and the
+        # model itself is what the hash names.
+        override = {"sd_model_checkpoint": sdxl["hash"]}
+        by_hash = client.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "a kite", "override_settings": override, "send_images": False, **SMALL},
+        )
+        assert json.loads(by_hash.json()["info"])["sd_model_name"] == "tiny-sdxl"
+        unknown = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "0123456789"})
+        assert unknown.status_code == 404
+
+
+def test_a_callers_model_outlives_a_restart(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """POST /options is kept in the server's database per key: a new server on the same data
+    directory answers with it for that key only; a model gone from the catalogue since falls
+    back to the server's default."""
+    data = fresh_data_dir(tmp_path, tiny_models_dir)
+    third = "third-key-5555555555"
+
+    def settings(*models: dict[str, Any]) -> Any:
+        keys = [API_KEY, OTHER_KEY, third]
+        return tiny_settings(data, api_keys=keys, models=[], top={"models": list(models)})
+
+    own = {"name": "own-sdxl", "kind": "sdxl", "source": "builtin:tiny-sdxl"}
+    with live_server(settings(own)) as live:
+        titles = _titles(live)
+        with _client(live) as mine, _client(live, third) as gone:
+            assert mine.post(
+                "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-flux"}
+            ).is_success
+            assert gone.post(
+                "/sdapi/v1/options", json={"sd_model_checkpoint": "own-sdxl"}
+            ).is_success
+            assert gone.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["own-sdxl"]
+    with live_server(settings()) as again:
+        options = {}
+        for key in (API_KEY, OTHER_KEY, third):
+            with _client(again, key) as client:
+                options[key] = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    assert options == {
+        API_KEY: titles["tiny-flux"],
+        OTHER_KEY: titles["tiny-sdxl"],
+        third: titles["tiny-sdxl"],
+    }
 
 
 def test_per_request_checkpoint_override(server: LiveServer) -> None:
@@ -285,6 +384,25 @@ def test_errors_in_a1111_shape(server: LiveServer) -> None:
         assert _client(server).get(path).status_code == 200
 
 
+def test_a_body_past_the_limit_is_a1111s_413(tmp_path: Path, tiny_models_dir: Path) -> None:
+    settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir), max_body_mb=0.01, models=[])
+    big = json.dumps({"prompt": "x", "init_images": ["A" * 20_000]}).encode()
+    with live_server(settings) as live, live.client() as client:
+        declared = client.post(
+            "/sdapi/v1/img2img", content=big, headers={"Content-Type": "application/json"}
+        )
+        # Chunked: no Content-Length to go by, cut off once it passes the limit.
+        chunked = client.post(
+            "/sdapi/v1/img2img",
+            content=(big[i : i + 4096] for i in range(0, len(big), 4096)),
+            headers={"Content-Type": "application/json"},
+        )
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        error = _a1111_error(response)
+        assert error["error"] == "request_too_large" and "server.max_body_mb" in error["detail"]
+
+
 def test_basic_auth(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30.0) as client:
         missing = client.get("/sdapi/v1/options")
@@ -318,17 +436,19 @@ def test_open_webui_sequence_with_keys_off(tmp_path: Path, tiny_models_dir: Path
     ):
         options = client.get("/sdapi/v1/options")
         assert options.status_code == 200
-        assert options.json()["sd_model_checkpoint"] == "tiny-sdxl"
         models = client.get("/sdapi/v1/sd-models").json()
         assert {"title", "model_name"} <= set(models[0])
+        titles = {row["model_name"]: row["title"] for row in models}
+        assert options.json()["sd_model_checkpoint"] == titles["tiny-sdxl"]
         body = {"prompt": "a kite", "batch_size": 1, "width": 64, "height": 64, "steps": 2}
         generated = client.post("/sdapi/v1/txt2img", json={**body, "negative_prompt": "rain"})
         assert generated.status_code == 200, generated.text
         assert len(generated.json()["images"]) == 1
         assert json.loads(generated.json()["info"])["negative_prompt"] == "rain"
-        echoed = {**options.json(), "sd_model_checkpoint": "tiny-flux"}
+        echoed = {**options.json(), "sd_model_checkpoint": titles["tiny-flux"]}
         assert client.post("/sdapi/v1/options", json=echoed).status_code == 200
-        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-flux"
+        current = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+        assert current == titles["tiny-flux"]
 
 
 def test_progress_and_interrupt_touch_only_the_callers_work(

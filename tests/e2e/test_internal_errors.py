@@ -1,6 +1,7 @@
 """Internal exception text is logged with the request id, never returned: an unexpected error
-in a backend is a 500 (or a failed job) with a stable message naming the request id, and a
-model load that fails unexpectedly leaves /readyz saying so without the exception's text."""
+in a backend is a 500 (or a failed job) with a stable message naming the request id, in the
+error shape of the route's API (OpenAI's, or A1111's on /sdapi/v1), and a model load that
+fails unexpectedly leaves /readyz saying so without the exception's text."""
 
 from __future__ import annotations
 
@@ -77,6 +78,27 @@ def test_unexpected_error_is_a_500_with_the_request_id_only(
                 time.sleep(0.02)
             assert job["status"] == "failed" and job["error"]["code"] == "internal_error"
             assert SECRET not in str(job)
+    finally:
+        service.close()
+
+
+def test_unexpected_error_on_an_a1111_route_is_a1111s_500(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    """A1111's clients read its own error body: the catch-all 500 on /sdapi/v1 is in it, with
+    the request id and without the exception's text."""
+    settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir), models=[])
+    service = broken_service(settings, "generate")
+    body = {"prompt": "a lamp", "width": 64, "height": 64, "steps": 2}
+    try:
+        with live_server(settings, service=service) as server, server.client() as client:
+            response = client.post("/sdapi/v1/txt2img", json=body)
+            assert response.status_code == 500
+            error = response.json()
+            assert set(error) == {"error", "detail", "body", "errors"}, error
+            assert error["error"] == "internal_error"
+            assert response.headers["X-Request-Id"] in error["detail"]
+            assert SECRET not in response.text
     finally:
         service.close()
 

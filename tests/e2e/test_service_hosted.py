@@ -7,6 +7,7 @@ provider does."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +145,40 @@ def test_hosted_job_answers_at_once_and_reports_running(
         assert seen == sorted(seen, key=["queued", "running", "succeeded"].index)
         result = client.get(f"/v1/jobs/{job['id']}").json()["result"]
         assert result["imagegen"]["provider"] == "stability" and len(result["data"]) == 1
+
+
+def test_prompt_weighting_reaches_a_hosted_model_as_plain_text_on_every_surface(
+    tmp_path: Path, tiny_models_dir: Path, stability: StabilityStub
+) -> None:
+    """A1111's attention syntax sent to a hosted model, through the OpenAI route and the A1111
+    route alike: the provider gets the text without it, and both answers say it was dropped."""
+    settings = tiny_settings(
+        fresh_data_dir(tmp_path, tiny_models_dir),
+        models=[],
+        top={"providers": providers(stability)},
+    )
+    prompt = "a (lighthouse:1.4) at [dusk]"
+    with live_server(settings) as server, server.client() as client:
+        openai = client.post(
+            "/v1/images/generations",
+            json={"prompt": prompt, "model": "stability-core", "seed": 1},
+        )
+        assert openai.status_code == 200, openai.text
+        assert "prompt weighting" in openai.json()["imagegen"]["dropped_params"]
+        a1111 = client.post(
+            "/sdapi/v1/txt2img",
+            json={
+                "prompt": prompt,
+                "negative_prompt": "(fog:1.2)",
+                "seed": 2,
+                "width": 1024,
+                "height": 1024,
+                "override_settings": {"sd_model_checkpoint": "stability-core"},
+            },
+        )
+        assert a1111.status_code == 200, a1111.text
+        info = json.loads(a1111.json()["info"])
+        assert "prompt weighting" in info["imagegen"]["dropped_params"]
+    forms = [request.form or {} for request in stability.state.of("generate")]
+    assert [form["prompt"] for form in forms] == ["a lighthouse at dusk"] * 2
+    assert forms[1]["negative_prompt"] == "fog"

@@ -1,4 +1,4 @@
-"""The A1111 attention-syntax parser (models.local.prompt_weights): A1111's own documented
+"""The A1111 attention-syntax parser (models.prompt_weights): A1111's own documented
 examples to the float, escapes, unbalanced brackets, non-numeric weights, BREAK chunks, and
 the plain text a prompt without effective syntax runs as."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.local.prompt_weights import Segment, chunk_count, parse, parse_prompt_attention
+from models.prompt_weights import Segment, chunk_count, parse, parse_prompt_attention
 
 # A1111's parse_prompt_attention docstring, verbatim (modules/prompt_parser.py).
 A1111_EXAMPLES = [

@@ -1,6 +1,7 @@
 """A1111's prompt attention syntax, parsed (torch-free): `(text:1.3)`, `(text)` (x1.1),
 `[text]` (/1.1), nesting, the escapes `\\(` `\\)` `\\[` `\\]` `\\\\`, and `BREAK` (a new
-75-token chunk). models.local.weighted_embeds turns a parse into text embeddings.
+75-token chunk). models.local.weighted_embeds turns a parse into text embeddings; a model
+that cannot weight (Flux, the hosted APIs) gets `ParsedPrompt.text`, the text without it.
 
 The rules are those of AUTOMATIC1111's `modules/prompt_parser.parse_prompt_attention`:
 an unclosed bracket weights everything after it, a closing one without an opener is text,
