@@ -19,11 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from PIL import Image
 
 from tests.helpers_server import API_KEY, LiveServer, fresh_data_dir, live_server, tiny_settings
-from tests.stubs.common import require_specs
-from tests.stubs.fixtures import FAST, live
 from tests.stubs.openai_stub import OpenAIStub
 
-OPENAI_KEY = "sk-test-openai-good"
 PUBLIC = "https://images.example.test/gen"
 
 
@@ -31,24 +28,6 @@ PUBLIC = "https://images.example.test/gen"
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[LiveServer]:
     data = fresh_data_dir(tmp_path_factory.mktemp("aliases"), tiny_models_dir)
     settings = tiny_settings(data, api_keys=[API_KEY], public_base_url=PUBLIC)
-    with live_server(settings) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    require_specs()  # the stub checks every request against OpenAI's published schema
-    with live(OpenAIStub(api_key=OPENAI_KEY)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def keyed(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path, stub: OpenAIStub
-) -> Iterator[LiveServer]:
-    data = fresh_data_dir(tmp_path_factory.mktemp("aliases-keyed"), tiny_models_dir)
-    providers = {"openai": {"base_url": stub.url, "api_key": OPENAI_KEY, **FAST}}
-    settings = tiny_settings(data, api_keys=[API_KEY], top={"providers": providers})
     with live_server(settings) as running:
         yield running
 

@@ -28,16 +28,12 @@ from tests.helpers_server import (
     LiveServer,
     WatchedRunner,
     fresh_data_dir,
-    live_server,
     metric_value,
     tiny_settings,
     watched_server,
 )
-from tests.stubs.common import reply, require_specs
-from tests.stubs.fixtures import FAST, live
+from tests.stubs.common import reply
 from tests.stubs.openai_stub import OpenAIStub, content_policy_violation
-
-OPENAI_KEY = "sk-test-openai-good"
 
 DEADLINE_S = 60  # only stops a hung test
 
@@ -300,24 +296,6 @@ def test_a_client_that_leaves_a_stream_stops_the_work(
         assert 1 <= stopped.steps < 8
         # Work nobody received is neither billed nor cached.
         assert http.get("/v1/stats").json()["requests"] == billed + 1
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    require_specs()  # the stub checks every request against OpenAI's published schema
-    with live(OpenAIStub(api_key=OPENAI_KEY)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def keyed(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path, stub: OpenAIStub
-) -> Iterator[LiveServer]:
-    data = fresh_data_dir(tmp_path_factory.mktemp("stream-keyed"), tiny_models_dir)
-    providers = {"openai": {"base_url": stub.url, "api_key": OPENAI_KEY, **FAST}}
-    settings = tiny_settings(data, api_keys=[API_KEY], top={"providers": providers})
-    with live_server(settings) as running:
-        yield running
 
 
 def test_a_hosted_model_streams_its_image_and_a_later_failure_is_an_error_event(
