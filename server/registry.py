@@ -10,6 +10,7 @@ from typing import Any
 
 from models.base import Backend, ModelSpec
 from models.catalogue import Catalogue
+from models.local.residency import Policy, Residency
 from models.local.worker import DeviceWorker, Runner, WorkerObserver
 
 __all__ = ["BackendRegistry", "WorkerObserver"]
@@ -43,10 +44,33 @@ class BackendRegistry:
             max_queue_images=local.max_queue_images,
             observer=observer,
             on_fault=self._device_failed,
+            residency=Residency(
+                device=local.device,
+                budgets=self._budgets,
+                policies={
+                    name: Policy(pinned=p.pinned, idle_unload_s=p.idle_unload_s)
+                    for name, p in local.model_policies.items()
+                },
+            ),
         )
         self._fault_listeners: list[Callable[[str], None]] = []
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
+
+    def _budgets(self) -> tuple[int | None, int]:
+        """The device's budget and its host tier's (models.local.residency), asked on the
+        worker thread before the first load."""
+        from models.local.residency import device_budget, host_budget
+        from models.local.runtime import pick_device
+
+        local = self.settings.local
+        device = pick_device(local.device)
+        # Named as it resolved ("auto" -> "cuda") in listings and messages from now on.
+        self.worker.name = self.worker.residency.device = device
+        return (
+            device_budget(device, memory_gb=local.memory_gb, reserve_gb=local.memory_reserve_gb),
+            host_budget(device, host_memory_gb=local.host_memory_gb),
+        )
 
     def spec(self, name: str) -> ModelSpec:
         spec = self.catalogue.get(name)
@@ -130,6 +154,7 @@ class BackendRegistry:
         from models.local import sources
 
         rows = []
+        places = {place.name: place for place in self.worker.residency.places()}
         for name in self.catalogue.names():
             spec = self.catalogue.specs[name]
             backend = self._backends.get(name)
@@ -148,6 +173,13 @@ class BackendRegistry:
                 row["available"] = found.available
                 if found.reason is not None:
                     row["reason"] = found.reason
+                # Where its weights are (models.local.residency): on the device, in host RAM
+                # (evicted, fast to bring back) or only on disk; what they take once loaded.
+                place = places.get(name)
+                row["where"] = place.where if place is not None else "disk"
+                row["device"] = self.worker.name
+                row["footprint_bytes"] = place.footprint_bytes if place is not None else None
+                row["pinned"] = self.worker.residency.policy(name).pinned
             else:
                 configured = spec.source in self.settings.providers or (
                     spec.kind in self.settings.providers
@@ -159,6 +191,21 @@ class BackendRegistry:
                     row["reason"] = f"set providers.{spec.source or spec.kind}.api_key"
             rows.append(row)
         return rows
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Each device's budget and what loaded models take of it (and of its host tier)."""
+        residency = self.worker.residency
+        return [
+            {
+                "device": self.worker.name,
+                "budget_bytes": residency.budget_bytes,
+                "used_bytes": residency.used_bytes("device"),
+                "host_budget_bytes": residency.host_budget_bytes,
+                "host_used_bytes": residency.used_bytes("host"),
+                "loads": residency.loads,
+                "evictions": residency.evictions,
+            }
+        ]
 
     async def aclose(self) -> None:
         for backend in self._backends.values():

@@ -574,7 +574,12 @@ class ImageService:
             **self.ledger.stats(),
             "cache": self.cache.stats(),
             "usd_per_gpu_hour": self.costs.usd_per_gpu_hour,
+            "devices": self.devices(),
         }
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Each device's memory budget and use (models.local.residency)."""
+        return self.registry.devices()
 
     async def aclose(self) -> None:
         await self.registry.aclose()

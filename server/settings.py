@@ -55,6 +55,15 @@ class CostSettings(BaseModel):
         )
 
 
+class ModelPolicySettings(BaseModel):
+    """How one local model is kept on the device (models.local.residency)."""
+
+    # Never evicted, and loaded at start-up.
+    pinned: bool = False
+    # Unloaded after this long unused (None: kept until room is needed).
+    idle_unload_s: float | None = Field(default=None, gt=0)
+
+
 class LocalSettings(BaseModel):
     """How local diffusers pipelines run."""
 
@@ -78,6 +87,17 @@ class LocalSettings(BaseModel):
     lora_dir: Path | None = None
     # Adapters kept loaded per model; past it the least recently used one is unloaded.
     max_loaded_loras: int = Field(default=8, ge=1)
+    # What the device may hold of loaded models, in GB; past it the least recently used ones
+    # are evicted (to host RAM on a GPU, then dropped). Default: what the device reports
+    # (a GPU's memory, or the host's RAM for the CPU) less memory_reserve_gb, the working
+    # room a batch's activations need.
+    memory_gb: float | None = Field(default=None, gt=0)
+    memory_reserve_gb: float = Field(default=2.0, ge=0)
+    # Host RAM for models evicted from a GPU (fast to bring back), in GB. Default: half the
+    # host's RAM. The CPU device has no such tier: its models are already in host RAM.
+    host_memory_gb: float | None = Field(default=None, ge=0)
+    # Per model: {"sdxl": {"pinned": true}, "flux-dev": {"idle_unload_s": 600}}.
+    model_policies: dict[str, ModelPolicySettings] = Field(default_factory=dict)
 
 
 class ServerSettings(BaseModel):

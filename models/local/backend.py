@@ -247,7 +247,7 @@ class DiffusersBackend(Backend):
         async with self._load_lock:
             if self.loaded:
                 return
-            await asyncio.wrap_future(self.worker.call(self.runner.load))
+            await asyncio.wrap_future(self.worker.make_resident(self.runner))
 
     async def generate(
         self,
@@ -262,6 +262,7 @@ class DiffusersBackend(Backend):
             runner=self._device_runner,
             precise=precise,
             events=events,
+            resident=self.runner,
         )
         result = await self.worker.run(item)
         return BackendResult(

@@ -26,6 +26,7 @@ from models.local import families, images, schedulers, sources, weighted_embeds
 from models.local.adapters import Adapters
 from models.local.loras import LoraLibrary
 from models.local.previews import LatentPreviewer
+from models.local.residency import Where
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class PipelineRunner:
         self._count_tokenizer: Any = None
         self._token_counts: dict[str, int] = {}
         self._previewer: LatentPreviewer | None = None
+        self._on_host = False
+        # What CUDA's allocator grew by while the weights loaded (0 elsewhere).
+        self._allocated_by_load = 0
         self._scheduler_config: dict[str, object] | None = None
         self.loras = LoraLibrary(
             options.lora_dir or data_dir / "loras", memo_dir=sources.digest_memo_dir(data_dir)
@@ -125,8 +129,11 @@ class PipelineRunner:
             warnings.simplefilter("ignore", FutureWarning)
             pipe = self._from_source(cls, resolved, dtype)
         pipe.set_progress_bar_config(disable=True)
+        before = _allocated(torch, self.device)
         self._configure(pipe, torch)
+        self._allocated_by_load = max(0, _allocated(torch, self.device) - before)
         self.pipe = pipe
+        self._on_host = False
         self.pipes = {self.family.loads: pipe}
         self._base_scheduler_config = pipe.scheduler.config
         self._schedulers = {}
@@ -149,12 +156,15 @@ class PipelineRunner:
                 f"({type(exc).__name__}); the server log has the details"
             ) from None
 
-    def _configure(self, pipe: Any, torch: Any) -> None:
-        opts = self.options
-        if opts.cpu_offload and self.device.startswith("cuda"):
+    def _configure_placement(self, pipe: Any) -> None:
+        if self.options.cpu_offload and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(self.device)
+
+    def _configure(self, pipe: Any, torch: Any) -> None:
+        opts = self.options
+        self._configure_placement(pipe)
         if opts.attention == "xformers":
             try:
                 import xformers  # noqa: F401
@@ -177,6 +187,50 @@ class PipelineRunner:
         self.pipe = None
         self.pipes = {}
         self.adapters.forget()
+        self._on_host = False
+        self._previewer = None
+
+    # -- residency (models.local.residency) ------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def where(self) -> Where:
+        if self.pipe is None:
+            return "disk"
+        return "host" if self._on_host else "device"
+
+    def to_host(self) -> None:
+        """Move the weights to host RAM (a later to_device brings them back, faster than a
+        load from disk)."""
+        if self.pipe is not None and not self._on_host:
+            self.pipe.to("cpu")
+            self._on_host = True
+
+    def to_device(self) -> None:
+        if self.pipe is not None and self._on_host:
+            self._configure_placement(self.pipe)
+            self._on_host = False
+
+    def footprint_bytes(self) -> int:
+        """The bytes of every parameter and buffer of the pipeline's modules, each tensor once
+        (the pipelines of other tasks share them), or more where CUDA's allocator grew by
+        more while it loaded."""
+        if self.pipe is None:
+            return 0
+        seen: set[int] = set()
+        total = 0
+        for component in self.pipe.components.values():
+            tensors = getattr(component, "parameters", None)
+            if tensors is None:
+                continue
+            for tensor in (*component.parameters(), *component.buffers()):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+        return max(total, self._allocated_by_load)
 
     def pipeline_for(self, task: Task) -> Any:
         """The pipeline of `task`, made from the loaded one on first use. torch_dtype is
@@ -391,6 +445,12 @@ class PipelineRunner:
             return
         pipe.scheduler = schedulers.build(self.family.schedulers[name], self._base_scheduler_config)
         self._schedulers[id(pipe)] = name
+
+
+def _allocated(torch: Any, device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.memory_allocated(device))
+    return 0
 
 
 def _to_uint8(pixels: Any) -> tuple[Any, tuple[str, ...]]:

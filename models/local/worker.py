@@ -35,6 +35,7 @@ from models.base import (
     QueueFullError,
     WorkCancelledError,
 )
+from models.local.residency import Residency, Resident
 from models.local.runtime import describe_device_fault, is_fatal_device_error
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ class WorkItem:
     cancelled: bool = False
     # The place last reported through `events.queued` (reported again only when it moves).
     reported_position: int | None = None
+    # The model `runner` runs, as the worker's Residency knows it: made resident (loaded, or
+    # brought back from host RAM, others evicted to fit) right before its batch runs.
+    resident: Resident | None = None
 
     @property
     def key(self) -> BatchKey:
@@ -146,10 +150,13 @@ class DeviceWorker:
         max_queue_images: int = 64,
         observer: WorkerObserver | None = None,
         on_fault: Callable[[str], None] | None = None,
+        residency: Residency | None = None,
     ) -> None:
         """`on_fault(message)` is called once, from the worker thread, when the device fails
-        for good (see the module's docstring); it must not block."""
+        for good (see the module's docstring); it must not block. `residency` decides what
+        stays loaded (default: every model that loads stays, without a budget)."""
         self.name = name
+        self.residency = residency or Residency(device=name, budget_bytes=None)
         self.max_batch_images = max_batch_images
         self.batch_window_s = batch_window_s
         self.max_queue_images = max_queue_images
@@ -213,6 +220,11 @@ class DeviceWorker:
             self._cond.notify_all()
         self.start()
         return future
+
+    def make_resident(self, resident: Resident) -> concurrent.futures.Future[Any]:
+        """Load `resident` (or bring it back from host RAM) on the worker thread, within the
+        device's budget."""
+        return self.call(lambda: self.residency.ensure(resident))
 
     def admit(self, images: int) -> None:
         """Raise what `submit` would refuse a request of `images` images for, now."""
@@ -317,10 +329,18 @@ class DeviceWorker:
                     and not self._stopping
                     and self._fault is None
                 ):
-                    self._cond.wait()
+                    # Idle: wake when an idle unload (idle_unload_s) falls due.
+                    due = self.residency.next_sweep_s()
+                    if due is not None and due <= 0:
+                        break
+                    self._cond.wait(due)
                 if self._stopping or self._fault is not None:
                     return
                 control = self._control.popleft() if self._control else None
+                idle = not self._queue and control is None
+            if idle:
+                self.residency.sweep()
+                continue
             if control is not None:
                 fn, future = control
                 # A caller that gave up (a load whose request went away) cancelled its future:
@@ -428,6 +448,8 @@ class DeviceWorker:
                 runner.interrupt()
 
         try:
+            if batch[0].resident is not None:
+                self.residency.ensure(batch[0].resident)
             output = runner.run_batch(
                 [item.params for item in batch], precise=batch[0].precise, on_step=on_step
             )

@@ -43,7 +43,8 @@ log = logging.getLogger("server.http")
 
 def create_app(settings: Settings, service: ImageService | None = None) -> FastAPI:
     """The HTTP API over `service` (built from `settings` when None, and then closed with the
-    app). Models named in settings.server.models load and warm up after start-up."""
+    app). Models named in settings.server.models, and pinned ones, load and warm up after
+    start-up."""
     metrics = Metrics()
     owns_service = service is None
     if service is None:
@@ -51,7 +52,10 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
         service = ImageService(settings, registry=registry)
     else:
         service.watch_device(metrics)
-    readiness = Readiness(settings.server.models, fault=service.device_fault)
+    # Pinned models (local.model_policies) load at start-up too: they are never evicted.
+    pinned = [n for n, p in settings.local.model_policies.items() if p.pinned]
+    startup = [*settings.server.models, *(n for n in pinned if n not in settings.server.models)]
+    readiness = Readiness(startup, fault=service.device_fault)
     serving = ImagesServing(settings, service, metrics, readiness)
     jobs = JobRunner(JobStore(service.db), serving)
     state = AppState(

@@ -3,6 +3,8 @@ tests); implements the device worker's observer hooks (queue depth, batches)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -88,6 +90,19 @@ class Metrics:
             "imagegen_cache_misses", "Requests that ran a backend.", ["model"], registry=r
         )
         self.ready = Gauge("imagegen_ready", "1 once the named models are loaded.", registry=r)
+        self.device_memory = Gauge(
+            "imagegen_device_memory_bytes",
+            "Each device's budget for loaded models and what they use of it, and of its "
+            "host-RAM tier (kind: budget, used, host_budget, host_used).",
+            ["device", "kind"],
+            registry=r,
+        )
+        self.model_memory = Gauge(
+            "imagegen_model_memory_bytes",
+            "What each loaded local model takes, by where it is (device or host RAM).",
+            ["model", "device", "where"],
+            registry=r,
+        )
 
     # -- models.local.worker.WorkerObserver ----------------------------------------------
 
@@ -118,6 +133,21 @@ class Metrics:
 
     def failed(self, endpoint: str, model: str, status: int) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()
+
+    def residency(self, devices: list[dict[str, Any]], models: list[dict[str, Any]]) -> None:
+        """Set the memory gauges from the registry's view (asked when /metrics is read)."""
+        for row in devices:
+            for kind in ("budget", "used", "host_budget", "host_used"):
+                value = row.get(f"{kind}_bytes")
+                if value is not None:
+                    self.device_memory.labels(row["device"], kind).set(value)
+        # Models move between places: only where each is now is a sample.
+        self.model_memory.clear()
+        for row in models:
+            if row.get("where") in ("device", "host") and row.get("footprint_bytes"):
+                self.model_memory.labels(row["name"], row["device"], row["where"]).set(
+                    row["footprint_bytes"]
+                )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

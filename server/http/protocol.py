@@ -52,6 +52,12 @@ class ModelCard(BaseModel):
     description: str = ""
     # An extension: the model this name is a client alias of (GET /v1/models lists aliases).
     alias_of: str | None = None
+    # Local models: where the weights are ("device", "host" RAM after an eviction, or only
+    # "disk"), on which device, what they take there once loaded, and whether pinned.
+    where: Literal["device", "host", "disk"] | None = None
+    device: str | None = None
+    footprint_bytes: int | None = None
+    pinned: bool | None = None
 
 
 class ModelList(BaseModel):

@@ -24,6 +24,10 @@ def _card(state: AppState, row: dict[str, Any]) -> ModelCard:
         kind=str(row["kind"]),
         description=str(row.get("description") or ""),
         alias_of=row.get("alias_of"),
+        where=row.get("where"),
+        device=row.get("device"),
+        footprint_bytes=row.get("footprint_bytes"),
+        pinned=row.get("pinned"),
     )
 
 

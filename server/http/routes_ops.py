@@ -32,7 +32,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(app_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    state = app_state(request)
+    state.metrics.residency(state.service.devices(), state.service.models())
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/stats")

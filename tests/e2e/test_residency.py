@@ -1,0 +1,89 @@
+"""Model residency over HTTP, on the tiny models: with a device budget that holds two of three
+models and one of them pinned, requests that alternate across the three all succeed, the pinned
+model stays on the device, and /v1/models, /v1/stats and /metrics say where each model is and
+what the device holds."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers_images import alpha_mask, gradient, png
+from tests.helpers_server import (
+    LiveServer,
+    fresh_data_dir,
+    live_server,
+    metric_value,
+    tiny_settings,
+)
+
+# Measured footprints of the tiny models (float32 on the CPU): tiny-sdxl and
+# tiny-sdxl-inpaint about 5.1 MB each, tiny-flux about 0.6 MB. 10.5 MB holds the two SDXL
+# models, or one of them and tiny-flux, never all three.
+BUDGET_GB = 10.5e6 / 1024**3
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[LiveServer]:
+    data = fresh_data_dir(tmp_path_factory.mktemp("residency"), tiny_models_dir)
+    settings = tiny_settings(
+        data,
+        models=[],
+        local={"memory_gb": BUDGET_GB, "model_policies": {"tiny-sdxl": {"pinned": True}}},
+    )
+    with live_server(settings) as live:
+        yield live
+
+
+def generate(http: httpx.Client, model: str, seed: int) -> httpx.Response:
+    body = {"model": model, "prompt": "a boat", "size": "64x64", "seed": seed, "steps": 2}
+    if model == "tiny-sdxl-inpaint":
+        files = {
+            "image": ("in.png", png(gradient(64, 64))),
+            "mask": ("mask.png", alpha_mask(64, 64, (16, 16, 48, 48))),
+        }
+        fields = {k: str(v) for k, v in body.items()}
+        return http.post("/v1/images/edits", data=fields, files=files)
+    return http.post("/v1/images/generations", json=body)
+
+
+def places(http: httpx.Client) -> dict[str, Any]:
+    return {
+        card["id"]: card
+        for card in http.get("/v1/models").json()["data"]
+        if card["id"].startswith("tiny-")
+    }
+
+
+def test_three_models_in_room_for_two_with_one_pinned(server: LiveServer) -> None:
+    with server.client() as http:
+        # The pinned model was loaded at start-up.
+        assert places(http)["tiny-sdxl"]["where"] == "device"
+        order = ["tiny-sdxl-inpaint", "tiny-flux", "tiny-sdxl", "tiny-sdxl-inpaint", "tiny-flux"]
+        for seed, model in enumerate(order * 2):
+            response = generate(http, model, seed)
+            assert response.status_code == 200, response.text
+            assert base64.b64decode(response.json()["data"][0]["b64_json"])
+            cards = places(http)
+            assert cards["tiny-sdxl"]["where"] == "device"
+            assert cards[model]["where"] == "device"
+            on_device = [c for c in cards.values() if c["where"] == "device"]
+            assert sum(c["footprint_bytes"] for c in on_device) <= BUDGET_GB * 1024**3
+        cards = places(http)
+        assert cards["tiny-sdxl"]["pinned"] is True and cards["tiny-flux"]["pinned"] is False
+        assert cards["tiny-sdxl"]["footprint_bytes"] > cards["tiny-flux"]["footprint_bytes"] > 0
+        assert cards["tiny-sdxl"]["device"] == "cpu"  # "auto", as it resolved
+        (device,) = http.get("/v1/stats").json()["devices"]
+        assert device["budget_bytes"] == int(BUDGET_GB * 1024**3)
+        assert device["evictions"] >= 4
+        assert 0 < device["used_bytes"] <= device["budget_bytes"]
+        text = http.get("/metrics").text
+        assert metric_value(text, "imagegen_device_memory_bytes", kind="budget") == int(
+            BUDGET_GB * 1024**3
+        )
+        assert metric_value(text, "imagegen_model_memory_bytes", model="tiny-sdxl") > 0

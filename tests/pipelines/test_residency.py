@@ -1,0 +1,155 @@
+"""Model residency (models.local.residency) on the real tiny pipelines and one device worker:
+with a budget that fits two of three models, requests that alternate across the three are all
+served, least-recently-used models make room, a pinned model is never evicted, and an idle
+model is unloaded after its idle_unload_s."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from models.base import GenerationParams
+from models.catalogue import Catalogue
+from models.local.backend import DiffusersBackend
+from models.local.pipeline import RuntimeOptions
+from models.local.residency import Policy, Residency
+from models.local.worker import DeviceWorker
+from tests.pipelines.test_image_inputs import encode, picture, square_mask
+
+MODELS = ("tiny-sdxl", "tiny-sdxl-inpaint", "tiny-flux")
+DEADLINE_S = 120  # only stops a hung test
+
+
+def params(name: str, seed: int) -> GenerationParams:
+    """A request each model can serve (the inpainting model takes an image and a mask)."""
+    spec = Catalogue.load().specs[name]
+    inputs = (
+        {"images": (encode(picture(1)),), "mask": encode(square_mask())}
+        if name == "tiny-sdxl-inpaint"
+        else {}
+    )
+    return GenerationParams(
+        prompt="a boat",
+        model=name,
+        width=64,
+        height=64,
+        n=1,
+        seed=seed,
+        steps=2,
+        guidance_scale=2.0,
+        scheduler=spec.defaults.scheduler,
+        **inputs,
+    )
+
+
+@pytest.fixture
+def footprints(data_dir: Path) -> dict[str, int]:
+    """Each model's measured footprint (a first load with no budget)."""
+    worker = DeviceWorker(name="cpu")
+    try:
+        backends = _backends(worker, data_dir)
+        for backend in backends.values():
+            worker.make_resident(backend.runner).result(timeout=DEADLINE_S)
+        return {name: b.runner.footprint_bytes() for name, b in backends.items()}
+    finally:
+        worker.stop()
+
+
+def _backends(worker: DeviceWorker, data_dir: Path) -> dict[str, DiffusersBackend]:
+    catalogue = Catalogue.load()
+    return {
+        name: DiffusersBackend(
+            catalogue.specs[name],
+            data_dir=data_dir,
+            worker=worker,
+            options=RuntimeOptions(device="cpu"),
+        )
+        for name in MODELS
+    }
+
+
+@pytest.fixture
+def two_of_three(data_dir: Path, footprints: dict[str, int]) -> Iterator[DeviceWorker]:
+    """A worker whose budget holds the two largest models but not all three."""
+    sizes = sorted(footprints.values())
+    budget = sizes[1] + sizes[2]
+    assert sum(sizes) > budget
+    worker = DeviceWorker(name="cpu", residency=Residency(device="cpu", budget_bytes=budget))
+    yield worker
+    worker.stop()
+
+
+def test_alternating_across_three_models_evicts_the_least_recent_and_never_fails(
+    two_of_three: DeviceWorker, data_dir: Path
+) -> None:
+    import asyncio
+
+    worker = two_of_three
+    backends = _backends(worker, data_dir)
+    residency = worker.residency
+
+    async def run(name: str, seed: int) -> None:
+        result = await backends[name].generate(params(name, seed))
+        assert len(result.images) == 1
+
+    order = ["tiny-sdxl", "tiny-sdxl-inpaint", "tiny-flux"] * 2 + ["tiny-flux", "tiny-sdxl"]
+    seen: list[dict[str, str]] = []
+    for seed, name in enumerate(order):
+        asyncio.run(run(name, seed))
+        seen.append({p.name: p.where for p in residency.places()})
+        assert residency.budget_bytes is not None
+        assert residency.used_bytes() <= residency.budget_bytes
+    # The third model in pushed out the least recently used one (the first); on the CPU an
+    # evicted model is dropped (its memory is the host's already).
+    assert seen[2] == {"tiny-sdxl": "disk", "tiny-sdxl-inpaint": "device", "tiny-flux": "device"}
+    assert seen[3]["tiny-sdxl"] == "device" and seen[3]["tiny-sdxl-inpaint"] == "disk"
+    # A repeat of a resident model evicts nothing.
+    assert seen[6] == seen[5]
+    assert residency.evictions >= 4
+
+
+def test_a_pinned_model_is_never_evicted(data_dir: Path, footprints: dict[str, int]) -> None:
+    import asyncio
+
+    sizes = sorted(footprints.values())
+    residency = Residency(
+        device="cpu",
+        budget_bytes=sizes[1] + sizes[2],
+        policies={"tiny-sdxl": Policy(pinned=True)},
+    )
+    worker = DeviceWorker(name="cpu", residency=residency)
+    try:
+        backends = _backends(worker, data_dir)
+        for seed, name in enumerate(["tiny-sdxl", "tiny-sdxl-inpaint", "tiny-flux"] * 2):
+            asyncio.run(backends[name].generate(params(name, seed)))
+            places = {p.name: p.where for p in residency.places()}
+            assert places["tiny-sdxl"] == "device"
+        assert residency.evictions >= 3
+    finally:
+        worker.stop()
+
+
+def test_an_idle_model_is_unloaded_after_its_idle_unload_s(data_dir: Path) -> None:
+    import asyncio
+    import time
+
+    residency = Residency(
+        device="cpu", budget_bytes=None, policies={"tiny-flux": Policy(idle_unload_s=0.2)}
+    )
+    worker = DeviceWorker(name="cpu", residency=residency)
+    try:
+        backends = _backends(worker, data_dir)
+        asyncio.run(backends["tiny-flux"].generate(params("tiny-flux", 1)))
+        asyncio.run(backends["tiny-sdxl"].generate(params("tiny-sdxl", 1)))
+        deadline = time.monotonic() + DEADLINE_S
+        while backends["tiny-flux"].runner.where != "disk":
+            assert time.monotonic() < deadline, "the idle model was never unloaded"
+            time.sleep(0.05)
+        # Only the model with the policy goes.
+        assert backends["tiny-sdxl"].runner.where == "device"
+        # And it comes back on the next request.
+        asyncio.run(backends["tiny-flux"].generate(params("tiny-flux", 2)))
+    finally:
+        worker.stop()
