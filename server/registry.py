@@ -1,21 +1,25 @@
 """The backend registry: one Backend per catalogue model, created on first use, and the
-device worker that owns every local pipeline."""
+local devices (one worker each, models.local.devices) that own every local pipeline."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from models.base import Backend, ModelSpec
 from models.catalogue import Catalogue
-from models.local.residency import Policy, Residency
+from models.local.devices import DevicePool
+from models.local.residency import ModelPlace, Policy, Residency
 from models.local.worker import DeviceWorker, Runner, WorkerObserver
-
-__all__ = ["BackendRegistry", "WorkerObserver"]
 from server import errors
 from server.settings import Settings
+
+__all__ = ["BackendRegistry", "WorkerObserver"]
+
+log = logging.getLogger(__name__)
 
 
 class BackendRegistry:
@@ -36,41 +40,63 @@ class BackendRegistry:
         self._wrap = wrap
         self._wrap_runner = wrap_runner
         local = settings.local
-        # One device, one worker thread: diffusers pipelines are not thread-safe.
-        self.worker = DeviceWorker(
-            name=local.device,
-            max_batch_images=local.max_batch_size,
-            batch_window_s=local.batch_window_ms / 1000.0,
-            max_queue_images=local.max_queue_images,
-            observer=observer,
-            on_fault=self._device_failed,
-            residency=Residency(
-                device=local.device,
-                budgets=self._budgets,
-                policies={
-                    name: Policy(pinned=p.pinned, idle_unload_s=p.idle_unload_s)
-                    for name, p in local.model_policies.items()
-                },
-            ),
-        )
+        policies = {
+            name: Policy(pinned=p.pinned, idle_unload_s=p.idle_unload_s)
+            for name, p in local.model_policies.items()
+        }
+        # One worker thread per device: diffusers pipelines are not thread-safe, and each
+        # device has its own queue, batcher and resident set.
+        workers = [
+            DeviceWorker(
+                name=device,
+                max_batch_images=local.max_batch_size,
+                batch_window_s=local.batch_window_ms / 1000.0,
+                max_queue_images=local.max_queue_images,
+                observer=observer,
+                on_fault=self._device_failed,
+                residency=Residency(
+                    device=device, budgets=self._budgets_of(device), policies=policies
+                ),
+            )
+            for device in local.devices or [local.device]
+        ]
+        replicas = None if local.replicas == "auto" else local.replicas
+        self.pool = DevicePool(workers, max_replicas=replicas)
         self._fault_listeners: list[Callable[[str], None]] = []
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
-    def _budgets(self) -> tuple[int | None, int]:
-        """The device's budget and its host tier's (models.local.residency), asked on the
-        worker thread before the first load."""
-        from models.local.residency import device_budget, host_budget
-        from models.local.runtime import pick_device
+    @property
+    def worker(self) -> DeviceWorker:
+        """The first device's worker (the only one on a one-device server)."""
+        return self.pool.first
 
-        local = self.settings.local
-        device = pick_device(local.device)
-        # Named as it resolved ("auto" -> "cuda") in listings and messages from now on.
-        self.worker.name = self.worker.residency.device = device
-        return (
-            device_budget(device, memory_gb=local.memory_gb, reserve_gb=local.memory_reserve_gb),
-            host_budget(device, host_memory_gb=local.host_memory_gb),
-        )
+    @property
+    def workers(self) -> list[DeviceWorker]:
+        return self.pool.workers
+
+    def _budgets_of(self, name: str) -> Callable[[], tuple[int | None, int]]:
+        def budgets() -> tuple[int | None, int]:
+            """The device's budget and its host tier's (models.local.residency), asked on
+            its worker's thread before the first load."""
+            from models.local.residency import device_budget, host_budget
+            from models.local.runtime import pick_device
+
+            local = self.settings.local
+            device = pick_device(name)
+            if device != name:
+                # Named as it resolved ("auto" -> "cuda") in listings and messages from now on.
+                for worker in self.workers:
+                    if worker.name == name:
+                        worker.name = worker.residency.device = device
+            return (
+                device_budget(
+                    device, memory_gb=local.memory_gb, reserve_gb=local.memory_reserve_gb
+                ),
+                host_budget(device, host_memory_gb=local.host_memory_gb),
+            )
+
+        return budgets
 
     def spec(self, name: str) -> ModelSpec:
         spec = self.catalogue.get(name)
@@ -113,7 +139,7 @@ class BackendRegistry:
             return DiffusersBackend(
                 spec,
                 data_dir=self.settings.data_dir,
-                worker=self.worker,
+                worker=self.pool,
                 options=options,
                 wrap_runner=self._wrap_runner,
             )
@@ -135,26 +161,40 @@ class BackendRegistry:
         return make_hosted_backend(spec, config)
 
     def watch(self, observer: WorkerObserver) -> None:
-        if self.worker.observer is None:
-            self.worker.observer = observer
+        for worker in self.workers:
+            if worker.observer is None:
+                worker.observer = observer
 
     def device_fault(self) -> str | None:
-        """Why the device worker stopped for good (a sticky device fault), or None."""
-        return self.worker.fault
+        """Why no local device can work any more (each failed for good: a sticky device
+        fault), or None while one still can: traffic moves to the devices left."""
+        return self.pool.fault()
 
     def on_device_fault(self, listener: Callable[[str], None]) -> None:
         """Call `listener(message)` (from the worker thread) when the device fails for good."""
         self._fault_listeners.append(listener)
 
     def _device_failed(self, message: str) -> None:
+        # One device lost is a smaller server; the last one lost is a server to restart.
+        fault = self.pool.fault()
+        if fault is None:
+            log.error("a local device failed, %d left: %s", len(self.pool.live()), message)
+            return
         for listener in list(self._fault_listeners):
-            listener(message)
+            listener(fault)
 
     def describe(self) -> list[dict[str, Any]]:
         from models.local import sources
 
         rows = []
-        places = {place.name: place for place in self.worker.residency.places()}
+        places: dict[str, tuple[str, ModelPlace]] = {}
+        # Where each model is best placed: on a device over in a host tier over on disk.
+        rank = {"device": 0, "host": 1, "disk": 2}
+        for worker in self.workers:
+            for place in worker.residency.places():
+                seen = places.get(place.name)
+                if seen is None or rank[place.where] < rank[seen[1].where]:
+                    places[place.name] = (worker.name, place)
         for name in self.catalogue.names():
             spec = self.catalogue.specs[name]
             backend = self._backends.get(name)
@@ -175,10 +215,14 @@ class BackendRegistry:
                     row["reason"] = found.reason
                 # Where its weights are (models.local.residency): on the device, in host RAM
                 # (evicted, fast to bring back) or only on disk; what they take once loaded.
-                place = places.get(name)
-                row["where"] = place.where if place is not None else "disk"
-                row["device"] = self.worker.name
-                row["footprint_bytes"] = place.footprint_bytes if place is not None else None
+                found_place = places.get(name)
+                if found_place is None:
+                    row.update(where="disk", device=None, footprint_bytes=None)
+                else:
+                    device, place = found_place
+                    row["where"] = place.where
+                    row["device"] = device if place.where != "disk" else None
+                    row["footprint_bytes"] = place.footprint_bytes
                 row["pinned"] = self.worker.residency.policy(name).pinned
             else:
                 configured = spec.source in self.settings.providers or (
@@ -194,21 +238,24 @@ class BackendRegistry:
 
     def devices(self) -> list[dict[str, Any]]:
         """Each device's budget and what loaded models take of it (and of its host tier)."""
-        residency = self.worker.residency
         return [
             {
-                "device": self.worker.name,
-                "budget_bytes": residency.budget_bytes,
-                "used_bytes": residency.used_bytes("device"),
-                "host_budget_bytes": residency.host_budget_bytes,
-                "host_used_bytes": residency.used_bytes("host"),
-                "loads": residency.loads,
-                "evictions": residency.evictions,
+                "device": worker.name,
+                "budget_bytes": worker.residency.budget_bytes,
+                "used_bytes": worker.residency.used_bytes("device"),
+                "host_budget_bytes": worker.residency.host_budget_bytes,
+                "host_used_bytes": worker.residency.used_bytes("host"),
+                "loads": worker.residency.loads,
+                "evictions": worker.residency.evictions,
+                "queued_images": worker.queued_images(),
+                "failed": worker.fault,
             }
+            for worker in self.workers
         ]
 
     async def aclose(self) -> None:
         for backend in self._backends.values():
             with contextlib.suppress(Exception):  # closing is best effort at shutdown
                 await backend.close()
-        self.worker.stop()
+        for worker in self.workers:
+            worker.stop()

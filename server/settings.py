@@ -68,6 +68,13 @@ class LocalSettings(BaseModel):
     """How local diffusers pipelines run."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    # Several devices, one worker each (its own queue, batcher and resident models):
+    # ["cuda:0", "cuda:1"]. Unset: the one `device`. "cpu:0", "cpu:1" split the CPU into
+    # several devices (what the tests run placement on without a GPU).
+    devices: list[str] | None = Field(default=None, min_length=1)
+    # Copies of one model across devices: "auto" (up to one per device, added when every
+    # device holding it is a full batch behind) or at most this many.
+    replicas: Literal["auto"] | int = "auto"
     attention: Literal["sdpa", "xformers"] = "sdpa"
     vae_slicing: bool = False
     vae_tiling: bool = False

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from models import prompt_weights
@@ -23,11 +24,22 @@ from models.base import (
     PromptTooLongError,
 )
 from models.local import sources
+from models.local.devices import DevicePool
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
 from models.local.worker import DeviceWorker, Runner, WorkItem
 
 _MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class _Replica:
+    """The model's pipeline on one device: its runner, and what that device's worker runs
+    batches on (the runner, or a test's wrapper of it)."""
+
+    worker: DeviceWorker
+    runner: PipelineRunner
+    device_runner: Runner
 
 
 class DiffusersBackend(Backend):
@@ -36,18 +48,38 @@ class DiffusersBackend(Backend):
         spec: ModelSpec,
         *,
         data_dir: Path,
-        worker: DeviceWorker,
+        worker: DeviceWorker | DevicePool,
         options: RuntimeOptions,
         wrap_runner: Callable[[Runner], Runner] | None = None,
     ) -> None:
+        """`worker`: the device, or the pool of devices (models.local.devices) whose workers
+        each get a replica of the pipeline as placement asks for one."""
         self.spec = spec
-        self.worker = worker
-        self.runner = PipelineRunner(spec, data_dir=data_dir, options=options)
-        # What the worker runs batches on: the runner itself, or a test's fake around it that
-        # forces blocking or a failure (the seam BackendRegistry(wrap_runner=...) passes down).
-        self._device_runner: Runner = wrap_runner(self.runner) if wrap_runner else self.runner
+        self.pool = worker if isinstance(worker, DevicePool) else DevicePool([worker])
+        self.data_dir = data_dir
+        self.options = options
+        self._wrap_runner = wrap_runner
+        self._replicas: dict[int, _Replica] = {}
+        # The first device's runner answers the cheap checks (tokenizer, scheduler config,
+        # revision), which need no weights and are the same on every device.
+        self.runner = self._replica(self.pool.first).runner
         self.family = self.runner.family
         self._load_lock = asyncio.Lock()
+
+    def _replica(self, worker: DeviceWorker) -> _Replica:
+        replica = self._replicas.get(id(worker))
+        if replica is None:
+            options = self.options
+            # In a pool of several devices each replica runs on its worker's device; a pool of
+            # one keeps the options' device (its worker's name is only a label).
+            if len(self.pool.workers) > 1:
+                options = dataclasses.replace(options, device=worker.name)
+            runner = PipelineRunner(self.spec, data_dir=self.data_dir, options=options)
+            # What the worker runs batches on: the runner itself, or a test's fake around it
+            # that forces blocking or a failure (the seam BackendRegistry(wrap_runner=...)).
+            device_runner = self._wrap_runner(runner) if self._wrap_runner else runner
+            replica = self._replicas[id(worker)] = _Replica(worker, runner, device_runner)
+        return replica
 
     # -- cheap checks (no weights) ------------------------------------------------------
 
@@ -224,10 +256,10 @@ class DiffusersBackend(Backend):
 
     @property
     def loaded(self) -> bool:
-        return self.runner.pipe is not None
+        return any(r.runner.pipe is not None for r in self._replicas.values())
 
     def admit(self, params: GenerationParams) -> None:
-        self.worker.admit(params.n)
+        self.pool.place(self.spec.name, params.n)
 
     def weights_revision(self) -> str | None:
         # Only weights already on disk are looked at: a built-in tiny model is not built, nor a
@@ -243,11 +275,17 @@ class DiffusersBackend(Backend):
         except ModelUnavailableError:
             return None
 
-    async def load(self) -> None:
+    async def load(self, worker: DeviceWorker | None = None) -> None:
+        """Load the weights on `worker` (default: where the next request would go) unless a
+        copy is there already, in its memory or its host tier."""
         async with self._load_lock:
-            if self.loaded:
-                return
-            await asyncio.wrap_future(self.worker.make_resident(self.runner))
+            if worker is None:
+                if self.loaded:
+                    return
+                worker = self.pool.place(self.spec.name, 1)
+            replica = self._replica(worker)
+            if replica.runner.pipe is None:
+                await asyncio.wrap_future(worker.make_resident(replica.runner))
 
     async def generate(
         self,
@@ -256,15 +294,17 @@ class DiffusersBackend(Backend):
         *,
         precise: bool = False,
     ) -> BackendResult:
-        await self.load()
+        worker = self.pool.place(self.spec.name, params.n)
+        await self.load(worker)
+        replica = self._replica(worker)
         item = WorkItem(
             params=params,
-            runner=self._device_runner,
+            runner=replica.device_runner,
             precise=precise,
             events=events,
-            resident=self.runner,
+            resident=replica.runner,
         )
-        result = await self.worker.run(item)
+        result = await worker.run(item)
         return BackendResult(
             images=tuple(result.images),
             provider="local",
@@ -274,5 +314,6 @@ class DiffusersBackend(Backend):
         )
 
     async def close(self) -> None:
-        if self.loaded:
-            await asyncio.wrap_future(self.worker.call(self.runner.unload))
+        for replica in self._replicas.values():
+            if replica.runner.pipe is not None and replica.worker.fault is None:
+                await asyncio.wrap_future(replica.worker.call(replica.runner.unload))

@@ -147,8 +147,13 @@ class Residency:
     def policy(self, name: str) -> Policy:
         return self.policies.get(name, Policy())
 
+    def where(self, name: str) -> Where:
+        entry = self._entries.get(name)
+        return entry.resident.where if entry is not None else "disk"
+
     def used_bytes(self, where: Where = "device") -> int:
-        return sum(e.footprint for e in self._entries.values() if e.resident.where == where)
+        entries = list(self._entries.values())  # read from other threads too
+        return sum(e.footprint for e in entries if e.resident.where == where)
 
     def places(self) -> list[ModelPlace]:
         return [

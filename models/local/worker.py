@@ -221,6 +221,16 @@ class DeviceWorker:
         self.start()
         return future
 
+    def queued_images(self) -> int:
+        """Images waiting or running on this device."""
+        with self._cond:
+            waiting = sum(i.images for i in self._queue if not i.cancelled)
+            return waiting + sum(i.images for i in self._running)
+
+    def expected_wait_s(self) -> float:
+        """How long new work would wait here: the images ahead at the measured rate."""
+        return self.queued_images() / (self._images_per_s or 1.0)
+
     def make_resident(self, resident: Resident) -> concurrent.futures.Future[Any]:
         """Load `resident` (or bring it back from host RAM) on the worker thread, within the
         device's budget."""

@@ -337,7 +337,7 @@ def test_a_kontext_edit_runs_through_the_backend(data_dir: Path) -> None:
     try:
         result = asyncio.run(kontext.generate(resolved))
     finally:
-        kontext.worker.stop()
+        kontext.pool.first.stop()
     [image] = result.images
     assert (image.width, image.height) == (SIZE, SIZE)
     # The reference image conditions the result: another one changes it.

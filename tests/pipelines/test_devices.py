@@ -1,0 +1,179 @@
+"""Several devices (models.local.devices) on the CPU split into `cpu:0` and `cpu:1`, each its own
+worker, with the real tiny pipelines: requests for two models run on both devices at once, a
+model's requests stay with the device that holds it, and a device that fails for good moves
+traffic to the other with no request lost beyond the one it was running."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from models.base import GenerationParams
+from models.local.pipeline import StepHook
+from models.local.worker import Runner
+from server import errors
+from server.registry import BackendRegistry
+from server.request import ImageRequest
+from server.service import ImageService
+from server.settings import Settings
+from tests.helpers_server import WatchedRunner
+
+DEADLINE_S = 120  # only stops a hung test
+ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
+
+
+class FailingRunner(WatchedRunner):
+    """The real runner, watched; `fail_next` makes its next batch raise a fatal device error
+    (the one way to force a device fault on a CPU)."""
+
+    fail_next = False
+
+    def run_batch(
+        self,
+        batch: list[GenerationParams],
+        *,
+        precise: bool = False,
+        on_step: StepHook | None = None,
+    ) -> Any:
+        if self.fail_next:
+            raise RuntimeError(ILLEGAL_ADDRESS)
+        return super().run_batch(batch, precise=precise, on_step=on_step)
+
+
+@pytest.fixture
+def two_devices(data_dir: Any) -> Iterator[tuple[ImageService, list[FailingRunner]]]:
+    settings = Settings(
+        data_dir=data_dir, local={"devices": ["cpu:0", "cpu:1"], "batch_window_ms": 0}
+    )
+    runners: list[FailingRunner] = []
+
+    def watch(inner: Runner) -> Runner:
+        runners.append(FailingRunner(inner))
+        return runners[-1]
+
+    registry = BackendRegistry(settings, _catalogue(settings), wrap_runner=watch)
+    service = ImageService(settings, registry=registry)
+    try:
+        yield service, runners
+    finally:
+        service.close()
+
+
+def _catalogue(settings: Settings) -> Any:
+    from models.catalogue import Catalogue
+
+    return Catalogue.load(settings.models)
+
+
+def request(model: str, seed: int, prompt: str = "a boat") -> ImageRequest:
+    return ImageRequest(prompt=prompt, model=model, width=64, height=64, seed=seed, steps=3, n=1)
+
+
+def runner_of(runners: list[FailingRunner], model: str, device: str) -> FailingRunner:
+    (found,) = [
+        r for r in runners if r.inner.spec.name == model and r.inner.options.device == device
+    ]
+    return found
+
+
+def test_two_models_run_on_two_devices_at_once(
+    two_devices: tuple[ImageService, list[FailingRunner]],
+) -> None:
+    service, runners = two_devices
+
+    async def scenario() -> list[str]:
+        first = asyncio.create_task(service.generate(request("tiny-sdxl", 1, "held")))
+        # The first model's batch holds after its first step on whichever device took it...
+        while not runners:
+            await asyncio.sleep(0.01)
+        held = runners[0]
+        held.hold()
+        await asyncio.to_thread(held.holding.wait, DEADLINE_S)
+        # ...and the second model, meanwhile, is served in full: by the other device.
+        second = await asyncio.wait_for(
+            service.generate(request("tiny-flux", 2)), timeout=DEADLINE_S
+        )
+        assert not first.done()
+        held.release()
+        done = await asyncio.wait_for(first, timeout=DEADLINE_S)
+        return [done.images[0].sha256, second.images[0].sha256]
+
+    asyncio.run(scenario())
+    devices = {r.inner.spec.name: r.inner.options.device for r in runners}
+    assert devices["tiny-sdxl"] != devices["tiny-flux"]
+    assert set(devices.values()) == {"cpu:0", "cpu:1"}
+
+
+def test_a_model_stays_with_the_device_that_holds_it(
+    two_devices: tuple[ImageService, list[FailingRunner]],
+) -> None:
+    service, runners = two_devices
+
+    async def scenario() -> None:
+        for seed in range(4):
+            await service.generate(request("tiny-sdxl", seed))
+
+    asyncio.run(scenario())
+    # One copy: a sequential client never fills a batch, so no replica is worth loading.
+    (only,) = runners
+    assert len(only.batches) == 4
+    places = [w.residency.where("tiny-sdxl") for w in service.registry.workers]
+    assert sorted(places) == ["device", "disk"]
+
+
+def test_a_failed_device_moves_traffic_to_the_other(
+    two_devices: tuple[ImageService, list[FailingRunner]],
+) -> None:
+    service, runners = two_devices
+    registry = service.registry
+
+    async def scenario() -> tuple[list[BaseException], int]:
+        await service.generate(request("tiny-sdxl", 0))
+        (first,) = runners
+        first.fail_next = True
+        failures: list[BaseException] = []
+        served = 0
+        for seed in range(1, 8):
+            try:
+                await service.generate(request("tiny-sdxl", seed))
+                served += 1
+            except Exception as exc:  # the one in flight on the failing device
+                failures.append(exc)
+        return failures, served
+
+    failures, served = asyncio.run(scenario())
+    assert len(failures) == 1 and served == 6
+    assert "device" in str(failures[0]).lower()
+    dead = [w for w in registry.workers if w.fault is not None]
+    assert len(dead) == 1
+    # Not a fault of the server while one device is left.
+    assert registry.device_fault() is None
+    # The other device took the rest.
+    survivor = runner_of(
+        runners, "tiny-sdxl", next(w.name for w in registry.workers if w.fault is None)
+    )
+    assert len(survivor.batches) == 6
+
+
+def test_the_server_fails_only_when_every_device_has(
+    two_devices: tuple[ImageService, list[FailingRunner]],
+) -> None:
+    service, runners = two_devices
+    told: list[str] = []
+    service.registry.on_device_fault(told.append)
+
+    async def scenario() -> None:
+        for seed in range(2):
+            await service.generate(request("tiny-sdxl", seed))
+            runners[-1].fail_next = True
+            with pytest.raises(errors.DeviceFaultError):
+                await service.generate(request("tiny-sdxl", 10 + seed))
+        with pytest.raises(errors.DeviceFaultError):
+            await service.generate(request("tiny-sdxl", 99))
+
+    asyncio.run(scenario())
+    assert service.registry.device_fault() is not None
+    assert len(told) == 1
