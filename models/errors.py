@@ -91,7 +91,16 @@ class TransientBackendError(BackendError):
 
 
 class OutOfMemoryError(TransientBackendError):
+    """The device ran out of memory for the work (after the worker's retries, where it says
+    so); `retry_after_s` is when the device should have room again, where estimated."""
+
     code = "out_of_memory"
+
+    def __init__(
+        self, message: str, *, retry_after_s: int | None = None, provider: str = "local"
+    ) -> None:
+        super().__init__(message, provider=provider)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFullError(TransientBackendError):

@@ -128,6 +128,17 @@ class DeviceFaultError(ServiceError):
     code = "device_fault"
 
 
+class OutOfMemoryError(ServiceError):
+    """The device had no memory for the work, even split in half and decoding in tiles:
+    retryable once the device has room (503 with Retry-After)."""
+
+    code = "out_of_memory"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message, transient=True)
+        self.retry_after_s = retry_after_s
+
+
 class CancelledError(ServiceError):
     """The request was cancelled (its client went away). Not asyncio.CancelledError."""
 
@@ -165,6 +176,8 @@ def from_backend(exc: backend.BackendError, request_id: str = "") -> ServiceErro
     if isinstance(exc, backend.DeviceFaultError):
         log.error("request %s: %s", request_id or "-", exc.message)
         return DeviceFaultError(exc.message)
+    if isinstance(exc, backend.OutOfMemoryError):
+        return OutOfMemoryError(exc.message, retry_after_s=exc.retry_after_s or 1)
     if isinstance(exc, backend.TransientBackendError):
         return ProviderError(exc.message, transient=True)
     return GenerationFailedError(exc.message)

@@ -185,6 +185,7 @@ class WatchedRunner:
         *,
         precise: bool = False,
         on_step: StepHook | None = None,
+        low_memory: bool = False,
     ) -> Any:
         seen = DeviceBatch(prompts=[params.prompt for params in batch])
         self.batches.append(seen)
@@ -202,7 +203,7 @@ class WatchedRunner:
                 self.holding.set()
                 self.gate.wait()
 
-        return self.inner.run_batch(batch, precise=precise, on_step=counted)
+        return self.inner.run_batch(batch, precise=precise, on_step=counted, low_memory=low_memory)
 
 
 def watched_service(settings: Settings) -> tuple[ImageService, list[WatchedRunner]]:

@@ -301,6 +301,7 @@ class PipelineRunner:
         *,
         precise: bool = False,
         on_step: StepHook | None = None,
+        low_memory: bool = False,
     ) -> BatchOutput:
         """One pipeline call for every image of every request in `batch` (all share the batch
         key: model, task, size, steps, strength, guidance, scheduler, whether a negative prompt
@@ -308,7 +309,8 @@ class PipelineRunner:
         where one uses the attention syntax (models.local.weighted_embeds). Input images and
         masks go in as lists, one per image, so requests with different inputs share the call;
         inpainting results are pasted back per request. The LoRA adapters and their weights
-        are part of the key too."""
+        are part of the key too. `low_memory` decodes in VAE tiles for this call (the worker's
+        last try after running out of memory)."""
         import torch
 
         first = batch[0]
@@ -386,6 +388,9 @@ class PipelineRunner:
         if upcast:
             original_force_upcast = bool(pipe.vae.config.get("force_upcast", False))
             pipe.vae.register_to_config(force_upcast=True)
+        tiled = low_memory and not self.options.vae_tiling
+        if tiled:
+            pipe.vae.enable_tiling()
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -413,6 +418,8 @@ class PipelineRunner:
         finally:
             if upcast:
                 pipe.vae.register_to_config(force_upcast=original_force_upcast)
+            if tiled:
+                pipe.vae.disable_tiling()
         elapsed = time.perf_counter() - start
         arrays = out.images
         encoded: list[list[GeneratedImage]] = []

@@ -32,9 +32,11 @@ from models.base import (
     GeneratedImage,
     GenerationParams,
     InvalidParamsError,
+    OutOfMemoryError,
     QueueFullError,
     WorkCancelledError,
 )
+from models.local.pipeline import BatchOutput
 from models.local.residency import Residency, Resident
 from models.local.runtime import describe_device_fault, is_fatal_device_error
 
@@ -97,6 +99,7 @@ class Runner(Protocol):
         *,
         precise: bool = False,
         on_step: Callable[[int, int, Callable[[int], Any]], None] | None = None,
+        low_memory: bool = False,
     ) -> Any: ...
 
 
@@ -437,32 +440,10 @@ class DeviceWorker:
 
         runner = batch[0].runner
 
-        # Where each request's images start among the call's.
-        offsets = [0]
-        for item in batch:
-            offsets.append(offsets[-1] + item.images)
-
-        def on_step(step: int, total: int, render: Callable[[int], Any]) -> None:
-            for item, offset in zip(batch, offsets, strict=False):
-                if item.cancelled:
-                    continue
-                preview = None
-                if _asks(item.events.wants_preview, step, total):
-                    preview = tuple(render(offset + i) for i in range(item.images))
-                    if any(p is None for p in preview):
-                        preview = None
-                _safely(item.events.progress, step, total, preview)
-            # Asked again at every step, from the items' own state: a cancel that came while
-            # the batch was being set up (before the runner armed its stop flag) still stops it.
-            if all(item.cancelled for item in batch):
-                runner.interrupt()
-
         try:
             if batch[0].resident is not None:
                 self.residency.ensure(batch[0].resident)
-            output = runner.run_batch(
-                [item.params for item in batch], precise=batch[0].precise, on_step=on_step
-            )
+            output = self._recovering(runner, batch)
         except BaseException as exc:
             if is_fatal_device_error(exc):
                 self._fail_device(exc, [item.future for item in batch])
@@ -498,6 +479,64 @@ class DeviceWorker:
                     ItemResult(images=images, device_seconds=share * item.images)
                 )
         self._finish()
+
+    def _recovering(self, runner: Runner, batch: list[WorkItem]) -> Any:
+        """The batch's pipeline call, recovering from running out of device memory: the
+        runner has freed the cache; the batch runs again split in half, then (still short of
+        memory) each half with the VAE decoding in tiles. Only then does the request fail,
+        with a retryable out_of_memory; the worker goes on serving."""
+        try:
+            return self._call(runner, batch)
+        except OutOfMemoryError:
+            halves = [batch[: len(batch) // 2], batch[len(batch) // 2 :]] if len(batch) > 1 else []
+            log.warning(
+                "%s: out of memory for %d request(s); retrying %s",
+                batch[0].params.model,
+                len(batch),
+                "split in half" if halves else "with VAE tiling",
+            )
+        if halves:
+            try:
+                return _joined([self._call(runner, half) for half in halves])
+            except OutOfMemoryError:
+                pass
+        try:
+            return _joined(
+                [self._call(runner, part, low_memory=True) for part in (halves or [batch])]
+            )
+        except OutOfMemoryError as exc:
+            raise OutOfMemoryError(
+                f"{exc.message} (after retrying split in half and with VAE tiling)",
+                retry_after_s=self._retry_after(self.queued_images() + 1),
+            ) from None
+
+    def _call(self, runner: Runner, batch: list[WorkItem], *, low_memory: bool = False) -> Any:
+        # Where each request's images start among the call's.
+        offsets = [0]
+        for item in batch:
+            offsets.append(offsets[-1] + item.images)
+
+        def on_step(step: int, total: int, render: Callable[[int], Any]) -> None:
+            for item, offset in zip(batch, offsets, strict=False):
+                if item.cancelled:
+                    continue
+                preview = None
+                if _asks(item.events.wants_preview, step, total):
+                    preview = tuple(render(offset + i) for i in range(item.images))
+                    if any(p is None for p in preview):
+                        preview = None
+                _safely(item.events.progress, step, total, preview)
+            # Asked again at every step, from the items' own state: a cancel that came while
+            # the batch was being set up (before the runner armed its stop flag) still stops it.
+            if all(item.cancelled for item in batch):
+                runner.interrupt()
+
+        params = [item.params for item in batch]
+        if low_memory:
+            return runner.run_batch(
+                params, precise=batch[0].precise, on_step=on_step, low_memory=True
+            )
+        return runner.run_batch(params, precise=batch[0].precise, on_step=on_step)
 
     def _fail_device(
         self, exc: BaseException, running: list[concurrent.futures.Future[Any]]
@@ -544,6 +583,16 @@ def _safely(hook: Callable[..., None], *args: Any) -> None:
         hook(*args)
     except Exception:
         log.exception("event listener failed")
+
+
+def _joined(outputs: list[Any]) -> BatchOutput:
+    """One batch's output from its parts' (run one after another)."""
+    if len(outputs) == 1 and isinstance(outputs[0], BatchOutput):
+        return outputs[0]
+    return BatchOutput(
+        images=[row for out in outputs for row in out.images],
+        device_seconds=sum(out.device_seconds for out in outputs),
+    )
 
 
 def _asks(question: Callable[[int, int], bool], step: int, total: int) -> bool:

@@ -57,6 +57,7 @@ _STATUS: dict[type[errors.ImagegenError], tuple[int, str]] = {
     errors.ModelNotFoundError: (404, "invalid_request_error"),
     NotFoundError: (404, "invalid_request_error"),
     errors.RateLimitedError: (429, "rate_limit_error"),
+    errors.OutOfMemoryError: (503, "server_error"),
     errors.ProviderError: (502, "server_error"),
     errors.ModelUnavailableError: (503, "server_error"),
     errors.NotReadyError: (503, "server_error"),
@@ -119,7 +120,11 @@ def a1111_error_body(message: str, *, kind: str) -> dict[str, Any]:
 
 
 def from_service_error(exc: errors.ImagegenError, dialect: Dialect = "openai") -> JSONResponse:
-    retry = exc.retry_after_s if isinstance(exc, errors.RateLimitedError) else None
+    retry = (
+        exc.retry_after_s
+        if isinstance(exc, errors.RateLimitedError | errors.OutOfMemoryError)
+        else None
+    )
     if isinstance(exc, errors.NotReadyError):
         retry = 1
     status, error_type = status_of(exc)

@@ -36,6 +36,7 @@ class ScriptedRunner:
         self.gate = gate
         self.entered = threading.Event()
         self.calls: list[list[str]] = []
+        self.low_memory: list[bool] = []
 
     def load(self) -> None:
         pass
@@ -49,8 +50,10 @@ class ScriptedRunner:
         *,
         precise: bool = False,
         on_step: StepHook | None = None,
+        low_memory: bool = False,
     ) -> Any:
         self.calls.append([params.prompt for params in batch])
+        self.low_memory.append(low_memory)
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(DEADLINE_S)
@@ -139,12 +142,11 @@ def test_a_cuda_error_while_loading_faults_the_worker_too() -> None:
 @pytest.mark.parametrize(
     "failure",
     [
-        OutOfMemoryError("out of GPU memory for 1 image(s) at 64x64; lower n or the size"),
         # What torch raises when the allocator gives up: a RuntimeError that mentions CUDA.
         RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
         ValueError("an ordinary bug"),
     ],
-    ids=["backend-oom", "torch-oom-text", "ordinary"],
+    ids=["torch-oom-text", "ordinary"],
 )
 def test_out_of_memory_and_ordinary_errors_do_not_fault_the_worker(
     failure: BaseException,
@@ -156,11 +158,61 @@ def test_out_of_memory_and_ordinary_errors_do_not_fault_the_worker(
         failed = worker.submit(WorkItem(params=_params("fails"), runner=runner))
         error = _error(failed)
         assert isinstance(error, BackendError) and not isinstance(error, DeviceFaultError)
-        if isinstance(failure, OutOfMemoryError):
-            assert error is failure  # a backend error reaches the client as it was raised
         served = worker.submit(WorkItem(params=_params("served"), runner=runner))
         assert served.future.result(timeout=DEADLINE_S).images[0].seed == 1
         assert worker.fault is None and faults == []
+    finally:
+        worker.stop()
+
+
+OOM = OutOfMemoryError("out of GPU memory for 2 image(s) at 64x64; lower n or the size")
+
+
+def _held(worker: DeviceWorker, runner: ScriptedRunner, prompts: list[str]) -> list[WorkItem]:
+    """Submit `prompts` while the worker is busy, so they gather into one batch."""
+    release = threading.Event()
+    worker.call(release.wait)
+    items = [worker.submit(WorkItem(params=_params(p), runner=runner)) for p in prompts]
+    release.set()
+    return items
+
+
+def test_out_of_memory_is_retried_split_in_half() -> None:
+    runner = ScriptedRunner(OOM, None, None)
+    worker = DeviceWorker(batch_window_s=0.05)
+    try:
+        items = _held(worker, runner, ["a", "b"])
+        for item in items:
+            assert item.future.result(timeout=DEADLINE_S).images
+        assert runner.calls == [["a", "b"], ["a"], ["b"]]
+        assert runner.low_memory == [False, False, False]
+    finally:
+        worker.stop()
+
+
+def test_then_with_vae_tiling_then_it_fails_retryably_and_the_worker_goes_on() -> None:
+    # One request: nothing to split, so the second try decodes in tiles.
+    runner = ScriptedRunner(OOM, None)
+    worker = DeviceWorker(batch_window_s=0)
+    try:
+        served = worker.submit(WorkItem(params=_params("a"), runner=runner))
+        assert served.future.result(timeout=DEADLINE_S).images
+        assert runner.low_memory == [False, True]
+        # Two requests out of memory every time: whole, halves, halves in tiles, then fail.
+        always = ScriptedRunner(OOM, OOM, OOM, OOM, OOM, OOM)
+        items = _held(worker, always, ["x", "y"])
+        for item in items:
+            error = _error(item)
+            assert isinstance(error, OutOfMemoryError)
+            assert "split in half and with VAE tiling" in error.message
+            assert error.retry_after_s is not None and error.retry_after_s >= 1
+        assert always.calls == [["x", "y"], ["x"], ["x"]]
+        assert always.low_memory == [False, False, True]
+        # The worker is fine: the next ten are served.
+        for i in range(10):
+            item = worker.submit(WorkItem(params=_params(f"next {i}"), runner=runner))
+            assert item.future.result(timeout=DEADLINE_S).images
+        assert worker.fault is None
     finally:
         worker.stop()
 

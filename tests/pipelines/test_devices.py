@@ -29,7 +29,9 @@ class FailingRunner(WatchedRunner):
     """The real runner, watched; `fail_next` makes its next batch raise a fatal device error
     (the one way to force a device fault on a CPU)."""
 
-    fail_next = False
+    def __init__(self, inner: Runner) -> None:
+        super().__init__(inner)
+        self.fail_next = False
 
     def run_batch(
         self,
@@ -37,10 +39,11 @@ class FailingRunner(WatchedRunner):
         *,
         precise: bool = False,
         on_step: StepHook | None = None,
+        low_memory: bool = False,
     ) -> Any:
         if self.fail_next:
             raise RuntimeError(ILLEGAL_ADDRESS)
-        return super().run_batch(batch, precise=precise, on_step=on_step)
+        return super().run_batch(batch, precise=precise, on_step=on_step, low_memory=low_memory)
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ class CancelsOnArrival:
     def interrupt(self) -> None:
         self.inner.interrupt()
 
-    def run_batch(self, batch, *, precise=False, on_step=None):  # type: ignore[no-untyped-def]
+    def run_batch(self, batch, *, precise=False, on_step=None, low_memory=False):  # type: ignore[no-untyped-def]
         assert self.item is not None
         self.worker.cancel(self.item)
 
