@@ -39,7 +39,24 @@ class BackendRegistry:
         # through `wrap_runner` (a fake that blocks or fails around the real device calls).
         self._wrap = wrap
         self._wrap_runner = wrap_runner
-        local = settings.local
+        self._observer = observer
+        # Made on first use (which devices there are may take asking torch, which listing
+        # models must not import).
+        self._pool: DevicePool | None = None
+        self._pool_lock = threading.Lock()  # not _lock: backends are made holding that
+        self._fault_listeners: list[Callable[[str], None]] = []
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def pool(self) -> DevicePool:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = self._make_pool()
+            return self._pool
+
+    def _make_pool(self) -> DevicePool:
+        local = self.settings.local
         policies = {
             name: Policy(pinned=p.pinned, idle_unload_s=p.idle_unload_s)
             for name, p in local.model_policies.items()
@@ -52,19 +69,34 @@ class BackendRegistry:
                 max_batch_images=local.max_batch_size,
                 batch_window_s=local.batch_window_ms / 1000.0,
                 max_queue_images=local.max_queue_images,
-                observer=observer,
+                observer=self._observer,
                 on_fault=self._device_failed,
                 residency=Residency(
                     device=device, budgets=self._budgets_of(device), policies=policies
                 ),
             )
-            for device in local.devices or [local.device]
+            for device in self._device_names()
         ]
         replicas = None if local.replicas == "auto" else local.replicas
-        self.pool = DevicePool(workers, max_replicas=replicas)
-        self._fault_listeners: list[Callable[[str], None]] = []
-        self._backends: dict[str, Backend] = {}
-        self._lock = threading.Lock()
+        return DevicePool(workers, max_replicas=replicas)
+
+    def _device_names(self) -> list[str]:
+        """`local.devices`; unset, every visible GPU where `local.device` is "auto" and there
+        are several, else the one `local.device`."""
+        local = self.settings.local
+        if local.devices:
+            return list(local.devices)
+        if local.device == "auto":
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count > 1:
+                return [f"cuda:{i}" for i in range(count)]
+        return [local.device]
+
+    def _started_workers(self) -> list[DeviceWorker]:
+        """The workers, if the pool has been made (nothing to report or stop before)."""
+        return self._pool.workers if self._pool is not None else []
 
     @property
     def worker(self) -> DeviceWorker:
@@ -84,15 +116,14 @@ class BackendRegistry:
 
             local = self.settings.local
             device = pick_device(name)
+            memory_gb = local.device_memory_gb.get(name, local.memory_gb)
             if device != name:
                 # Named as it resolved ("auto" -> "cuda") in listings and messages from now on.
                 for worker in self.workers:
                     if worker.name == name:
                         worker.name = worker.residency.device = device
             return (
-                device_budget(
-                    device, memory_gb=local.memory_gb, reserve_gb=local.memory_reserve_gb
-                ),
+                device_budget(device, memory_gb=memory_gb, reserve_gb=local.memory_reserve_gb),
                 host_budget(device, host_memory_gb=local.host_memory_gb),
             )
 
@@ -161,14 +192,16 @@ class BackendRegistry:
         return make_hosted_backend(spec, config)
 
     def watch(self, observer: WorkerObserver) -> None:
-        for worker in self.workers:
+        if self._observer is None:
+            self._observer = observer
+        for worker in self._started_workers():
             if worker.observer is None:
                 worker.observer = observer
 
     def device_fault(self) -> str | None:
         """Why no local device can work any more (each failed for good: a sticky device
         fault), or None while one still can: traffic moves to the devices left."""
-        return self.pool.fault()
+        return self._pool.fault() if self._pool is not None else None
 
     def on_device_fault(self, listener: Callable[[str], None]) -> None:
         """Call `listener(message)` (from the worker thread) when the device fails for good."""
@@ -176,7 +209,7 @@ class BackendRegistry:
 
     def _device_failed(self, message: str) -> None:
         # One device lost is a smaller server; the last one lost is a server to restart.
-        fault = self.pool.fault()
+        fault = self.device_fault()
         if fault is None:
             log.error("a local device failed, %d left: %s", len(self.pool.live()), message)
             return
@@ -190,7 +223,7 @@ class BackendRegistry:
         places: dict[str, tuple[str, ModelPlace]] = {}
         # Where each model is best placed: on a device over in a host tier over on disk.
         rank = {"device": 0, "host": 1, "disk": 2}
-        for worker in self.workers:
+        for worker in self._started_workers():
             for place in worker.residency.places():
                 seen = places.get(place.name)
                 if seen is None or rank[place.where] < rank[seen[1].where]:
@@ -223,7 +256,8 @@ class BackendRegistry:
                     row["where"] = place.where
                     row["device"] = device if place.where != "disk" else None
                     row["footprint_bytes"] = place.footprint_bytes
-                row["pinned"] = self.worker.residency.policy(name).pinned
+                policy = self.settings.local.model_policies.get(name)
+                row["pinned"] = bool(policy and policy.pinned)
             else:
                 configured = spec.source in self.settings.providers or (
                     spec.kind in self.settings.providers
@@ -250,12 +284,12 @@ class BackendRegistry:
                 "queued_images": worker.queued_images(),
                 "failed": worker.fault,
             }
-            for worker in self.workers
+            for worker in self._started_workers()
         ]
 
     async def aclose(self) -> None:
         for backend in self._backends.values():
             with contextlib.suppress(Exception):  # closing is best effort at shutdown
                 await backend.close()
-        for worker in self.workers:
+        for worker in self._started_workers():
             worker.stop()

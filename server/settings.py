@@ -69,7 +69,8 @@ class LocalSettings(BaseModel):
 
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     # Several devices, one worker each (its own queue, batcher and resident models):
-    # ["cuda:0", "cuda:1"]. Unset: the one `device`. "cpu:0", "cpu:1" split the CPU into
+    # ["cuda:0", "cuda:1"]. Unset: every visible GPU where `device` is "auto" (and there are
+    # several), else the one `device`. "cpu:0", "cpu:1" split the CPU into
     # several devices (what the tests run placement on without a GPU).
     devices: list[str] | None = Field(default=None, min_length=1)
     # Copies of one model across devices: "auto" (up to one per device, added when every
@@ -99,6 +100,8 @@ class LocalSettings(BaseModel):
     # (a GPU's memory, or the host's RAM for the CPU) less memory_reserve_gb, the working
     # room a batch's activations need.
     memory_gb: float | None = Field(default=None, gt=0)
+    # Per device, over memory_gb: {"cuda:1": 20}.
+    device_memory_gb: dict[str, float] = Field(default_factory=dict)
     memory_reserve_gb: float = Field(default=2.0, ge=0)
     # Host RAM for models evicted from a GPU (fast to bring back), in GB. Default: half the
     # host's RAM. The CPU device has no such tier: its models are already in host RAM.

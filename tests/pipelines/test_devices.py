@@ -180,3 +180,24 @@ def test_the_server_fails_only_when_every_device_has(
     asyncio.run(scenario())
     assert service.registry.device_fault() is not None
     assert len(told) == 1
+
+
+def test_each_device_has_its_own_budget(data_dir: Any) -> None:
+    settings = Settings(
+        data_dir=data_dir,
+        local={
+            "devices": ["cpu:0", "cpu:1"],
+            "memory_gb": 1.0,
+            "device_memory_gb": {"cpu:1": 2.0},
+        },
+    )
+    service = ImageService(settings)
+    try:
+        backend = service.registry.backend_for("tiny-flux")
+        for worker in service.registry.workers:
+            asyncio.run(backend.load(worker))
+        budgets = {d["device"]: d["budget_bytes"] for d in service.registry.devices()}
+        assert budgets == {"cpu:0": 1024**3, "cpu:1": 2 * 1024**3}
+        assert all(w.residency.where("tiny-flux") == "device" for w in service.registry.workers)
+    finally:
+        service.close()
