@@ -77,6 +77,8 @@ class Events:
 
     - `queued(position)`: waiting, 1 = next to run; called on submit and whenever the queue
       ahead moves.
+    - `loading(model)`: the model's weights are being loaded (or brought back from host
+      RAM) for this request before it can run.
     - `started()`: the work is on the device, or submitted to the provider.
     - `progress(step, total, preview)`: denoising step (local) or the provider's percentage
       mapped onto 100. `preview` is None, or a live preview of the denoising state where the
@@ -89,6 +91,9 @@ class Events:
     """
 
     def queued(self, position: int) -> None:
+        pass
+
+    def loading(self, model: str) -> None:
         pass
 
     def started(self) -> None:

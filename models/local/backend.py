@@ -295,8 +295,10 @@ class DiffusersBackend(Backend):
         precise: bool = False,
     ) -> BackendResult:
         worker = self.pool.place(self.spec.name, params.n)
-        await self.load(worker)
         replica = self._replica(worker)
+        if replica.runner.where != "device":
+            events.loading(self.spec.name)
+        await self.load(worker)
         item = WorkItem(
             params=params,
             runner=replica.device_runner,

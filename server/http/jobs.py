@@ -53,6 +53,8 @@ class LiveJob:
     subscribers: list[asyncio.Queue[Event]] = field(default_factory=list)
     # Extra members of "progress" events (a batch's counts and running cost).
     detail: dict[str, Any] = field(default_factory=dict)
+    # The model being loaded for it, while it waits for that.
+    loading: str | None = None
 
     def snapshot(self) -> Job:
         return Job(
@@ -69,7 +71,10 @@ class LiveJob:
     def state_events(self) -> list[Event]:
         """What a client that connects now is told first."""
         if self.status == "queued":
-            return [self._event("queued", {"position": self.position})]
+            events = [self._event("queued", {"position": self.position})]
+            if self.loading is not None:
+                events.append(self._event("loading", {"model": self.loading}))
+            return events
         if self.status == "running":
             events = [self._event("started", {})]
             if self.total:
@@ -106,6 +111,9 @@ class JobEvents(Events):
 
     def queued(self, position: int) -> None:
         self._call(self.runner._on_queued, self.job, position)
+
+    def loading(self, model: str) -> None:
+        self._call(self.runner._on_loading, self.job, model)
 
     def started(self) -> None:
         self._call(self.runner._on_started, self.job)
@@ -283,10 +291,16 @@ class JobRunner:
             self.store.update(job.id, "queued")
         self._publish(job, "queued", {"position": position})
 
+    def _on_loading(self, job: LiveJob, model: str) -> None:
+        if job.status in TERMINAL_STATUSES:
+            return
+        job.loading = model
+        self._publish(job, "loading", {"model": model})
+
     def _on_started(self, job: LiveJob) -> None:
         if job.status in TERMINAL_STATUSES:
             return
-        job.status, job.position = "running", None
+        job.status, job.position, job.loading = "running", None, None
         self.store.update(job.id, "running")
         self._publish(job, "started", {})
 

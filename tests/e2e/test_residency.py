@@ -6,6 +6,7 @@ what the device holds."""
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,38 @@ def test_three_models_in_room_for_two_with_one_pinned(server: LiveServer) -> Non
             BUDGET_GB * 1024**3
         )
         assert metric_value(text, "imagegen_model_memory_bytes", model="tiny-sdxl") > 0
+
+
+def test_a_job_says_when_its_model_is_loading(server: LiveServer) -> None:
+    release = threading.Event()
+    with server.client() as http:
+        # A model not loaded yet (the test above never asks for it), its load held up
+        # behind other work on the device.
+        assert places(http)["tiny-flux-kontext"]["where"] == "disk"
+        server.service.registry.worker.call(release.wait)
+        # Only stops a hung test: without a "loading" event the job still ends, and fails it.
+        deadline = threading.Timer(60, release.set)
+        deadline.start()
+        try:
+            body = {
+                "model": "tiny-flux-kontext",
+                "prompt": "make it blue",
+                "size": "64x64",
+                "steps": 2,
+                "image": base64.b64encode(png(gradient(64, 64))).decode(),
+            }
+            job = http.post("/v1/jobs", json=body).json()
+            with http.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as events:
+                kinds = []
+                for line in events.iter_lines():
+                    if line.startswith("event: "):
+                        kinds.append(line.removeprefix("event: "))
+                        if kinds[-1] == "loading":
+                            release.set()
+                        if kinds[-1] in ("completed", "failed", "cancelled"):
+                            break
+        finally:
+            release.set()
+            deadline.cancel()
+    assert "loading" in kinds and kinds[-1] == "completed"
+    assert kinds.index("loading") < kinds.index("started")
