@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from models.base import OutOfMemoryError
+
 log = logging.getLogger(__name__)
 
 Where = Literal["device", "host", "disk"]
@@ -105,11 +107,30 @@ class Residency:
         entry.resident = resident
         if resident.where != "device":
             self._make_room(entry.footprint, keep=resident.name)
-            if resident.where == "host":
-                resident.to_device()
-            else:
-                resident.load()
-                self.loads += 1
+            try:
+                self._bring(resident)
+            except Exception as exc:
+                if type(exc).__name__ != "OutOfMemoryError":  # torch's, by name: no import
+                    raise
+                # The budget was too generous for what else holds the device: everything that
+                # may go goes, and the load is tried once more.
+                log.warning(
+                    "%s: out of memory loading on %s; evicting all", resident.name, self.device
+                )
+                resident.unload()
+                self._evict_all(keep=resident.name)
+                try:
+                    self._bring(resident)
+                except Exception as again:
+                    if type(again).__name__ != "OutOfMemoryError":
+                        raise
+                    resident.unload()
+                    _release_device_memory()
+                    raise OutOfMemoryError(
+                        f"model '{resident.name}' does not fit on {self.device} even with "
+                        "every other unpinned model evicted; lower local.memory_gb's share "
+                        "of other work, unpin a model, or enable local.cpu_offload"
+                    ) from None
             entry.footprint = resident.footprint_bytes()
             self._make_room(0, keep=resident.name)
             if self.budget_bytes is not None and entry.footprint > self.budget_bytes:
@@ -168,6 +189,18 @@ class Residency:
         ]
 
     # -- eviction ------------------------------------------------------------------------
+
+    def _bring(self, resident: Resident) -> None:
+        if resident.where == "host":
+            resident.to_device()
+        else:
+            resident.load()
+            self.loads += 1
+
+    def _evict_all(self, *, keep: str) -> None:
+        while (victim := self._least_recent("device", keep=keep)) is not None:
+            self._evict(victim)
+        _release_device_memory()
 
     def _make_room(self, needed: int, *, keep: str) -> None:
         if self.budget_bytes is None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from models.base import GenerationParams
+from models.base import GenerationParams, OutOfMemoryError
 from models.catalogue import Catalogue
 from models.local.backend import DiffusersBackend
-from models.local.pipeline import RuntimeOptions
-from models.local.residency import Policy, Residency
+from models.local.pipeline import PipelineRunner, RuntimeOptions
+from models.local.residency import Policy, Residency, Where
 from models.local.worker import DeviceWorker
 from tests.pipelines.test_image_inputs import encode, picture, square_mask
 
@@ -153,3 +153,65 @@ def test_an_idle_model_is_unloaded_after_its_idle_unload_s(data_dir: Path) -> No
         asyncio.run(backends["tiny-flux"].generate(params("tiny-flux", 2)))
     finally:
         worker.stop()
+
+
+class TightDevice:
+    """A real runner whose loads run out of device memory the first `fails` times (forced:
+    the CPU has no device memory to run out of)."""
+
+    def __init__(self, inner: PipelineRunner, fails: int) -> None:
+        self.inner, self.fails = inner, fails
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def where(self) -> Where:
+        return self.inner.where
+
+    def load(self) -> None:
+        import torch
+
+        if self.fails > 0:
+            self.fails -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        self.inner.load()
+
+    def unload(self) -> None:
+        self.inner.unload()
+
+    def to_host(self) -> None:
+        self.inner.to_host()
+
+    def to_device(self) -> None:
+        self.inner.to_device()
+
+    def footprint_bytes(self) -> int:
+        return self.inner.footprint_bytes()
+
+
+def _runner(name: str, data_dir: Path) -> PipelineRunner:
+    spec = Catalogue.load().specs[name]
+    return PipelineRunner(spec, data_dir=data_dir, options=RuntimeOptions(device="cpu"))
+
+
+def test_a_load_out_of_memory_evicts_every_unpinned_model_and_tries_again(
+    data_dir: Path,
+) -> None:
+    residency = Residency(
+        device="cpu", budget_bytes=None, policies={"tiny-sdxl": Policy(pinned=True)}
+    )
+    pinned, other = _runner("tiny-sdxl", data_dir), _runner("tiny-sdxl-inpaint", data_dir)
+    residency.ensure(pinned)
+    residency.ensure(other)
+    tight = TightDevice(_runner("tiny-flux", data_dir), fails=1)
+    residency.ensure(tight)
+    assert (tight.where, other.where, pinned.where) == ("device", "disk", "device")
+    # Out of memory every time: a retryable error naming the settings, and nothing left half
+    # loaded.
+    hopeless = TightDevice(_runner("tiny-flux-kontext", data_dir), fails=2)
+    with pytest.raises(OutOfMemoryError) as caught:
+        residency.ensure(hopeless)
+    assert "local.cpu_offload" in caught.value.message
+    assert hopeless.where == "disk" and pinned.where == "device"
