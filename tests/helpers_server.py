@@ -145,6 +145,7 @@ class DeviceBatch:
     prompts: list[str]
     steps: int = 0  # the last step it reported
     previews: int = 0  # the live previews rendered (one per image per step that showed one)
+    low_memory: bool = False  # the worker's last try after running out of memory (VAE tiles)
 
 
 class WatchedRunner:
@@ -152,10 +153,13 @@ class WatchedRunner:
     and the last step each one reported. While `gate` is clear, a batch that starts holds
     after its first step until it is set, and `holding` is set (the one place these tests
     force the device to block: a test acts while a batch is mid-run, whatever the host's speed).
+    While `failing` is set, every batch raises it instead of running (the one way to run a CPU
+    out of GPU memory, or into a device fault); the batch is still recorded.
     Injected through BackendRegistry(wrap_runner=...); see `watched_service`."""
 
     def __init__(self, inner: Runner) -> None:
         self.inner = inner
+        self.failing: BaseException | None = None
         self.batches: list[DeviceBatch] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -187,8 +191,10 @@ class WatchedRunner:
         on_step: StepHook | None = None,
         low_memory: bool = False,
     ) -> Any:
-        seen = DeviceBatch(prompts=[params.prompt for params in batch])
+        seen = DeviceBatch(prompts=[params.prompt for params in batch], low_memory=low_memory)
         self.batches.append(seen)
+        if self.failing is not None:
+            raise self.failing
 
         def counted(step: int, total: int, render: Callable[[int], Any]) -> None:
             seen.steps = step

@@ -7,88 +7,49 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from models.base import GenerationParams, OutOfMemoryError
-from models.catalogue import Catalogue
-from models.local.pipeline import StepHook
-from models.local.worker import Runner
-from server.registry import BackendRegistry
-from server.service import ImageService
+from models.base import OutOfMemoryError
 from tests.helpers_server import (
     LiveServer,
     WatchedRunner,
     fresh_data_dir,
-    live_server,
     tiny_settings,
+    watched_server,
 )
 
-
-class ShortOfMemory(WatchedRunner):
-    """The real runner, but out of memory on every call while `short` is set."""
-
-    def __init__(self, inner: Runner) -> None:
-        super().__init__(inner)
-        self.short = False
-        self.tries: list[bool] = []  # low_memory of each call made while short
-
-    def run_batch(
-        self,
-        batch: list[GenerationParams],
-        *,
-        precise: bool = False,
-        on_step: StepHook | None = None,
-        low_memory: bool = False,
-    ) -> Any:
-        if self.short:
-            self.tries.append(low_memory)
-            raise OutOfMemoryError("out of GPU memory for 1 image(s) at 64x64; lower n or the size")
-        return super().run_batch(batch, precise=precise, on_step=on_step, low_memory=low_memory)
+OOM = OutOfMemoryError("out of GPU memory for 1 image(s) at 64x64; lower n or the size")
 
 
 @pytest.fixture(scope="module")
-def server(
+def watched(
     tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path
-) -> Iterator[tuple[LiveServer, list[ShortOfMemory]]]:
+) -> Iterator[tuple[LiveServer, WatchedRunner]]:
     data = fresh_data_dir(tmp_path_factory.mktemp("oom"), tiny_models_dir)
-    settings = tiny_settings(data)
-    runners: list[ShortOfMemory] = []
-
-    def wrap(inner: Runner) -> Runner:
-        runners.append(ShortOfMemory(inner))
-        return runners[-1]
-
-    registry = BackendRegistry(settings, Catalogue.load(settings.models), wrap_runner=wrap)
-    service = ImageService(settings, registry=registry)
-    try:
-        with live_server(settings, service=service) as live:
-            yield live, runners
-    finally:
-        service.close()
+    with watched_server(tiny_settings(data)) as live:
+        yield live
 
 
 def test_out_of_memory_is_a_retryable_503_and_the_server_goes_on(
-    server: tuple[LiveServer, list[ShortOfMemory]],
+    server: LiveServer, device: WatchedRunner
 ) -> None:
-    live, runners = server
-    (runner,) = runners
     body = {"prompt": "a big picture", "size": "64x64", "steps": 2}
-    with live.client() as http:
+    with server.client() as http:
         before = http.get("/v1/stats").json()["requests"]
-        runner.short = True
+        tried = len(device.batches)
+        device.failing = OOM
         try:
             response = http.post("/v1/images/generations", json={**body, "seed": 1})
         finally:
-            runner.short = False
+            device.failing = None
         assert response.status_code == 503, response.text
         error = response.json()["error"]
         assert error["code"] == "out_of_memory"
         assert "VAE tiling" in error["message"]
         assert int(response.headers["Retry-After"]) >= 1
         # Tried whole, then with VAE tiling (one request: nothing to split).
-        assert runner.tries == [False, True]
+        assert [batch.low_memory for batch in device.batches[tried:]] == [False, True]
         # Nothing booked for work that did not happen.
         assert http.get("/v1/stats").json()["requests"] == before
         for seed in range(2, 12):

@@ -11,71 +11,33 @@ from typing import Any
 
 import pytest
 
-from models.base import GenerationParams
-from models.local.pipeline import StepHook
-from models.local.worker import Runner
 from server import errors
-from server.registry import BackendRegistry
 from server.request import ImageRequest
 from server.service import ImageService
 from server.settings import Settings
-from tests.helpers_server import WatchedRunner
+from tests.helpers_server import WatchedRunner, watched_service
 
 DEADLINE_S = 120  # only stops a hung test
-ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
-
-
-class FailingRunner(WatchedRunner):
-    """The real runner, watched; `fail_next` makes its next batch raise a fatal device error
-    (the one way to force a device fault on a CPU)."""
-
-    def __init__(self, inner: Runner) -> None:
-        super().__init__(inner)
-        self.fail_next = False
-
-    def run_batch(
-        self,
-        batch: list[GenerationParams],
-        *,
-        precise: bool = False,
-        on_step: StepHook | None = None,
-        low_memory: bool = False,
-    ) -> Any:
-        if self.fail_next:
-            raise RuntimeError(ILLEGAL_ADDRESS)
-        return super().run_batch(batch, precise=precise, on_step=on_step, low_memory=low_memory)
+FATAL = RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
 @pytest.fixture
-def two_devices(data_dir: Any) -> Iterator[tuple[ImageService, list[FailingRunner]]]:
+def two_devices(data_dir: Any) -> Iterator[tuple[ImageService, list[WatchedRunner]]]:
     settings = Settings(
         data_dir=data_dir, local={"devices": ["cpu:0", "cpu:1"], "batch_window_ms": 0}
     )
-    runners: list[FailingRunner] = []
-
-    def watch(inner: Runner) -> Runner:
-        runners.append(FailingRunner(inner))
-        return runners[-1]
-
-    registry = BackendRegistry(settings, _catalogue(settings), wrap_runner=watch)
-    service = ImageService(settings, registry=registry)
+    service, runners = watched_service(settings)
     try:
         yield service, runners
     finally:
         service.close()
 
 
-def _catalogue(settings: Settings) -> Any:
-    from models.catalogue import Catalogue
-
-    return Catalogue.load(settings.models)
-
-
 def request(model: str, seed: int, prompt: str = "a boat") -> ImageRequest:
     return ImageRequest(prompt=prompt, model=model, width=64, height=64, seed=seed, steps=3, n=1)
 
 
-def runner_of(runners: list[FailingRunner], model: str, device: str) -> FailingRunner:
+def runner_of(runners: list[WatchedRunner], model: str, device: str) -> WatchedRunner:
     (found,) = [
         r for r in runners if r.inner.spec.name == model and r.inner.options.device == device
     ]
@@ -83,7 +45,7 @@ def runner_of(runners: list[FailingRunner], model: str, device: str) -> FailingR
 
 
 def test_two_models_run_on_two_devices_at_once(
-    two_devices: tuple[ImageService, list[FailingRunner]],
+    two_devices: tuple[ImageService, list[WatchedRunner]],
 ) -> None:
     service, runners = two_devices
 
@@ -111,7 +73,7 @@ def test_two_models_run_on_two_devices_at_once(
 
 
 def test_a_model_stays_with_the_device_that_holds_it(
-    two_devices: tuple[ImageService, list[FailingRunner]],
+    two_devices: tuple[ImageService, list[WatchedRunner]],
 ) -> None:
     service, runners = two_devices
 
@@ -128,7 +90,7 @@ def test_a_model_stays_with_the_device_that_holds_it(
 
 
 def test_a_failed_device_moves_traffic_to_the_other(
-    two_devices: tuple[ImageService, list[FailingRunner]],
+    two_devices: tuple[ImageService, list[WatchedRunner]],
 ) -> None:
     service, runners = two_devices
     registry = service.registry
@@ -136,7 +98,7 @@ def test_a_failed_device_moves_traffic_to_the_other(
     async def scenario() -> tuple[list[BaseException], int]:
         await service.generate(request("tiny-sdxl", 0))
         (first,) = runners
-        first.fail_next = True
+        first.failing = FATAL
         failures: list[BaseException] = []
         served = 0
         for seed in range(1, 8):
@@ -162,7 +124,7 @@ def test_a_failed_device_moves_traffic_to_the_other(
 
 
 def test_the_server_fails_only_when_every_device_has(
-    two_devices: tuple[ImageService, list[FailingRunner]],
+    two_devices: tuple[ImageService, list[WatchedRunner]],
 ) -> None:
     service, runners = two_devices
     told: list[str] = []
@@ -171,7 +133,7 @@ def test_the_server_fails_only_when_every_device_has(
     async def scenario() -> None:
         for seed in range(2):
             await service.generate(request("tiny-sdxl", seed))
-            runners[-1].fail_next = True
+            runners[-1].failing = FATAL
             with pytest.raises(errors.DeviceFaultError):
                 await service.generate(request("tiny-sdxl", 10 + seed))
         with pytest.raises(errors.DeviceFaultError):
