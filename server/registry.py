@@ -72,7 +72,10 @@ class BackendRegistry:
                 observer=self._observer,
                 on_fault=self._device_failed,
                 residency=Residency(
-                    device=device, budgets=self._budgets_of(device), policies=policies
+                    device=device,
+                    budgets=self._budgets_of(device),
+                    policies=policies,
+                    reserve_bytes=int(local.memory_reserve_gb * 1024**3),
                 ),
             )
             for device in self._device_names()

@@ -143,6 +143,7 @@ class DeviceBatch:
     """One pipeline call as the device saw it."""
 
     prompts: list[str]
+    images: int = 0  # the images of the call (n summed)
     steps: int = 0  # the last step it reported
     previews: int = 0  # the live previews rendered (one per image per step that showed one)
     low_memory: bool = False  # the worker's last try after running out of memory (VAE tiles)
@@ -154,12 +155,17 @@ class WatchedRunner:
     after its first step until it is set, and `holding` is set (the one place these tests
     force the device to block: a test acts while a batch is mid-run, whatever the host's speed).
     While `failing` is set, every batch raises it instead of running (the one way to run a CPU
-    out of GPU memory, or into a device fault); the batch is still recorded.
+    out of GPU memory, or into a device fault), or only the next `failures` batches where that
+    is set; the batch is still recorded. While
+    `peak_per_image` is set, each call reports that peak working memory per image, as CUDA's
+    allocator counters would (a CPU has none).
     Injected through BackendRegistry(wrap_runner=...); see `watched_service`."""
 
     def __init__(self, inner: Runner) -> None:
         self.inner = inner
         self.failing: BaseException | None = None
+        self.failures: int | None = None
+        self.peak_per_image: int | None = None
         self.batches: list[DeviceBatch] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -191,10 +197,19 @@ class WatchedRunner:
         on_step: StepHook | None = None,
         low_memory: bool = False,
     ) -> Any:
-        seen = DeviceBatch(prompts=[params.prompt for params in batch], low_memory=low_memory)
+        seen = DeviceBatch(
+            prompts=[params.prompt for params in batch],
+            images=sum(params.n for params in batch),
+            low_memory=low_memory,
+        )
         self.batches.append(seen)
         if self.failing is not None:
-            raise self.failing
+            failing = self.failing
+            if self.failures is not None:
+                self.failures -= 1
+                if self.failures <= 0:
+                    self.failing = self.failures = None
+            raise failing
 
         def counted(step: int, total: int, render: Callable[[int], Any]) -> None:
             seen.steps = step
@@ -209,7 +224,12 @@ class WatchedRunner:
                 self.holding.set()
                 self.gate.wait()
 
-        return self.inner.run_batch(batch, precise=precise, on_step=counted, low_memory=low_memory)
+        output = self.inner.run_batch(
+            batch, precise=precise, on_step=counted, low_memory=low_memory
+        )
+        if self.peak_per_image is not None:
+            output.peak_bytes = self.peak_per_image * seen.images
+        return output
 
 
 def watched_service(settings: Settings) -> tuple[ImageService, list[WatchedRunner]]:

@@ -23,7 +23,7 @@ from models.base import (
     ModelUnavailableError,
     PromptTooLongError,
 )
-from models.local import sources
+from models.local import activations, sources
 from models.local.devices import DevicePool
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
@@ -305,6 +305,12 @@ class DiffusersBackend(Backend):
             precise=precise,
             events=events,
             resident=replica.runner,
+            memory_prior=activations.prior_bytes(
+                self.family.activation_gib_per_megapixel,
+                params.width,
+                params.height,
+                dtype_bytes=4 if replica.runner.dtype_name == "float32" else 2,
+            ),
         )
         result = await worker.run(item)
         return BackendResult(

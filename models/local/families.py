@@ -76,6 +76,10 @@ class Family:
     precise_vae: bool
     # The pipeline attribute that holds the denoiser (what torch.compile compiles).
     denoiser: str
+    # The working memory (activations, above the weights) one image takes per megapixel in
+    # half precision, at the peak of a call: the prior the worker splits batches by until it
+    # has measured the model itself (models.local.activations). Sources on each family.
+    activation_gib_per_megapixel: float
     # The pipeline attribute of the tokenizer whose limit is passed as max_sequence_length
     # (Flux's T5 carries the prompt); None where the pipeline takes no such argument.
     sequence_length_from: str | None = None
@@ -130,6 +134,10 @@ _SDXL = Family(
     single_file=True,
     precise_vae=True,
     denoiser="unet",
+    # diffusers' SDXL fp16 batch-1 1024x1024 peak, 8.96 GiB (its memory docs, read
+    # 2026-12), less the 6.46 GiB of fp16 weights: ~2.4 GiB/MP, most of it the fp32 VAE
+    # decode (force_upcast); rounded up.
+    activation_gib_per_megapixel=2.5,
     default_strength={"img2img": _STRENGTH, "inpaint": _STRENGTH},
 )
 
@@ -153,6 +161,11 @@ _FLUX = Family(
     single_file=False,
     precise_vae=False,
     denoiser="transformer",
+    # No published peak separates Flux's activations from its weights; its VAE decode is
+    # SDXL's decoder at 16 latent channels, in bf16 (no upcast), and the transformer keeps no
+    # activations across its blocks at inference. A first guess (2026-12), replaced by the
+    # measured peak of the model's first batch on CUDA.
+    activation_gib_per_megapixel=2.0,
     sequence_length_from="tokenizer_2",
     default_strength={"img2img": _STRENGTH, "inpaint": _STRENGTH},
 )

@@ -60,6 +60,9 @@ StepHook = Callable[[int, int, Callable[[int], Any]], None]
 class BatchOutput:
     images: list[list[GeneratedImage]]  # per request, in request order
     device_seconds: float
+    # What the call took above the memory allocated before it, at its peak (CUDA's allocator
+    # counters; None where the device has none): the worker's activation estimates.
+    peak_bytes: int | None = None
 
 
 class PipelineRunner:
@@ -391,6 +394,10 @@ class PipelineRunner:
         tiled = low_memory and not self.options.vae_tiling
         if tiled:
             pipe.vae.enable_tiling()
+        on_cuda = self.device.startswith("cuda")
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        allocated_before = _allocated(torch, self.device)
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -421,6 +428,9 @@ class PipelineRunner:
             if tiled:
                 pipe.vae.disable_tiling()
         elapsed = time.perf_counter() - start
+        peak = None
+        if on_cuda:
+            peak = max(0, int(torch.cuda.max_memory_allocated(self.device)) - allocated_before)
         arrays = out.images
         encoded: list[list[GeneratedImage]] = []
         i = 0
@@ -433,7 +443,7 @@ class PipelineRunner:
                 row.append(_encode(pixels, problems, seed, params))
                 i += 1
             encoded.append(row)
-        return BatchOutput(images=encoded, device_seconds=elapsed)
+        return BatchOutput(images=encoded, device_seconds=elapsed, peak_bytes=peak)
 
     def _preview(self, latents: Any, index: int, width: int, height: int) -> Any:
         """Image `index`'s preview, or None: a preview that fails never fails the batch."""

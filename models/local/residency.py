@@ -80,16 +80,19 @@ class Residency:
         host_budget_bytes: int = 0,
         budgets: Callable[[], tuple[int | None, int]] | None = None,
         policies: Mapping[str, Policy] | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         """`budget_bytes` None: no limit. `host_budget_bytes` 0: no host tier (a CPU device,
         whose memory is the host's: an evicted model is dropped). `budgets`, where given,
         works both out on the worker thread before the first load (asking the device means
-        importing torch, which listing models must not)."""
+        importing torch, which listing models must not). `reserve_bytes` is the working room
+        kept beside the budget for the activations of a batch (local.memory_reserve_gb)."""
         self.device = device
         self.budget_bytes = budget_bytes
         self.host_budget_bytes = host_budget_bytes
         self._budgets = budgets
         self.policies = dict(policies or {})
+        self.reserve_bytes = reserve_bytes
         self._entries: dict[str, _Entry] = {}
         self.loads = 0
         self.evictions = 0
@@ -175,6 +178,13 @@ class Residency:
     def used_bytes(self, where: Where = "device") -> int:
         entries = list(self._entries.values())  # read from other threads too
         return sum(e.footprint for e in entries if e.resident.where == where)
+
+    def activation_room(self) -> int | None:
+        """The bytes a batch may take for its working memory now: the budget and the reserve,
+        less what the loaded models take (None: no budget, no limit)."""
+        if self.budget_bytes is None:
+            return None
+        return max(0, self.budget_bytes + self.reserve_bytes - self.used_bytes("device"))
 
     def places(self) -> list[ModelPlace]:
         return [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import threading
@@ -21,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from models import prompt_weights
 from models.base import (
@@ -36,6 +37,7 @@ from models.base import (
     QueueFullError,
     WorkCancelledError,
 )
+from models.local.activations import ActivationMemory
 from models.local.pipeline import BatchOutput
 from models.local.residency import Residency, Resident
 from models.local.runtime import describe_device_fault, is_fatal_device_error
@@ -133,6 +135,9 @@ class WorkItem:
     # The model `runner` runs, as the worker's Residency knows it: made resident (loaded, or
     # brought back from host RAM, others evicted to fit) right before its batch runs.
     resident: Resident | None = None
+    # The working memory one image of it takes by its family's prior, in bytes (for its size
+    # and the device's dtype): what the worker assumes until it has measured (0: no estimate).
+    memory_prior: int = 0
 
     @property
     def key(self) -> BatchKey:
@@ -160,6 +165,8 @@ class DeviceWorker:
         stays loaded (default: every model that loads stays, without a budget)."""
         self.name = name
         self.residency = residency or Residency(device=name, budget_bytes=None)
+        # The measured working memory of its batches (models.local.activations).
+        self.memory = ActivationMemory()
         self.max_batch_images = max_batch_images
         self.batch_window_s = batch_window_s
         self.max_queue_images = max_queue_images
@@ -439,11 +446,20 @@ class DeviceWorker:
             _safely(item.events.started)
 
         runner = batch[0].runner
-
+        rows: dict[int, list[GeneratedImage]] = {}
+        device_seconds = 0.0
         try:
             if batch[0].resident is not None:
                 self.residency.ensure(batch[0].resident)
-            output = self._recovering(runner, batch)
+            # Parts that fit the device's working room (models.local.activations), each run
+            # as one call (recovering from running out of memory).
+            parts = _cut([_Slice(item, item.params) for item in batch], self._fitting(batch[0]))
+            spans = _spans(parts)
+            for part in parts:
+                ran = self._recovering(runner, part, spans)
+                device_seconds += ran.device_seconds
+                for piece, images in ran.rows:
+                    rows.setdefault(id(piece.item), []).extend(images)
         except BaseException as exc:
             if is_fatal_device_error(exc):
                 self._fail_device(exc, [item.future for item in batch])
@@ -457,86 +473,118 @@ class DeviceWorker:
                 _set_exception(item.future, error)
             self._finish()
             return
-        self.pipeline_calls += 1
         total_images = sum(item.images for item in batch)
-        share = output.device_seconds / max(total_images, 1)
-        if output.device_seconds > 0:
-            rate = total_images / output.device_seconds
+        share = device_seconds / max(total_images, 1)
+        if device_seconds > 0:
+            rate = total_images / device_seconds
             prev = self._images_per_s
             self._images_per_s = rate if prev is None else 0.7 * prev + 0.3 * rate
         # Observed before results are handed out: a client that has its images also sees
         # their batch in the metrics.
         if self.observer is not None:
-            self.observer.batch_done(
-                batch[0].params.model, total_images, output.device_seconds, waits
-            )
-        for item, images in zip(batch, output.images, strict=True):
+            self.observer.batch_done(batch[0].params.model, total_images, device_seconds, waits)
+        for item in batch:
             if item.cancelled:
                 _set_exception(item.future, WorkCancelledError("cancelled while running"))
                 continue
             if not item.future.done():
                 item.future.set_result(
-                    ItemResult(images=images, device_seconds=share * item.images)
+                    ItemResult(images=rows[id(item)], device_seconds=share * item.images)
                 )
         self._finish()
 
-    def _recovering(self, runner: Runner, batch: list[WorkItem]) -> Any:
-        """The batch's pipeline call, recovering from running out of device memory: the
-        runner has freed the cache; the batch runs again split in half, then (still short of
+    def _fitting(self, head: WorkItem) -> int | None:
+        """How many images of the batch's size one call may take on this device now: the room
+        its budget leaves beside the loaded models, over each image's estimated working memory
+        (None: no budget, no limit)."""
+        p = head.params
+        return self.memory.images_that_fit(
+            p.model, p.width, p.height, head.memory_prior, self.residency.activation_room()
+        )
+
+    def _recovering(
+        self, runner: Runner, part: list[_Slice], spans: dict[int, tuple[int, int]]
+    ) -> _Ran:
+        """One part's pipeline call, recovering from running out of device memory: the
+        runner has freed the cache; the part runs again split in half, then (still short of
         memory) each half with the VAE decoding in tiles. Only then does the request fail,
         with a retryable out_of_memory; the worker goes on serving."""
         try:
-            return self._call(runner, batch)
+            return self._call(runner, part, spans)
         except OutOfMemoryError:
-            halves = [batch[: len(batch) // 2], batch[len(batch) // 2 :]] if len(batch) > 1 else []
+            self._ran_out(part)
+            halves = _halved(part)
             log.warning(
-                "%s: out of memory for %d request(s); retrying %s",
-                batch[0].params.model,
-                len(batch),
-                "split in half" if halves else "with VAE tiling",
+                "%s: out of memory for %d image(s); retrying %s",
+                part[0].params.model,
+                _images(part),
+                "split in half" if len(halves) > 1 else "with VAE tiling",
             )
-        if halves:
+        if len(halves) > 1:
             try:
-                return _joined([self._call(runner, half) for half in halves])
+                return _joined([self._call(runner, half, spans) for half in halves])
             except OutOfMemoryError:
                 pass
         try:
-            return _joined(
-                [self._call(runner, part, low_memory=True) for part in (halves or [batch])]
-            )
+            return _joined([self._call(runner, half, spans, low_memory=True) for half in halves])
         except OutOfMemoryError as exc:
             raise OutOfMemoryError(
                 f"{exc.message} (after retrying split in half and with VAE tiling)",
                 retry_after_s=self._retry_after(self.queued_images() + 1),
             ) from None
 
-    def _call(self, runner: Runner, batch: list[WorkItem], *, low_memory: bool = False) -> Any:
-        # Where each request's images start among the call's.
+    def _ran_out(self, part: list[_Slice]) -> None:
+        """Running out of memory measures too: this size needs more than the room it had, so
+        the next batch of it is split before it runs."""
+        room = self.residency.activation_room()
+        p = part[0].params
+        if room is not None:
+            self.memory.record(p.model, p.width, p.height, _images(part), room + 1)
+
+    def _call(
+        self,
+        runner: Runner,
+        part: list[_Slice],
+        spans: dict[int, tuple[int, int]],
+        *,
+        low_memory: bool = False,
+    ) -> _Ran:
+        # Where each slice's images start among the call's.
         offsets = [0]
-        for item in batch:
-            offsets.append(offsets[-1] + item.images)
+        for piece in part:
+            offsets.append(offsets[-1] + piece.params.n)
 
         def on_step(step: int, total: int, render: Callable[[int], Any]) -> None:
-            for item, offset in zip(batch, offsets, strict=False):
+            for piece, offset in zip(part, offsets, strict=False):
+                item = piece.item
                 if item.cancelled:
                     continue
                 preview = None
                 if _asks(item.events.wants_preview, step, total):
-                    preview = tuple(render(offset + i) for i in range(item.images))
+                    preview = tuple(render(offset + i) for i in range(piece.params.n))
                     if any(p is None for p in preview):
                         preview = None
-                _safely(item.events.progress, step, total, preview)
+                # A request cut into several calls counts its steps across all of them.
+                done, calls = spans.get(id(piece), (0, 1))
+                _safely(item.events.progress, done * total + step, calls * total, preview)
             # Asked again at every step, from the items' own state: a cancel that came while
             # the batch was being set up (before the runner armed its stop flag) still stops it.
-            if all(item.cancelled for item in batch):
+            if all(piece.item.cancelled for piece in part):
                 runner.interrupt()
 
-        params = [item.params for item in batch]
+        params = [piece.params for piece in part]
         if low_memory:
-            return runner.run_batch(
-                params, precise=batch[0].precise, on_step=on_step, low_memory=True
+            output = runner.run_batch(
+                params, precise=part[0].item.precise, on_step=on_step, low_memory=True
             )
-        return runner.run_batch(params, precise=batch[0].precise, on_step=on_step)
+        else:
+            output = runner.run_batch(params, precise=part[0].item.precise, on_step=on_step)
+        self.pipeline_calls += 1
+        out = cast(BatchOutput, output)
+        if out.peak_bytes is not None:
+            p = part[0].params
+            self.memory.record(p.model, p.width, p.height, _images(part), out.peak_bytes)
+        return _Ran(list(zip(part, out.images, strict=True)), out.device_seconds)
 
     def _fail_device(
         self, exc: BaseException, running: list[concurrent.futures.Future[Any]]
@@ -585,14 +633,86 @@ def _safely(hook: Callable[..., None], *args: Any) -> None:
         log.exception("event listener failed")
 
 
-def _joined(outputs: list[Any]) -> BatchOutput:
-    """One batch's output from its parts' (run one after another)."""
-    if len(outputs) == 1 and isinstance(outputs[0], BatchOutput):
-        return outputs[0]
-    return BatchOutput(
-        images=[row for out in outputs for row in out.images],
-        device_seconds=sum(out.device_seconds for out in outputs),
+@dataclass(frozen=True)
+class _Ran:
+    """What one call (or the calls of its retry, one after another) gave each slice."""
+
+    rows: list[tuple[_Slice, list[GeneratedImage]]]
+    device_seconds: float
+
+
+def _joined(calls: list[_Ran]) -> _Ran:
+    return _Ran(
+        [row for ran in calls for row in ran.rows], sum(ran.device_seconds for ran in calls)
     )
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """A request's images in one pipeline call: all of them (its own params), or a run of
+    them where the request is cut across calls (n and seed cut: image i keeps seed + i, so
+    its pixels are those of one uncut call)."""
+
+    item: WorkItem
+    params: GenerationParams
+
+
+def _images(part: list[_Slice]) -> int:
+    return sum(piece.params.n for piece in part)
+
+
+def _cut(slices: list[_Slice], limit: int | None) -> list[list[_Slice]]:
+    """The slices in order, in as few parts of at most `limit` images as there can be (None:
+    one part), as even as they can be (7 in threes: 3, 2, 2, so that each call's peak is the
+    lowest it can be); a request across a boundary is cut there."""
+    total = sum(s.params.n for s in slices)
+    if limit is None or total <= limit:
+        return [slices]
+    count = math.ceil(total / limit)
+    sizes = [total // count + (1 if i < total % count else 0) for i in range(count)]
+    parts: list[list[_Slice]] = [[] for _ in sizes]
+    index, room = 0, sizes[0]
+    for piece in slices:
+        start = 0
+        while start < piece.params.n:
+            if room == 0:
+                index += 1
+                room = sizes[index]
+            take = min(room, piece.params.n - start)
+            parts[index].append(_part_of(piece, start, take))
+            start += take
+            room -= take
+    return parts
+
+
+def _part_of(piece: _Slice, start: int, count: int) -> _Slice:
+    if start == 0 and count == piece.params.n:
+        return piece
+    params = dataclasses.replace(piece.params, n=count, seed=piece.params.seed + start)
+    return _Slice(piece.item, params)
+
+
+def _halved(part: list[_Slice]) -> list[list[_Slice]]:
+    """`part` in two of (nearly) equal images; one part where it is a single image."""
+    images = _images(part)
+    if images < 2:
+        return [part]
+    return _cut(part, (images + 1) // 2)
+
+
+def _spans(parts: list[list[_Slice]]) -> dict[int, tuple[int, int]]:
+    """For each slice of a request cut across calls: (calls of that request before this
+    one, calls in all), so its progress runs once from 0 to the end."""
+    calls: dict[int, list[_Slice]] = {}
+    for part in parts:
+        for piece in part:
+            calls.setdefault(id(piece.item), []).append(piece)
+    return {
+        id(piece): (index, len(pieces))
+        for pieces in calls.values()
+        if len(pieces) > 1
+        for index, piece in enumerate(pieces)
+    }
 
 
 def _asks(question: Callable[[int, int], bool], step: int, total: int) -> bool:
