@@ -393,6 +393,10 @@ class DeviceWorker:
                 return []
             head = self._queue.popleft()
             batch, size = [head], head.images
+            # No more than one call's worth of working memory (models.local.activations):
+            # what would not fit waits for the next batch rather than for this one's calls.
+            fits = self._fitting(head)
+            most = self.max_batch_images if fits is None else min(self.max_batch_images, fits)
             # A shared last batch only predicts company while its clients are still coming
             # back (within a window of its end): a request after a quiet spell is a new start.
             in_burst = (
@@ -409,11 +413,11 @@ class DeviceWorker:
             last_arrival = max(time.monotonic(), head.enqueued_at) if expect_company else 0.0
             while True:
                 for item in list(self._queue):
-                    if size >= self.max_batch_images:
+                    if size >= most:
                         break
                     if item.cancelled or item.key != head.key or item.runner is not head.runner:
                         continue
-                    if size + item.images > self.max_batch_images:
+                    if size + item.images > most:
                         continue
                     self._queue.remove(item)
                     batch.append(item)
@@ -424,7 +428,7 @@ class DeviceWorker:
                 # giving up on them; once they are all in, a short one ends the batch.
                 gap = quiet_s if len(batch) < self._recent_active else quiet_s / 2
                 remaining = min(deadline - now, last_arrival + gap - now)
-                if size >= self.max_batch_images or remaining <= 0 or self._stopping:
+                if size >= most or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
             self._running = batch

@@ -151,3 +151,38 @@ def test_running_out_of_memory_splits_that_size_before_it_runs_next_time(
         # ...and the next batch of that size is split before it is attempted.
         device.generate(params(4, seed=11))
         assert device.calls()[3:] == [2, 2]
+
+
+def test_concurrent_requests_gather_no_more_than_one_call_fits(room_for_two: Device) -> None:
+    device = room_for_two
+    started: list[int] = []
+
+    class Started(Events):
+        def __init__(self, seed: int) -> None:
+            self.seed = seed
+
+        def started(self) -> None:
+            started.append(self.seed)
+
+    async def four() -> None:
+        device.runner.hold()  # the first call holds, so that the others queue up behind it
+        runs = [asyncio.ensure_future(device.backend.generate(params(1, seed=1), Started(1)))]
+        await asyncio.to_thread(device.runner.holding.wait, DEADLINE_S)
+        for seed in (2, 3, 4):
+            runs.append(
+                asyncio.ensure_future(device.backend.generate(params(1, seed=seed), Started(seed)))
+            )
+        while device.worker.queued_images() < 4:
+            await asyncio.sleep(0.01)
+        device.runner.release()
+        # The second call holds too: two of the three queued requests are in it, the third
+        # still waits in the queue (not behind this batch's calls).
+        device.runner.hold()
+        await asyncio.to_thread(device.runner.holding.wait, DEADLINE_S)
+        assert sorted(started) == [1, 2, 3]
+        device.runner.release()
+        await asyncio.gather(*runs)
+
+    asyncio.run(four())
+    assert device.calls() == [1, 2, 1]
+    assert started == [1, 2, 3, 4]
