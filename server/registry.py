@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,10 @@ class BackendRegistry:
             name: Policy(pinned=p.pinned, idle_unload_s=p.idle_unload_s)
             for name, p in local.model_policies.items()
         }
+        names = self._device_names()
+        # A CPU split into several devices gives each its share of the cores.
+        cpus = [name for name in names if name.partition(":")[0] == "cpu"]
+        threads = max(1, len(os.sched_getaffinity(0)) // len(cpus)) if len(cpus) > 1 else None
         # One worker thread per device: diffusers pipelines are not thread-safe, and each
         # device has its own queue, batcher and resident set.
         workers = [
@@ -77,8 +82,9 @@ class BackendRegistry:
                     policies=policies,
                     reserve_bytes=int(local.memory_reserve_gb * 1024**3),
                 ),
+                threads=threads if device in cpus else None,
             )
-            for device in self._device_names()
+            for device in names
         ]
         replicas = None if local.replicas == "auto" else local.replicas
         return DevicePool(workers, max_replicas=replicas)

@@ -147,6 +147,10 @@ class DeviceBatch:
     steps: int = 0  # the last step it reported
     previews: int = 0  # the live previews rendered (one per image per step that showed one)
     low_memory: bool = False  # the worker's last try after running out of memory (VAE tiles)
+    threads: int = 0  # torch's intra-op threads on the worker's thread
+    # When the call began and returned (time.monotonic), to show two devices busy at once.
+    started_at: float = 0.0
+    ended_at: float = 0.0
 
 
 class WatchedRunner:
@@ -201,6 +205,8 @@ class WatchedRunner:
             prompts=[params.prompt for params in batch],
             images=sum(params.n for params in batch),
             low_memory=low_memory,
+            threads=_torch_threads(),
+            started_at=time.monotonic(),
         )
         self.batches.append(seen)
         if self.failing is not None:
@@ -224,12 +230,21 @@ class WatchedRunner:
                 self.holding.set()
                 self.gate.wait()
 
-        output = self.inner.run_batch(
-            batch, precise=precise, on_step=counted, low_memory=low_memory
-        )
+        try:
+            output = self.inner.run_batch(
+                batch, precise=precise, on_step=counted, low_memory=low_memory
+            )
+        finally:
+            seen.ended_at = time.monotonic()
         if self.peak_per_image is not None:
             output.peak_bytes = self.peak_per_image * seen.images
         return output
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def watched_service(settings: Settings) -> tuple[ImageService, list[WatchedRunner]]:

@@ -26,7 +26,7 @@ from models.local import families, images, schedulers, sources, weighted_embeds
 from models.local.adapters import Adapters
 from models.local.loras import LoraLibrary
 from models.local.previews import LatentPreviewer
-from models.local.residency import Where
+from models.local.residency import Mode, Where
 from models.local.runtime import dtype_name, pick_device, pick_dtype, quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ class PipelineRunner:
         self._token_counts: dict[str, int] = {}
         self._previewer: LatentPreviewer | None = None
         self._on_host = False
+        # Set once the model proved too big for its device's budget (offload): from then on it
+        # runs offloaded, across unloads and loads.
+        self._offload = False
         # What CUDA's allocator grew by while the weights loaded (0 elsewhere).
         self._allocated_by_load = 0
         self._scheduler_config: dict[str, object] | None = None
@@ -160,8 +163,8 @@ class PipelineRunner:
             ) from None
 
     def _configure_placement(self, pipe: Any) -> None:
-        if self.options.cpu_offload and self.device.startswith("cuda"):
-            pipe.enable_model_cpu_offload()
+        if self.mode == "offloaded":
+            pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
 
@@ -180,7 +183,7 @@ class PipelineRunner:
         # Otherwise diffusers' default AttnProcessor2_0 already uses PyTorch SDPA.
         if opts.vae_slicing:
             pipe.vae.enable_slicing()
-        if opts.vae_tiling:
+        if opts.vae_tiling or self._offload:
             pipe.vae.enable_tiling()
         if opts.compile:
             denoiser = self.family.denoiser
@@ -205,35 +208,63 @@ class PipelineRunner:
             return "disk"
         return "host" if self._on_host else "device"
 
+    @property
+    def mode(self) -> Mode:
+        """How it runs once loaded: whole on the device; "offloaded" (CUDA, local.cpu_offload
+        or too big for the budget: the weights in host RAM, each component moved to the device
+        only while it runs, diffusers' model CPU offload, and the VAE in tiles); "tiled" (too
+        big on a CPU, whose weights are in host RAM anyway: only the VAE tiling applies)."""
+        if self.device.startswith("cuda") and (self.options.cpu_offload or self._offload):
+            return "offloaded"
+        return "tiled" if self._offload else "whole"
+
+    def offload(self) -> None:
+        """Run from now on as a model too big for its device (see `mode`), converting the
+        loaded pipeline in place."""
+        if self._offload:
+            return
+        self._offload = True
+        if self.pipe is not None:
+            if self.mode == "offloaded":
+                self.pipe.enable_model_cpu_offload(device=self.device)
+            self.pipe.vae.enable_tiling()
+
     def to_host(self) -> None:
         """Move the weights to host RAM (a later to_device brings them back, faster than a
-        load from disk)."""
+        load from disk). An offloaded model's are there already: between calls it holds
+        nothing on the device."""
         if self.pipe is not None and not self._on_host:
-            self.pipe.to("cpu")
+            if self.mode != "offloaded":
+                self.pipe.to("cpu")
             self._on_host = True
 
     def to_device(self) -> None:
         if self.pipe is not None and self._on_host:
-            self._configure_placement(self.pipe)
+            if self.mode != "offloaded":
+                self._configure_placement(self.pipe)
             self._on_host = False
 
     def footprint_bytes(self) -> int:
-        """The bytes of every parameter and buffer of the pipeline's modules, each tensor once
-        (the pipelines of other tasks share them), or more where CUDA's allocator grew by
-        more while it loaded."""
+        """What it holds on the device: the bytes of every parameter and buffer of the
+        pipeline's modules, each tensor once (the pipelines of other tasks share them), or
+        more where CUDA's allocator grew by more while it loaded; offloaded, its largest
+        component's (the most it moves onto the device at once)."""
         if self.pipe is None:
             return 0
         seen: set[int] = set()
-        total = 0
+        sizes = []
         for component in self.pipe.components.values():
-            tensors = getattr(component, "parameters", None)
-            if tensors is None:
+            if getattr(component, "parameters", None) is None:
                 continue
+            size = 0
             for tensor in (*component.parameters(), *component.buffers()):
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
-                    total += tensor.numel() * tensor.element_size()
-        return max(total, self._allocated_by_load)
+                    size += tensor.numel() * tensor.element_size()
+            sizes.append(size)
+        if self.mode == "offloaded":
+            return max(sizes, default=0)
+        return max(sum(sizes), self._allocated_by_load)
 
     def pipeline_for(self, task: Task) -> Any:
         """The pipeline of `task`, made from the loaded one on first use. torch_dtype is
@@ -391,7 +422,7 @@ class PipelineRunner:
         if upcast:
             original_force_upcast = bool(pipe.vae.config.get("force_upcast", False))
             pipe.vae.register_to_config(force_upcast=True)
-        tiled = low_memory and not self.options.vae_tiling
+        tiled = low_memory and not (self.options.vae_tiling or self._offload)
         if tiled:
             pipe.vae.enable_tiling()
         on_cuda = self.device.startswith("cuda")

@@ -22,6 +22,9 @@ from models.base import OutOfMemoryError
 log = logging.getLogger(__name__)
 
 Where = Literal["device", "host", "disk"]
+# How a loaded model runs (models.local.pipeline.PipelineRunner.mode): whole on the device, or,
+# too big for its budget, offloaded (CUDA) or with only its VAE in tiles (a CPU).
+Mode = Literal["whole", "offloaded", "tiled"]
 
 
 class Resident(Protocol):
@@ -34,7 +37,12 @@ class Resident(Protocol):
     @property
     def where(self) -> Where: ...
 
+    @property
+    def mode(self) -> Mode: ...
+
     def load(self) -> None: ...
+
+    def offload(self) -> None: ...
 
     def unload(self) -> None: ...
 
@@ -69,6 +77,7 @@ class ModelPlace:
     where: Where
     footprint_bytes: int
     pinned: bool
+    mode: Mode = "whole"
 
 
 class Residency:
@@ -122,19 +131,19 @@ class Residency:
                 )
                 resident.unload()
                 self._evict_all(keep=resident.name)
-                try:
-                    self._bring(resident)
-                except Exception as again:
-                    if type(again).__name__ != "OutOfMemoryError":
-                        raise
-                    resident.unload()
-                    _release_device_memory()
-                    raise OutOfMemoryError(
-                        f"model '{resident.name}' does not fit on {self.device} even with "
-                        "every other unpinned model evicted; lower local.memory_gb's share "
-                        "of other work, unpin a model, or enable local.cpu_offload"
-                    ) from None
+                self._bring_shrinking(resident)
             entry.footprint = resident.footprint_bytes()
+            if self._too_big(entry) and resident.mode == "whole":
+                log.warning(
+                    "%s needs %.2f GB on %s, more than its budget leaves (local.memory_gb); "
+                    "running it offloaded",
+                    resident.name,
+                    entry.footprint / 1024**3,
+                    self.device,
+                )
+                resident.offload()
+                _release_device_memory()
+                entry.footprint = resident.footprint_bytes()
             self._make_room(0, keep=resident.name)
             if self.budget_bytes is not None and entry.footprint > self.budget_bytes:
                 log.warning(
@@ -193,12 +202,47 @@ class Residency:
                 where=entry.resident.where,
                 footprint_bytes=entry.footprint,
                 pinned=self.policy(name).pinned,
+                mode=entry.resident.mode,
             )
             # A copy first: other threads read this while the worker's may add an entry.
             for name, entry in list(self._entries.items())
         ]
 
     # -- eviction ------------------------------------------------------------------------
+
+    def _bring_shrinking(self, resident: Resident) -> None:
+        """Load `resident` once more with the device as empty as it gets; still out of
+        memory, once more offloaded (models.local.pipeline.PipelineRunner.mode) where it ran
+        whole; only then fail."""
+        for last_try in (resident.mode != "whole", True):
+            try:
+                self._bring(resident)
+                return
+            except Exception as exc:
+                if type(exc).__name__ != "OutOfMemoryError":
+                    raise
+                resident.unload()
+                _release_device_memory()
+                if last_try:
+                    break
+                log.warning("%s: out of memory loading whole; loading it offloaded", resident.name)
+                resident.offload()
+        raise OutOfMemoryError(
+            f"model '{resident.name}' does not fit on {self.device} even offloaded with every "
+            "other unpinned model evicted; raise local.memory_gb, unpin a model, or serve it "
+            "from a device with more memory"
+        ) from None
+
+    def _too_big(self, entry: _Entry) -> bool:
+        """Whether the model cannot fit whole even with every unpinned other evicted."""
+        if self.budget_bytes is None:
+            return False
+        pinned = sum(
+            e.footprint
+            for name, e in self._entries.items()
+            if e is not entry and e.resident.where == "device" and self.policy(name).pinned
+        )
+        return entry.footprint > self.budget_bytes - pinned
 
     def _bring(self, resident: Resident) -> None:
         if resident.where == "host":

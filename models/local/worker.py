@@ -159,11 +159,15 @@ class DeviceWorker:
         observer: WorkerObserver | None = None,
         on_fault: Callable[[str], None] | None = None,
         residency: Residency | None = None,
+        threads: int | None = None,
     ) -> None:
         """`on_fault(message)` is called once, from the worker thread, when the device fails
         for good (see the module's docstring); it must not block. `residency` decides what
-        stays loaded (default: every model that loads stays, without a budget)."""
+        stays loaded (default: every model that loads stays, without a budget). `threads`
+        limits the worker's own intra-op threads (a CPU split into several devices: each gets
+        its share of the cores, not all of them each)."""
         self.name = name
+        self.threads = threads
         self.residency = residency or Residency(device=name, budget_bytes=None)
         # The measured working memory of its batches (models.local.activations).
         self.memory = ActivationMemory()
@@ -341,6 +345,11 @@ class DeviceWorker:
     # -- the worker thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            # Per thread (OpenMP's setting is the calling thread's): this worker's calls.
+            torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 while (

@@ -6,6 +6,7 @@ traffic to the other with no request lost beyond the one it was running."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,13 @@ def test_two_models_run_on_two_devices_at_once(
     devices = {r.inner.spec.name: r.inner.options.device for r in runners}
     assert devices["tiny-sdxl"] != devices["tiny-flux"]
     assert set(devices.values()) == {"cpu:0", "cpu:1"}
+    # Both devices were busy at once: the held call spans the other's whole call.
+    (held,) = runner_of(runners, "tiny-sdxl", devices["tiny-sdxl"]).batches
+    (other,) = runner_of(runners, "tiny-flux", devices["tiny-flux"]).batches
+    assert held.started_at < other.started_at < other.ended_at < held.ended_at
+    # Each worker ran with its share of the cores, not all of them each.
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert held.threads == other.threads == share
 
 
 def test_a_model_stays_with_the_device_that_holds_it(

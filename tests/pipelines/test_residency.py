@@ -14,7 +14,7 @@ from models.base import GenerationParams, OutOfMemoryError
 from models.catalogue import Catalogue
 from models.local.backend import DiffusersBackend
 from models.local.pipeline import PipelineRunner, RuntimeOptions
-from models.local.residency import Policy, Residency, Where
+from models.local.residency import Mode, Policy, Residency, Where
 from models.local.worker import DeviceWorker
 from tests.pipelines.test_image_inputs import encode, picture, square_mask
 
@@ -170,6 +170,13 @@ class TightDevice:
     def where(self) -> Where:
         return self.inner.where
 
+    @property
+    def mode(self) -> Mode:
+        return self.inner.mode
+
+    def offload(self) -> None:
+        self.inner.offload()
+
     def load(self) -> None:
         import torch
 
@@ -208,10 +215,41 @@ def test_a_load_out_of_memory_evicts_every_unpinned_model_and_tries_again(
     tight = TightDevice(_runner("tiny-flux", data_dir), fails=1)
     residency.ensure(tight)
     assert (tight.where, other.where, pinned.where) == ("device", "disk", "device")
+    # Out of memory twice whole: loaded offloaded (on a CPU, whose weights are in host RAM
+    # already, that is the VAE in tiles).
+    shrunk = TightDevice(_runner("tiny-flux-fill", data_dir), fails=2)
+    residency.ensure(shrunk)
+    assert (shrunk.where, shrunk.mode) == ("device", "tiled")
+    assert shrunk.inner.pipe.vae.use_tiling
     # Out of memory every time: a retryable error naming the settings, and nothing left half
     # loaded.
-    hopeless = TightDevice(_runner("tiny-flux-kontext", data_dir), fails=2)
+    hopeless = TightDevice(_runner("tiny-flux-kontext", data_dir), fails=3)
     with pytest.raises(OutOfMemoryError) as caught:
         residency.ensure(hopeless)
-    assert "local.cpu_offload" in caught.value.message
+    assert "local.memory_gb" in caught.value.message
     assert hopeless.where == "disk" and pinned.where == "device"
+
+
+def test_a_model_bigger_than_its_budget_runs_shrunk_instead_of_failing(
+    data_dir: Path, footprints: dict[str, int]
+) -> None:
+    """A model too big for its device's budget is not refused: on CUDA it runs offloaded
+    (diffusers' model CPU offload, the VAE in tiles); on the CPU, whose weights are in host RAM
+    anyway, with its VAE in tiles. The decision stays across unload and reload."""
+    import asyncio
+
+    residency = Residency(device="cpu", budget_bytes=footprints["tiny-sdxl"] // 2)
+    worker = DeviceWorker(name="cpu", residency=residency)
+    try:
+        backend = _backends(worker, data_dir)["tiny-sdxl"]
+        result = asyncio.run(backend.generate(params("tiny-sdxl", 3)))
+        assert len(result.images) == 1
+        runner = backend.runner
+        assert (runner.where, runner.mode) == ("device", "tiled")
+        assert runner.pipe.vae.use_tiling  # and it stays on after the call
+        assert [p.mode for p in residency.places()] == ["tiled"]
+        worker.call(runner.unload).result(timeout=DEADLINE_S)
+        asyncio.run(backend.generate(params("tiny-sdxl", 4)))
+        assert runner.mode == "tiled" and runner.pipe.vae.use_tiling
+    finally:
+        worker.stop()
