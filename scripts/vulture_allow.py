@@ -19,6 +19,8 @@ manifest_url
 archive_url
 cost_by_provider
 projected_usd
+free_bytes
+host_used_bytes
 
 # Read by libraries: sqlite3 reads row_factory, uvicorn polls should_exit.
 row_factory

@@ -280,9 +280,38 @@ def generate(
 @app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="A running server's URL: list its models with where each is loaded "
+            "(device, host RAM, disk), its footprint, and each device's memory.",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="IMAGEGEN_API_KEY", show_default=False)
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """The model catalogue and whether each model can be used here."""
+    if server is not None:
+        from server import models_cmd
+
+        def remote() -> None:
+            body = models_cmd.fetch(server, api_key)
+            if as_json:
+                typer.echo(json.dumps(body, indent=2))
+                return
+            print_table(models_cmd.MODEL_HEADERS, [models_cmd.model_cells(c) for c in body["data"]])
+            if body.get("devices"):
+                typer.echo("")
+                print_table(
+                    models_cmd.DEVICE_HEADERS,
+                    [models_cmd.device_cells(d) for d in body["devices"]],
+                )
+
+        run_guarded(remote)
+        return
     settings = load_settings_or_exit(config)
     run_guarded(
         lambda: print_listing(

@@ -259,12 +259,13 @@ class BackendRegistry:
                 # (evicted, fast to bring back) or only on disk; what they take once loaded.
                 found_place = places.get(name)
                 if found_place is None:
-                    row.update(where="disk", device=None, footprint_bytes=None)
+                    row.update(where="disk", device=None, footprint_bytes=None, mode=None)
                 else:
                     device, place = found_place
                     row["where"] = place.where
                     row["device"] = device if place.where != "disk" else None
                     row["footprint_bytes"] = place.footprint_bytes
+                    row["mode"] = place.mode
                 policy = self.settings.local.model_policies.get(name)
                 row["pinned"] = bool(policy and policy.pinned)
             else:
@@ -286,6 +287,7 @@ class BackendRegistry:
                 "device": worker.name,
                 "budget_bytes": worker.residency.budget_bytes,
                 "used_bytes": worker.residency.used_bytes("device"),
+                "free_bytes": _free(worker.residency),
                 "host_budget_bytes": worker.residency.host_budget_bytes,
                 "host_used_bytes": worker.residency.used_bytes("host"),
                 "loads": worker.residency.loads,
@@ -302,3 +304,9 @@ class BackendRegistry:
                 await backend.close()
         for worker in self._started_workers():
             worker.stop()
+
+
+def _free(residency: Residency) -> int | None:
+    if residency.budget_bytes is None:
+        return None
+    return max(0, residency.budget_bytes - residency.used_bytes("device"))

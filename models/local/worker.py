@@ -112,7 +112,7 @@ class WorkerObserver(Protocol):
         self, model: str, images: int, device_seconds: float, queue_waits: list[float]
     ) -> None: ...
 
-    def queue_depth(self, images: int) -> None: ...
+    def queue_depth(self, device: str, images: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,8 @@ class DeviceWorker:
 
     def _notify_depth(self) -> None:
         if self.observer is not None:
-            self.observer.queue_depth(sum(i.images for i in self._queue if not i.cancelled))
+            waiting = sum(i.images for i in self._queue if not i.cancelled)
+            self.observer.queue_depth(self.name, waiting)
 
     # -- the worker thread ---------------------------------------------------------------
 

@@ -181,6 +181,8 @@ async def sd_models(request: Request) -> list[dict[str, Any]]:
             "sha256": found.sha256,
             "filename": found.name,
             "config": None,
+            # An extension, in a key of its own so that A1111's shape stays as clients read it.
+            **({"imagegen": dict(found.placement)} if found.placement else {}),
         }
         for found in await checkpoints(app_state(request))
     ]

@@ -36,6 +36,9 @@ class Checkpoint:
     alias_of: str | None = None
     sha256: str | None = None
     hash: str | None = None
+    # Where its weights are now (GET /v1/models' where, device, footprint_bytes and mode),
+    # for local models; empty for hosted ones.
+    placement: tuple[tuple[str, Any], ...] = ()
 
     @property
     def title(self) -> str:
@@ -52,6 +55,11 @@ class Checkpoint:
             alias_of=row.get("alias_of"),
             sha256=sha256,
             hash=short,
+            placement=tuple(
+                (key, row[key])
+                for key in ("where", "device", "footprint_bytes", "mode")
+                if key in row
+            ),
         )
 
 

@@ -39,7 +39,10 @@ class Metrics:
             "imagegen_images", "Images returned, by model.", ["model"], registry=r
         )
         self._depth = Gauge(
-            "imagegen_queue_depth_images", "Images waiting in the device queue.", registry=r
+            "imagegen_queue_depth_images",
+            "Images waiting in each device's queue.",
+            ["device"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "imagegen_batch_size_images",
@@ -92,8 +95,8 @@ class Metrics:
         self.ready = Gauge("imagegen_ready", "1 once the named models are loaded.", registry=r)
         self.device_memory = Gauge(
             "imagegen_device_memory_bytes",
-            "Each device's budget for loaded models and what they use of it, and of its "
-            "host-RAM tier (kind: budget, used, host_budget, host_used).",
+            "Each device's budget for loaded models, what they use and what is free of it, "
+            "and its host-RAM tier (kind: budget, used, free, host_budget, host_used).",
             ["device", "kind"],
             registry=r,
         )
@@ -115,8 +118,8 @@ class Metrics:
         for wait in queue_waits:
             self.queue_wait.labels(model).observe(wait)
 
-    def queue_depth(self, images: int) -> None:
-        self._depth.set(images)
+    def queue_depth(self, device: str, images: int) -> None:
+        self._depth.labels(device).set(images)
 
     # -- the HTTP layer ------------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class Metrics:
     def residency(self, devices: list[dict[str, Any]], models: list[dict[str, Any]]) -> None:
         """Set the memory gauges from the registry's view (asked when /metrics is read)."""
         for row in devices:
-            for kind in ("budget", "used", "host_budget", "host_used"):
+            for kind in ("budget", "used", "free", "host_budget", "host_used"):
                 value = row.get(f"{kind}_bytes")
                 if value is not None:
                     self.device_memory.labels(row["device"], kind).set(value)

@@ -58,11 +58,31 @@ class ModelCard(BaseModel):
     device: str | None = None
     footprint_bytes: int | None = None
     pinned: bool | None = None
+    # How it runs once loaded: "whole" on the device, or too big for its budget, "offloaded"
+    # (CUDA: weights in host RAM, each component on the device only while it runs) or
+    # "tiled" (a CPU: the VAE decodes in tiles).
+    mode: Literal["whole", "offloaded", "tiled"] | None = None
+
+
+class DeviceCard(BaseModel):
+    """One local device's memory (an extension of the model list): its budget for loaded
+    models, what they use and what is free of it, and its host-RAM tier."""
+
+    device: str
+    budget_bytes: int | None  # None: no budget (nothing evicted)
+    used_bytes: int
+    free_bytes: int | None
+    host_budget_bytes: int
+    host_used_bytes: int
+    queued_images: int
+    failed: str | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    # An extension: the local devices, once the first local model has been asked for.
+    devices: list[DeviceCard] = []
 
 
 class LoraCard(BaseModel):

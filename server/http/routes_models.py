@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from server import errors
-from server.http.protocol import ModelCard, ModelList
+from server.http.protocol import DeviceCard, ModelCard, ModelList
 from server.http.state import AppState, app_state
 
 router = APIRouter()
@@ -28,13 +28,17 @@ def _card(state: AppState, row: dict[str, Any]) -> ModelCard:
         device=row.get("device"),
         footprint_bytes=row.get("footprint_bytes"),
         pinned=row.get("pinned"),
+        mode=row.get("mode"),
     )
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     state = app_state(request)
-    return ModelList(data=[_card(state, row) for row in state.service.models()])
+    return ModelList(
+        data=[_card(state, row) for row in state.service.models()],
+        devices=[DeviceCard.model_validate(row) for row in state.service.devices()],
+    )
 
 
 @router.get("/v1/models/{model_id}")

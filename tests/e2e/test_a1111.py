@@ -514,7 +514,7 @@ def test_a_full_queue_is_waited_out_not_refused(tmp_path: Path, tiny_models_dir:
         try:
             with live.client() as client:
                 deadline = time.monotonic() + 30
-                while "imagegen_queue_depth_images 1.0" not in client.get("/metrics").text:
+                while metric_value(client.get("/metrics").text, "imagegen_queue_depth_images") != 1:
                     assert time.monotonic() < deadline, "the filler never queued"
                     time.sleep(0.02)
                 refused = client.post("/v1/images/generations", json={"prompt": "r", "steps": 2})

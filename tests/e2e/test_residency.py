@@ -6,6 +6,7 @@ what the device holds."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,68 @@ def test_a_job_says_when_its_model_is_loading(server: LiveServer) -> None:
             deadline.cancel()
     assert "loading" in kinds and kinds[-1] == "completed"
     assert kinds.index("loading") < kinds.index("started")
+
+
+def test_every_listing_says_where_each_model_is_and_what_the_device_holds(
+    server: LiveServer, cli_env: dict[str, str]
+) -> None:
+    with server.client() as http:
+        assert generate(http, "tiny-flux", 40).status_code == 200
+        listing = http.get("/v1/models").json()
+        a1111 = {row["model_name"]: row for row in http.get("/sdapi/v1/sd-models").json()}
+    # /v1/models: each model's place, and each device's budget, used and free.
+    (device,) = listing["devices"]
+    assert device["device"] == "cpu"
+    assert device["free_bytes"] == device["budget_bytes"] - device["used_bytes"] > 0
+    cards = {card["id"]: card for card in listing["data"]}
+    assert cards["tiny-flux"]["where"] == "device" and cards["tiny-flux"]["mode"] == "whole"
+    # A1111's list keeps its shape, with the same facts in a key of its own.
+    flux = a1111["tiny-flux"]
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(flux)
+    assert flux["imagegen"]["where"] == "device"
+    assert flux["imagegen"]["footprint_bytes"] == cards["tiny-flux"]["footprint_bytes"] > 0
+    # `imagegen models --server` reads the running server's list (this process loads nothing).
+    from tests.e2e.test_cli import imagegen
+
+    proc = imagegen(cli_env, "models", "--server", server.url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["devices"][0]["device"] == "cpu"
+    table = imagegen(cli_env, "models", "--server", server.url)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split("\t")[0]: line.split("\t") for line in table.stdout.splitlines()}
+    assert rows["tiny-flux"][4] == "device" and rows["tiny-flux"][5] == "cpu"
+    assert rows["tiny-flux"][6].endswith(" GB")
+    assert rows["device"][:4] == ["device", "budget", "used", "free"]
+    assert rows["cpu"][1] == f"{device['budget_bytes'] / 1024**3:.2f} GB"
+
+
+def test_models_server_errors_are_one_line_with_the_fix(cli_env: dict[str, str]) -> None:
+    import socket
+
+    from tests.e2e.test_cli import imagegen
+
+    with socket.socket() as sock:  # a loopback port nothing listens on once it is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = imagegen(cli_env, "models", "--server", f"http://127.0.0.1:{port}")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert "cannot reach" in line and "imagegen serve" in line
+
+
+def test_models_server_asks_for_the_key_a_keyed_server_wants(
+    tmp_path: Path, tiny_models_dir: Path, cli_env: dict[str, str]
+) -> None:
+    from tests.e2e.test_cli import imagegen
+
+    settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir), api_keys=["sk-listing"])
+    with live_server(settings) as keyed:
+        refused = imagegen(cli_env, "models", "--server", keyed.url)
+        allowed = imagegen(
+            {**cli_env, "IMAGEGEN_API_KEY": "sk-listing"}, "models", "--server", keyed.url
+        )
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "--api-key" in line and "IMAGEGEN_API_KEY" in line
+    assert allowed.returncode == 0, allowed.stderr
+    assert "tiny-sdxl" in allowed.stdout

@@ -277,7 +277,7 @@ class Calls:
     ) -> None:
         self.batches.append(images)
 
-    def queue_depth(self, images: int) -> None:
+    def queue_depth(self, device: str, images: int) -> None:
         pass
 
 

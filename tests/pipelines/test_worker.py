@@ -31,7 +31,7 @@ class Waits:
     ) -> None:
         self.batches.append(queue_waits)
 
-    def queue_depth(self, images: int) -> None:
+    def queue_depth(self, device: str, images: int) -> None:
         pass
 
 
