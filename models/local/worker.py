@@ -548,12 +548,9 @@ class DeviceWorker:
             ) from None
 
     def _ran_out(self, part: list[_Slice]) -> None:
-        """Running out of memory measures too: this size needs more than the room it had, so
-        the next batch of it is split before it runs."""
-        room = self.residency.activation_room()
+        """Running out of memory measures too: this size is split before it runs next time."""
         p = part[0].params
-        if room is not None:
-            self.memory.record(p.model, p.width, p.height, _images(part), room + 1)
+        self.memory.ran_out(p.model, p.width, p.height, _images(part))
 
     def _call(
         self,

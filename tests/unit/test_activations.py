@@ -3,6 +3,8 @@ most seen; other sizes scaled by pixels with a margin; the family prior until me
 
 from __future__ import annotations
 
+import pytest
+
 from models.local.activations import ActivationMemory, prior_bytes
 
 MB = 1024**2
@@ -41,3 +43,21 @@ def test_priors_are_for_half_precision_and_double_for_float32() -> None:
     half = prior_bytes(2.5, 1000, 1000, dtype_bytes=2)
     assert half == round(2.5 * 1024**3)
     assert prior_bytes(2.5, 1000, 1000, dtype_bytes=4) == 2 * half
+
+
+def test_running_out_of_memory_caps_that_size_below_what_failed_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models.local import activations
+
+    memory = ActivationMemory()
+    memory.ran_out("m", 64, 64, images=4)
+    # Fewer than failed, whatever the room (the budget misjudged what else holds the device).
+    assert memory.images_that_fit("m", 64, 64, 1, room_bytes=10**12) == 3
+    assert memory.images_that_fit("m", 64, 64, 1, room_bytes=None) == 3
+    memory.ran_out("m", 64, 64, images=1)
+    assert memory.images_that_fit("m", 64, 64, 1, room_bytes=10**12) == 1
+    # Another size is not capped; and the cap is forgotten after a while.
+    assert memory.images_that_fit("m", 32, 32, 1, room_bytes=10) == 10
+    monkeypatch.setattr(activations, "_FORGET_RAN_OUT_S", -1.0)  # as if long ago
+    assert memory.images_that_fit("m", 64, 64, 1, room_bytes=10**12) == 10**12
