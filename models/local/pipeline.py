@@ -22,7 +22,7 @@ from models.base import (
     OutOfMemoryError,
     Task,
 )
-from models.local import families, images, schedulers, sources, weighted_embeds
+from models.local import families, footprints, images, schedulers, sources, weighted_embeds
 from models.local.adapters import Adapters
 from models.local.loras import LoraLibrary
 from models.local.previews import LatentPreviewer
@@ -243,6 +243,17 @@ class PipelineRunner:
             if self.mode != "offloaded":
                 self._configure_placement(self.pipe)
             self._on_host = False
+
+    def expected_bytes(self) -> int:
+        """What the weights will take on the device once loaded, from the parameter counts
+        their files declare (models.local.footprints) at the dtype they will run in; 0 where
+        they declare none. Before a first load only: after it, footprint_bytes is measured."""
+        resolved = self.resolve_source()
+        parameters = footprints.declared_parameters(resolved.path)
+        if parameters is None:
+            return 0
+        device = self.device or pick_device(self.options.device)
+        return parameters * (4 if dtype_name(self.family, device) == "float32" else 2)
 
     def footprint_bytes(self) -> int:
         """What it holds on the device: the bytes of every parameter and buffer of the

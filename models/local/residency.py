@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -52,6 +53,8 @@ class Resident(Protocol):
 
     def footprint_bytes(self) -> int: ...
 
+    def expected_bytes(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -67,6 +70,24 @@ class _Entry:
     resident: Resident
     footprint: int = 0  # measured at its last load; 0 until then
     last_used: float = 0.0
+
+
+MoveKind = Literal["load", "restore", "to_host", "drop"]
+_MOVE_WORDS: dict[MoveKind, str] = {
+    "load": "loaded",
+    "restore": "brought back from host RAM",
+    "to_host": "moved to host RAM to make room",
+    "drop": "unloaded",
+}
+
+
+@dataclass(frozen=True)
+class Move:
+    """One move of a model's weights, and how long it took."""
+
+    kind: MoveKind
+    model: str
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,8 @@ class Residency:
         self._entries: dict[str, _Entry] = {}
         self.loads = 0
         self.evictions = 0
+        # The latest moves of weights, oldest first.
+        self.moves: deque[Move] = deque(maxlen=64)
 
     # -- the worker thread ---------------------------------------------------------------
 
@@ -118,6 +141,20 @@ class Residency:
         entry = self._entries.setdefault(resident.name, _Entry(resident))
         entry.resident = resident
         if resident.where != "device":
+            # Room first, so that a load never crowds past the budget on its way in: for
+            # what it took last time, or on a first load what its weights declare.
+            if entry.footprint == 0 and resident.where == "disk":
+                entry.footprint = resident.expected_bytes()
+                if self._too_big(entry) and resident.mode == "whole":
+                    log.warning(
+                        "%s declares %.2f GB of weights, more than %s's budget leaves "
+                        "(local.memory_gb); loading it offloaded",
+                        resident.name,
+                        entry.footprint / 1024**3,
+                        self.device,
+                    )
+                    resident.offload()
+                    entry.footprint = 0
             self._make_room(entry.footprint, keep=resident.name)
             try:
                 self._bring(resident)
@@ -246,10 +283,22 @@ class Residency:
 
     def _bring(self, resident: Resident) -> None:
         if resident.where == "host":
-            resident.to_device()
+            self._timed("restore", resident.name, resident.to_device)
         else:
-            resident.load()
+            self._timed("load", resident.name, resident.load)
             self.loads += 1
+
+    def _timed(self, op: MoveKind, name: str, move: Callable[[], None]) -> None:
+        """Run one move of a model's weights and keep how long it took (for the log, and
+        scripts/gpu_residency.py's figures), the device's memory handed back after an
+        eviction."""
+        start = time.perf_counter()
+        move()
+        if op in ("to_host", "drop"):
+            _release_device_memory()
+        seconds = time.perf_counter() - start
+        self.moves.append(Move(op, name, seconds))
+        log.info("%s: %s on %s in %.2f s", name, _MOVE_WORDS[op], self.device, seconds)
 
     def _evict_all(self, *, keep: str) -> None:
         while (victim := self._least_recent("device", keep=keep)) is not None:
@@ -282,18 +331,12 @@ class Residency:
                     break
                 self._drop(oldest)
             if self.used_bytes("host") + entry.footprint <= self.host_budget_bytes:
-                log.info(
-                    "%s: moved to host RAM to make room on %s", entry.resident.name, self.device
-                )
-                entry.resident.to_host()
-                _release_device_memory()
+                self._timed("to_host", entry.resident.name, entry.resident.to_host)
                 return
-        log.info("%s: unloaded to make room on %s", entry.resident.name, self.device)
         self._drop(entry)
 
     def _drop(self, entry: _Entry) -> None:
-        entry.resident.unload()
-        _release_device_memory()
+        self._timed("drop", entry.resident.name, entry.resident.unload)
 
 
 _GB = 1024**3
