@@ -32,3 +32,7 @@ fallback_from
 # The tiny LoRA builder (models/local/tiny_loras.py): used by the tests and scripts/bench.py.
 build_tiny_loras
 TINY_LORAS
+
+# The full-size random architectures (models/local/fullsize.py): the tests compare the counts
+# with the published figures.
+parameter_counts

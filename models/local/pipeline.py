@@ -22,7 +22,15 @@ from models.base import (
     OutOfMemoryError,
     Task,
 )
-from models.local import families, footprints, images, schedulers, sources, weighted_embeds
+from models.local import (
+    families,
+    footprints,
+    fullsize,
+    images,
+    schedulers,
+    sources,
+    weighted_embeds,
+)
 from models.local.adapters import Adapters
 from models.local.loras import LoraLibrary
 from models.local.previews import LatentPreviewer
@@ -131,11 +139,12 @@ class PipelineRunner:
         self.dtype_name = dtype_name(self.family, self.device)
         log.info("loading %s (%s) on %s", self.spec.name, resolved.kind, self.device)
         cls = getattr(diffusers, self.family.pipeline())
+        # Before the weights are read: a random source makes them on the device itself.
+        before = _allocated(torch, self.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = self._from_source(cls, resolved, dtype)
         pipe.set_progress_bar_config(disable=True)
-        before = _allocated(torch, self.device)
         self._configure(pipe, torch)
         self._allocated_by_load = max(0, _allocated(torch, self.device) - before)
         self.pipe = pipe
@@ -147,6 +156,10 @@ class PipelineRunner:
     def _from_source(self, cls: Any, resolved: sources.ResolvedSource, dtype: Any) -> Any:
         """diffusers is renaming torch_dtype to dtype; the old name works on every supported
         version, so its FutureWarning is silenced by the caller."""
+        if resolved.kind == "random":
+            # Not wrapped below: made on the device itself, it can run out of the device's
+            # memory, and torch's OutOfMemoryError is what the residency manager recovers from.
+            return self._random_weights(cls, resolved, dtype)
         try:
             if resolved.kind == "single_file":
                 return cls.from_single_file(
@@ -161,6 +174,14 @@ class PipelineRunner:
                 f"model '{self.spec.name}' could not be loaded from its source "
                 f"({type(exc).__name__}); the server log has the details"
             ) from None
+
+    def _random_weights(self, cls: Any, resolved: sources.ResolvedSource, dtype: Any) -> Any:
+        """A full-size architecture with random weights (models.local.fullsize), made on the
+        device itself. The pipeline of another kind of the family (Kontext) shares its modules."""
+        # Offloaded, it lives in host RAM: made there (it may not fit on the device whole).
+        where = "cpu" if self.mode == "offloaded" else self.device
+        pipe = fullsize.build_pipeline(resolved.path.stem, device=where, dtype=dtype)
+        return pipe if type(pipe) is cls else cls.from_pipe(pipe, torch_dtype=dtype)
 
     def _configure_placement(self, pipe: Any) -> None:
         if self.mode == "offloaded":
@@ -249,7 +270,10 @@ class PipelineRunner:
         their files declare (models.local.footprints) at the dtype they will run in; 0 where
         they declare none. Before a first load only: after it, footprint_bytes is measured."""
         resolved = self.resolve_source()
-        parameters = footprints.declared_parameters(resolved.path)
+        if resolved.kind == "random":
+            parameters: int | None = fullsize.published_parameters(resolved.path.stem)
+        else:
+            parameters = footprints.declared_parameters(resolved.path)
         if parameters is None:
             return 0
         device = self.device or pick_device(self.options.device)
@@ -552,6 +576,8 @@ def _load_tokenizer(spec: families.PromptTokenizer, resolved: sources.ResolvedSo
     if resolved.kind == "single_file":
         # A single checkpoint carries no tokenizer, only the fixed limit of its kind.
         return _FixedLimit(spec.default_max_length)
+    if resolved.kind == "random":
+        return fullsize.build_tokenizer(resolved.path.stem, spec.subfolder)
     quiet_libraries()
     import transformers
 

@@ -1,5 +1,6 @@
 """Where local weights come from: a hub repo id, a local diffusers folder, a single-file
-`.safetensors` checkpoint, or a built-in tiny model, and the revision that identifies them."""
+`.safetensors` checkpoint, a built-in tiny model, or a full-size architecture with random
+weights (`random:<arch>`, models.local.fullsize), and the revision that identifies them."""
 
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ from pathlib import Path
 from typing import Literal
 
 from models.base import ModelUnavailableError
-from models.local import tiny
+from models.local import fullsize, tiny
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["builtin", "folder", "single_file", "hub"]
+SourceKind = Literal["builtin", "random", "folder", "single_file", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
 class ResolvedSource:
     kind: SourceKind
-    # A folder or file on disk; for "hub" the snapshot folder in the HF cache.
+    # A folder or file on disk; for "hub" the snapshot folder in the HF cache; for "random"
+    # the architecture's data file (there are no weights on disk).
     path: Path
     revision: str
 
@@ -32,6 +34,8 @@ class ResolvedSource:
 def classify(source: str) -> SourceKind:
     if source.startswith("builtin:"):
         return "builtin"
+    if source.startswith("random:"):
+        return "random"
     path = Path(source).expanduser()
     if source.endswith((".safetensors", ".ckpt")):
         return "single_file"
@@ -144,6 +148,9 @@ def resolve(source: str, *, data_dir: Path, revision: str | None = None) -> Reso
             )
         path = tiny.ensure_tiny_model(data_dir, name)
         return ResolvedSource("builtin", path, folder_revision(path, memo_dir))
+    if kind == "random":
+        arch = source.removeprefix("random:")
+        return ResolvedSource("random", fullsize.architecture_file(arch), fullsize.revision(arch))
     if kind == "hub":
         path = _hub_snapshot(source, revision)
         # The snapshot folder is named after the commit: the hub's own revision id.
@@ -180,6 +187,13 @@ def availability(source: str, *, data_dir: Path) -> Availability:
         folder = tiny.tiny_model_dir(data_dir, source.removeprefix("builtin:"))
         # Built on first use, offline: available before it is on disk.
         return Availability(available=True, on_disk=tiny.is_built(folder), builtin=True)
+    if kind == "random":
+        try:
+            fullsize.architecture_file(source.removeprefix("random:"))
+        except ModelUnavailableError as exc:
+            return Availability(available=False, on_disk=False, builtin=True, reason=exc.message)
+        # Nothing to fetch or build before a load, which makes the weights: as good as on disk.
+        return Availability(available=True, on_disk=True, builtin=True)
     try:
         _check_on_disk(kind, source)
     except ModelUnavailableError as exc:
@@ -202,6 +216,8 @@ def scheduler_config(resolved: ResolvedSource) -> dict[str, object]:
     """The scheduler config shipped with the weights (part of the cache key)."""
     if resolved.kind == "single_file":
         return {}
+    if resolved.kind == "random":
+        return fullsize.scheduler_config(resolved.path.stem)
     file = resolved.path / "scheduler" / "scheduler_config.json"
     try:
         data = json.loads(file.read_text())

@@ -1,5 +1,6 @@
 """GPU tests, opt-in (IMAGEGEN_GPU_TESTS=1 on a CUDA machine): the half-precision paths that a
-CPU never takes — fp16 SDXL, bf16 Flux, the fp32 VAE retry — on the real tiny pipelines."""
+CPU never takes — fp16 SDXL, bf16 Flux, the fp32 VAE retry — on the real tiny pipelines, and
+SDXL at its real size with random weights."""
 
 from __future__ import annotations
 
@@ -77,3 +78,43 @@ def test_precise_mode_runs_the_vae_in_fp32_and_restores_it(cuda_service: Any) ->
     assert result.images and not result.images[0].warnings
     assert vae.dtype == torch.float16
     assert vae.config.force_upcast is False
+
+
+def test_full_size_sdxl_with_random_weights_runs_a_1024_step(tmp_path: Path) -> None:
+    """The real SDXL sizes (models.local.fullsize, no download): built on the device in fp16,
+    one 1024x1024 step through a PipelineRunner. Prints what it took, for the record."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    from models.base import GenerationParams
+    from models.catalogue import Catalogue
+    from models.local import fullsize
+    from models.local.pipeline import PipelineRunner, RuntimeOptions
+
+    entry = {"name": "sdxl-random", "kind": "sdxl", "source": "random:sdxl-base-1.0"}
+    spec = Catalogue.load([entry]).specs["sdxl-random"]
+    runner = PipelineRunner(spec, data_dir=tmp_path, options=RuntimeOptions(device="cuda"))
+    runner.load()
+    unet = runner.pipe.unet
+    assert unet.device.type == "cuda" and unet.dtype == torch.float16
+    parameters = sum(fullsize.parameter_counts("sdxl-base-1.0").values())
+    assert runner.footprint_bytes() >= 2 * parameters  # two bytes each, every one on the device
+    params = GenerationParams(
+        prompt="a fox",
+        model="sdxl-random",
+        width=1024,
+        height=1024,
+        n=1,
+        seed=1,
+        steps=1,
+        guidance_scale=5.0,
+    )
+    out = runner.run_batch([params])
+    image = out.images[0][0]
+    print(
+        f"random sdxl-base-1.0 fp16: {runner.footprint_bytes() / 1024**3:.2f} GiB of weights, "
+        f"one 1024x1024 step in {out.device_seconds:.2f} s"
+    )
+    assert (image.width, image.height) == (1024, 1024)
+    assert image.pixels.shape == (1024, 1024, 3)
+    assert "non-finite values" not in image.warnings, image.warnings
