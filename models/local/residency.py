@@ -145,16 +145,8 @@ class Residency:
             # what it took last time, or on a first load what its weights declare.
             if entry.footprint == 0 and resident.where == "disk":
                 entry.footprint = resident.expected_bytes()
-                if self._too_big(entry) and resident.mode == "whole":
-                    log.warning(
-                        "%s declares %.2f GB of weights, more than %s's budget leaves "
-                        "(local.memory_gb); loading it offloaded",
-                        resident.name,
-                        entry.footprint / 1024**3,
-                        self.device,
-                    )
-                    resident.offload()
-                    entry.footprint = 0
+                if self._offloaded_if_too_big(entry, "its weights declare"):
+                    entry.footprint = 0  # its largest component's: known once loaded
             self._make_room(entry.footprint, keep=resident.name)
             try:
                 self._bring(resident)
@@ -170,16 +162,7 @@ class Residency:
                 self._evict_all(keep=resident.name)
                 self._bring_shrinking(resident)
             entry.footprint = resident.footprint_bytes()
-            if self._too_big(entry) and resident.mode == "whole":
-                log.warning(
-                    "%s needs %.2f GB on %s, more than its budget leaves (local.memory_gb); "
-                    "running it offloaded",
-                    resident.name,
-                    entry.footprint / 1024**3,
-                    self.device,
-                )
-                resident.offload()
-                _release_device_memory()
+            if self._offloaded_if_too_big(entry, "it measured loaded"):
                 entry.footprint = resident.footprint_bytes()
             self._make_room(0, keep=resident.name)
             if self.budget_bytes is not None and entry.footprint > self.budget_bytes:
@@ -269,6 +252,24 @@ class Residency:
             "other unpinned model evicted; raise local.memory_gb, unpin a model, or serve it "
             "from a device with more memory"
         ) from None
+
+    def _offloaded_if_too_big(self, entry: _Entry, source: str) -> bool:
+        """Turn the model to running offloaded (models.local.pipeline.PipelineRunner.mode)
+        where its footprint (`source` says where the figure is from) cannot fit whole."""
+        resident = entry.resident
+        if resident.mode != "whole" or not self._too_big(entry):
+            return False
+        log.warning(
+            "%s: %.2f GB (%s) is more than %s's budget leaves (local.memory_gb); running it "
+            "offloaded",
+            resident.name,
+            entry.footprint / 1024**3,
+            source,
+            self.device,
+        )
+        resident.offload()
+        _release_device_memory()
+        return True
 
     def _too_big(self, entry: _Entry) -> bool:
         """Whether the model cannot fit whole even with every unpinned other evicted."""

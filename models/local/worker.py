@@ -470,6 +470,8 @@ class DeviceWorker:
             parts = _cut([_Slice(item, item.params) for item in batch], self._fitting(batch[0]))
             spans = _spans(parts)
             for part in parts:
+                if all(piece.item.cancelled for piece in part):
+                    continue  # its requests were cancelled while earlier parts ran
                 ran = self._recovering(runner, part, spans)
                 device_seconds += ran.device_seconds
                 for piece, images in ran.rows:

@@ -191,13 +191,8 @@ def test_out_of_memory_is_retried_split_in_half() -> None:
 
 
 def test_then_with_vae_tiling_then_it_fails_retryably_and_the_worker_goes_on() -> None:
-    # One request: nothing to split, so the second try decodes in tiles.
-    runner = ScriptedRunner(OOM, None)
     worker = DeviceWorker(batch_window_s=0)
     try:
-        served = worker.submit(WorkItem(params=_params("a"), runner=runner))
-        assert served.future.result(timeout=DEADLINE_S).images
-        assert runner.low_memory == [False, True]
         # Two requests out of memory every time: whole, halves, halves in tiles, then fail.
         always = ScriptedRunner(OOM, OOM, OOM, OOM, OOM, OOM)
         items = _held(worker, always, ["x", "y"])
@@ -208,6 +203,11 @@ def test_then_with_vae_tiling_then_it_fails_retryably_and_the_worker_goes_on() -
             assert error.retry_after_s is not None and error.retry_after_s >= 1
         assert always.calls == [["x", "y"], ["x"], ["x"]]
         assert always.low_memory == [False, False, True]
+        # One request: nothing to split, so the second try decodes in tiles.
+        runner = ScriptedRunner(OOM, None)
+        served = worker.submit(WorkItem(params=_params("a"), runner=runner))
+        assert served.future.result(timeout=DEADLINE_S).images
+        assert runner.low_memory == [False, True]
         # The worker is fine: the next ten are served.
         for i in range(10):
             item = worker.submit(WorkItem(params=_params(f"next {i}"), runner=runner))
