@@ -41,7 +41,11 @@ def fetch(server: str, api_key: str | None) -> dict[str, Any]:
 
 
 def gigabytes(value: Any) -> str:
-    return "" if value is None else f"{int(value) / 1024**3:.2f} GB"
+    """Bytes for a person: GB, or MB below one (the tiny models take a few)."""
+    if value is None:
+        return ""
+    size = int(value)
+    return f"{size / 1024**3:.2f} GB" if size >= 1024**3 else f"{size / 1024**2:.1f} MB"
 
 
 def model_cells(card: dict[str, Any]) -> list[str]:

@@ -282,6 +282,8 @@ class BackendRegistry:
 
     def devices(self) -> list[dict[str, Any]]:
         """Each device's budget and what loaded models take of it (and of its host tier)."""
+        for worker in self._started_workers():
+            worker.residency.resolve_budgets()
         return [
             {
                 "device": worker.name,

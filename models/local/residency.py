@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -121,6 +122,7 @@ class Residency:
         self.budget_bytes = budget_bytes
         self.host_budget_bytes = host_budget_bytes
         self._budgets = budgets
+        self._budgets_lock = threading.Lock()
         self.policies = dict(policies or {})
         self.reserve_bytes = reserve_bytes
         self._entries: dict[str, _Entry] = {}
@@ -135,9 +137,7 @@ class Residency:
         """Make `resident` loaded on the device, evicting least-recently-used others first so
         that it fits (its footprint is known from its last load; a first load evicts after, as
         soon as it is measured)."""
-        if self._budgets is not None:
-            self.budget_bytes, self.host_budget_bytes = self._budgets()
-            self._budgets = None
+        self.resolve_budgets()
         entry = self._entries.setdefault(resident.name, _Entry(resident))
         entry.resident = resident
         if resident.where != "device":
@@ -174,6 +174,14 @@ class Residency:
                     self.budget_bytes / 1024**3,
                 )
         entry.last_used = time.monotonic()
+
+    def resolve_budgets(self) -> None:
+        """Work out the budgets given as `budgets`, once (before the first load, or when a
+        listing asks first)."""
+        with self._budgets_lock:
+            if self._budgets is not None:
+                self.budget_bytes, self.host_budget_bytes = self._budgets()
+                self._budgets = None
 
     def sweep(self, now: float | None = None) -> None:
         """Drop the models whose idle_unload_s has passed."""

@@ -468,6 +468,8 @@ class DeviceWorker:
             # Parts that fit the device's working room (models.local.activations), each run
             # as one call (recovering from running out of memory).
             parts = _cut([_Slice(item, item.params) for item in batch], self._fitting(batch[0]))
+            if len(parts) > 1:
+                self._log_split(batch[0], parts)
             spans = _spans(parts)
             for part in parts:
                 if all(piece.item.cancelled for piece in part):
@@ -516,6 +518,21 @@ class DeviceWorker:
         p = head.params
         return self.memory.images_that_fit(
             p.model, p.width, p.height, head.memory_prior, self.residency.activation_room()
+        )
+
+    def _log_split(self, head: WorkItem, parts: list[list[_Slice]]) -> None:
+        p = head.params
+        log.info(
+            "%s: %d image(s) at %dx%d split into %d calls on %s (about %.2f GB of working "
+            "memory each, %.2f GB of room beside the loaded models)",
+            p.model,
+            sum(_images(part) for part in parts),
+            p.width,
+            p.height,
+            len(parts),
+            self.name,
+            self.memory.per_image(p.model, p.width, p.height, head.memory_prior) / 1024**3,
+            (self.residency.activation_room() or 0) / 1024**3,
         )
 
     def _recovering(

@@ -154,9 +154,10 @@ def test_every_listing_says_where_each_model_is_and_what_the_device_holds(
     assert table.returncode == 0, table.stderr
     rows = {line.split("\t")[0]: line.split("\t") for line in table.stdout.splitlines()}
     assert rows["tiny-flux"][4] == "device" and rows["tiny-flux"][5] == "cpu"
-    assert rows["tiny-flux"][6].endswith(" GB")
+    # Sizes for a person: the tiny models' in MB.
+    assert rows["tiny-flux"][6] == f"{cards['tiny-flux']['footprint_bytes'] / 1024**2:.1f} MB"
     assert rows["device"][:4] == ["device", "budget", "used", "free"]
-    assert rows["cpu"][1] == f"{device['budget_bytes'] / 1024**3:.2f} GB"
+    assert rows["cpu"][1] == f"{device['budget_bytes'] / 1024**2:.1f} MB"
 
 
 def test_models_server_errors_are_one_line_with_the_fix(cli_env: dict[str, str]) -> None:

@@ -164,6 +164,9 @@ def test_each_device_has_its_own_budget(data_dir: Any) -> None:
     service = ImageService(settings)
     try:
         backend = service.registry.backend_for("tiny-flux")
+        # Listed before either device has loaded anything: each with its budget already.
+        budgets = {d["device"]: d["budget_bytes"] for d in service.registry.devices()}
+        assert budgets == {"cpu:0": 1024**3, "cpu:1": 2 * 1024**3}
         for worker in service.registry.workers:
             asyncio.run(backend.load(worker))
         budgets = {d["device"]: d["budget_bytes"] for d in service.registry.devices()}
