@@ -16,6 +16,7 @@ __all__ = [
     "BudgetExhaustedError",
     "CancelledError",
     "ContentFilteredError",
+    "DeadlineExceededError",
     "DeviceFaultError",
     "GenerationFailedError",
     "ImagegenError",
@@ -137,6 +138,13 @@ class OutOfMemoryError(ServiceError):
     def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message, transient=True)
         self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(ServiceError):
+    """The request ran past its deadline (its `timeout`, X-Request-Timeout, or
+    server.request_timeout_s): its work was cancelled, nothing cached or booked (504)."""
+
+    code = "timeout"
 
 
 class CancelledError(ServiceError):

@@ -190,6 +190,9 @@ class ImageGenerationRequest(ImageFields):
     # partial_images does nothing, as at OpenAI.
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
+    # Seconds this request may take, queue wait included (an extension; also the
+    # X-Request-Timeout header): past it 504 `timeout` and the work is cancelled.
+    timeout: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
 
     def edge_dropped_params(self) -> tuple[str, ...]:
         dropped = super().edge_dropped_params()

@@ -128,6 +128,11 @@ class ServerSettings(BaseModel):
     # one every this many denoising steps while someone listens (0: none). A stream's
     # partial_images are spread over the schedule instead.
     preview_every_steps: int = Field(default=5, ge=0)
+    # The longest a synchronous generation request may take, queue wait included, in seconds:
+    # past it 504 `timeout`, its work cancelled at the next denoising step and nothing cached
+    # or booked. None: no server-wide deadline (a request's own `timeout` field or its
+    # X-Request-Timeout header still applies; the shortest wins). Jobs take only their own.
+    request_timeout_s: float | None = Field(default=None, gt=0)
 
     @field_validator("public_base_url")
     @classmethod

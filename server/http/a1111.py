@@ -51,6 +51,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
     state = app_state(request)
     caller = caller_of(request.scope)
     request_id = request_id_of(request.scope)
+    timeout_s = state.serving.deadline_s(request.headers)
     wanted = body.checkpoint()
     model = (
         await model_named(state, wanted) if wanted is not None else _default_model(state, caller)
@@ -67,6 +68,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
             endpoint=endpoint,
             model=model,
             call=call,
+            timeout_s=timeout_s,
         )
     )
     try:
@@ -104,11 +106,14 @@ async def _run_waiting(
     endpoint: str,
     model: str | None,
     call: A1111Call,
+    timeout_s: float | None,
 ) -> GenerationResult:
     deadline = time.monotonic() + QUEUE_WAIT_S
     while True:
         try:
-            return await state.serving.run(build, endpoint=endpoint, model=model, events=call)
+            return await state.serving.run(
+                build, endpoint=endpoint, model=model, events=call, timeout_s=timeout_s
+            )
         except errors.QueueFullError:
             left = deadline - time.monotonic()
             if left <= 0:

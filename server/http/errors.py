@@ -62,6 +62,7 @@ _STATUS: dict[type[errors.ImagegenError], tuple[int, str]] = {
     errors.ModelUnavailableError: (503, "server_error"),
     errors.NotReadyError: (503, "server_error"),
     errors.DeviceFaultError: (503, "server_error"),
+    errors.DeadlineExceededError: (504, "server_error"),
     errors.CancelledError: (499, "server_error"),
 }
 

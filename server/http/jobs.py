@@ -241,7 +241,10 @@ class JobRunner:
         assert body is not None
         events = JobEvents(self, job, asyncio.get_running_loop())
         try:
-            result = await self.serving.generate(body, endpoint="jobs", events=events)
+            # A job's deadline is its own `timeout` only: it runs on after its POST returned.
+            result = await self.serving.generate(
+                body, endpoint="jobs", events=events, timeout_s=body.timeout
+            )
         except asyncio.CancelledError:
             if not self._closing:
                 self._finish(job, "cancelled")

@@ -48,7 +48,12 @@ async def _generate(body: ImageGenerationRequest, request: Request, *, endpoint:
     state = app_state(request)
     result = await unless_disconnected(
         request.is_disconnected,
-        state.serving.generate(body, endpoint=endpoint, request_id=request_id_of(request.scope)),
+        state.serving.generate(
+            body,
+            endpoint=endpoint,
+            request_id=request_id_of(request.scope),
+            timeout_s=state.serving.deadline_s(request.headers, body.timeout),
+        ),
     )
     return JSONResponse(
         await state.serving.render(result, body, str(request.base_url)),

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -28,6 +29,8 @@ T = TypeVar("T")
 
 # How often a waiting request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.1
+# A request's own deadline in a header (seconds), for clients that cannot add a body field.
+TIMEOUT_HEADER = "x-request-timeout"
 
 
 class Readiness:
@@ -61,6 +64,21 @@ class Readiness:
             raise errors.NotReadyError(reason)
 
 
+async def _within(timeout_s: float | None, work: Awaitable[T]) -> T:
+    if timeout_s is None:
+        return await work
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await work
+    except TimeoutError:
+        raise errors.DeadlineExceededError(
+            f"the request took longer than its deadline of {timeout_s:g} s (its `timeout`, "
+            "the X-Request-Timeout header or server.request_timeout_s) and was cancelled; "
+            "nothing was booked. Retry with a longer timeout, fewer steps or a smaller size",
+            param="timeout",
+        ) from None
+
+
 class ImagesServing:
     def __init__(
         self,
@@ -81,13 +99,37 @@ class ImagesServing:
         endpoint: str,
         request_id: str | None = None,
         events: Events = NO_EVENTS,
+        timeout_s: float | None = None,
     ) -> GenerationResult:
         return await self.run(
             lambda: body.to_image_request(request_id=request_id),
             endpoint=endpoint,
             model=body.model,
             events=events,
+            timeout_s=timeout_s,
         )
+
+    def deadline_s(
+        self, headers: Mapping[str, str], own: float | None = None, *, server_wide: bool = True
+    ) -> float | None:
+        """The shortest of the request's own `timeout`, its X-Request-Timeout header and
+        (for a synchronous request) server.request_timeout_s; None where none is set."""
+        given = [own, self.settings.server.request_timeout_s if server_wide else None]
+        header = headers.get(TIMEOUT_HEADER)
+        if header is not None:
+            try:
+                value = float(header)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise errors.InvalidRequestError(
+                    f"the X-Request-Timeout header must be a number of seconds above 0, got "
+                    f"'{header[:40]}'",
+                    param="timeout",
+                )
+            given.append(value)
+        set_ = [value for value in given if value is not None]
+        return min(set_) if set_ else None
 
     async def run(
         self,
@@ -96,13 +138,16 @@ class ImagesServing:
         endpoint: str,
         model: str | None,
         events: Events = NO_EVENTS,
+        timeout_s: float | None = None,
     ) -> GenerationResult:
         """The one generation path of every route: readiness, the request `build` makes (its
-        errors are the client's, counted like the service's), the service, the metrics."""
+        errors are the client's, counted like the service's), the service within the
+        request's deadline (`timeout_s`: past it the work is cancelled as if the client had
+        gone, so nothing is cached or booked), the metrics."""
         started = time.perf_counter()
         try:
             self.readiness.check()
-            result = await self.service.generate(build(), events=events)
+            result = await _within(timeout_s, self.service.generate(build(), events=events))
         except errors.ImagegenError as exc:
             self.metrics.failed(endpoint, self._model_label(model), status_of(exc)[0])
             raise

@@ -90,7 +90,11 @@ async def stream_images(
     )
     work = asyncio.ensure_future(
         state.serving.generate(
-            body, endpoint=endpoint, request_id=request_id_of(request.scope), events=events
+            body,
+            endpoint=endpoint,
+            request_id=request_id_of(request.scope),
+            events=events,
+            timeout_s=state.serving.deadline_s(request.headers, body.timeout),
         )
     )
     try:
