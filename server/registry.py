@@ -74,6 +74,7 @@ class BackendRegistry:
                 max_batch_images=local.max_batch_size,
                 batch_window_s=local.batch_window_ms / 1000.0,
                 max_queue_images=local.max_queue_images,
+                max_queue_seconds=local.max_queue_seconds,
                 observer=self._observer,
                 on_fault=self._device_failed,
                 residency=Residency(

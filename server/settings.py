@@ -89,6 +89,10 @@ class LocalSettings(BaseModel):
     batch_window_ms: float = Field(default=40.0, ge=0)
     # Bound on queued work, counted in images (n counts n times).
     max_queue_images: int = Field(default=64, ge=1)
+    # And in estimated device-seconds of waiting work (images x steps x pixels, priced at each
+    # model's measured step rate): a queue that would take longer than this to drain refuses
+    # with 429 and an honest Retry-After. None: the images bound only.
+    max_queue_seconds: float | None = Field(default=300.0, gt=0)
     # Flux has no native negative prompt: a request with one runs true CFG at this scale.
     flux_true_cfg_scale: float = Field(default=4.0, ge=1)
     # The LoRA library: .safetensors adapters, by file stem (default: DATA_DIR/loras).

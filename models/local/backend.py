@@ -27,7 +27,7 @@ from models.local import activations, sources
 from models.local.devices import DevicePool
 from models.local.pipeline import PipelineRunner, RuntimeOptions
 from models.local.runtime import dtype_name, pick_device
-from models.local.worker import DeviceWorker, Runner, WorkItem
+from models.local.worker import Demand, DeviceWorker, Runner, WorkItem
 
 _MAX_SIDE = 4096
 
@@ -259,7 +259,7 @@ class DiffusersBackend(Backend):
         return any(r.runner.pipe is not None for r in self._replicas.values())
 
     def admit(self, params: GenerationParams) -> None:
-        self.pool.place(self.spec.name, params.n)
+        self.pool.place(Demand.of(params))
 
     def weights_revision(self) -> str | None:
         # Only weights already on disk are looked at: a built-in tiny model is not built, nor a
@@ -282,7 +282,7 @@ class DiffusersBackend(Backend):
             if worker is None:
                 if self.loaded:
                     return
-                worker = self.pool.place(self.spec.name, 1)
+                worker = self.pool.place(Demand(self.spec.name, 1))
             replica = self._replica(worker)
             if replica.runner.pipe is None:
                 await asyncio.wrap_future(worker.make_resident(replica.runner))
@@ -294,7 +294,7 @@ class DiffusersBackend(Backend):
         *,
         precise: bool = False,
     ) -> BackendResult:
-        worker = self.pool.place(self.spec.name, params.n)
+        worker = self.pool.place(Demand.of(params))
         replica = self._replica(worker)
         if replica.runner.where != "device":
             events.loading(self.spec.name)

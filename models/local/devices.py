@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from models.base import DeviceFaultError, QueueFullError
-from models.local.worker import DeviceWorker
+from models.local.worker import Demand, DeviceWorker
 
 
 class DevicePool:
@@ -39,14 +39,15 @@ class DevicePool:
             return None
         return "; ".join(f"{w.name}: {w.fault}" for w in self.workers)
 
-    def place(self, model: str, images: int) -> DeviceWorker:
-        """The worker `images` images of `model` should run on (module docstring). Raises
-        what no device could take them for: a device fault when none is left, else the full
-        queue with the soonest Retry-After."""
+    def place(self, demand: Demand) -> DeviceWorker:
+        """The worker `demand` should run on (module docstring). Raises what no device could
+        take it for: a device fault when none is left, else the full queue with the soonest
+        Retry-After."""
+        model = demand.model
         live = self.live()
         if not live:
             # Every worker refuses with its own fault error; the first one's says why.
-            self.first.admit(images)
+            self.first.admit(demand)
             raise DeviceFaultError("every local device has failed", provider="local")
         holding = [w for w in live if w.residency.where(model) == "device"]
         others = [w for w in live if w not in holding]
@@ -77,7 +78,7 @@ class DevicePool:
         refusals: list[QueueFullError] = []
         for worker in ordered:
             try:
-                worker.admit(images)
+                worker.admit(demand)
             except QueueFullError as exc:
                 refusals.append(exc)
                 continue

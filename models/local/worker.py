@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -121,6 +121,25 @@ class ItemResult:
     device_seconds: float  # this request's share of the batch's device time
 
 
+@dataclass(frozen=True)
+class Demand:
+    """What a request asks of a device, for admission: its images, and its work in
+    step-megapixels (images x steps x megapixels, which a step's cost grows with), priced in
+    device-seconds at the model's measured rate. So one 1024x1024 50-step request counts for
+    what it costs, not like a 64x64 4-step one."""
+
+    model: str
+    images: int
+    work: float = 0.0
+
+    @classmethod
+    def of(cls, params: GenerationParams) -> Demand:
+        steps = params.steps or 1
+        if params.strength is not None and params.task != "txt2img":
+            steps = max(1, math.ceil(steps * params.strength))  # only the schedule's tail runs
+        return cls(params.model, params.n, params.n * steps * params.width * params.height / 1e6)
+
+
 @dataclass
 class WorkItem:
     params: GenerationParams
@@ -147,6 +166,10 @@ class WorkItem:
     def images(self) -> int:
         return self.params.n
 
+    @property
+    def demand(self) -> Demand:
+        return Demand.of(self.params)
+
 
 class DeviceWorker:
     def __init__(
@@ -156,6 +179,7 @@ class DeviceWorker:
         max_batch_images: int = 8,
         batch_window_s: float = 0.005,
         max_queue_images: int = 64,
+        max_queue_seconds: float | None = None,
         observer: WorkerObserver | None = None,
         on_fault: Callable[[str], None] | None = None,
         residency: Residency | None = None,
@@ -174,6 +198,10 @@ class DeviceWorker:
         self.max_batch_images = max_batch_images
         self.batch_window_s = batch_window_s
         self.max_queue_images = max_queue_images
+        # The bound in estimated device-seconds of waiting work (None: images only).
+        self.max_queue_seconds = max_queue_seconds
+        # Device-seconds per step-megapixel, per model (exponentially averaged).
+        self._seconds_per_work: dict[str, float] = {}
         self.observer = observer
         self.on_fault = on_fault
         self._fault: str | None = None
@@ -242,22 +270,32 @@ class DeviceWorker:
             return waiting + sum(i.images for i in self._running)
 
     def expected_wait_s(self) -> float:
-        """How long new work would wait here: the images ahead at the measured rate."""
-        return self.queued_images() / (self._images_per_s or 1.0)
+        """How long new work would wait here: the work ahead priced at the measured rates
+        (where a model is not measured yet, its images at the device's image rate)."""
+        with self._cond:
+            return self._drain_s()
+
+    def estimate_s(self, demand: Demand) -> float | None:
+        """The device-seconds `demand` should take here: its work at its model's measured
+        rate, or the mean rate of the models measured so far; None before any is."""
+        rate = self._seconds_per_work.get(demand.model)
+        if rate is None and self._seconds_per_work:
+            rate = sum(self._seconds_per_work.values()) / len(self._seconds_per_work)
+        return None if rate is None else demand.work * rate
 
     def make_resident(self, resident: Resident) -> concurrent.futures.Future[Any]:
         """Load `resident` (or bring it back from host RAM) on the worker thread, within the
         device's budget."""
         return self.call(lambda: self.residency.ensure(resident))
 
-    def admit(self, images: int) -> None:
-        """Raise what `submit` would refuse a request of `images` images for, now."""
+    def admit(self, demand: Demand) -> None:
+        """Raise what `submit` would refuse `demand` for, now."""
         with self._cond:
-            self._check_room(images)
+            self._check_room(demand)
 
     def submit(self, item: WorkItem) -> WorkItem:
         with self._cond:
-            self._check_room(item.images)
+            self._check_room(item.demand)
             self._queue.append(item)
             self._notify_depth()
             moved = self._moved_positions()
@@ -294,8 +332,11 @@ class DeviceWorker:
             self.cancel(item)
             raise
 
-    def _check_room(self, images: int) -> None:
-        """Called with the lock held."""
+    def _check_room(self, demand: Demand) -> None:
+        """Called with the lock held. Two bounds: the queue's images, and (where set and the
+        rates are measured) its estimated device-seconds; a request alone in the queue is
+        taken whatever it costs, as waiting would not make it cheaper."""
+        images = demand.images
         if self._fault is not None:
             raise self._fault_error()
         if self._stopping:
@@ -312,8 +353,32 @@ class DeviceWorker:
             raise QueueFullError(
                 f"the local ({self.name}) queue is full ({queued} of {self.max_queue_images} "
                 f"images queued); retry later",
-                retry_after_s=self._retry_after(queued + images),
+                retry_after_s=max(1, math.ceil(self._drain_s())),
             )
+        cost = self.estimate_s(demand)
+        if self.max_queue_seconds is None or cost is None or queued == 0:
+            return
+        waiting = self._seconds_of(i for i in self._queue if not i.cancelled)
+        if waiting + cost > self.max_queue_seconds:
+            raise QueueFullError(
+                f"the local ({self.name}) queue is full: {waiting:.1f} s of work queued, this "
+                f"request about {cost:.1f} s more, past local.max_queue_seconds "
+                f"({self.max_queue_seconds:g} s); retry later, or ask for less (steps, size, n)",
+                retry_after_s=max(1, math.ceil(self._drain_s())),
+            )
+
+    def _seconds_of(self, items: Iterable[WorkItem]) -> float:
+        """The estimated device-seconds of `items` (those of an unmeasured model at the
+        device's image rate)."""
+        total = 0.0
+        for item in items:
+            cost = self.estimate_s(item.demand)
+            total += cost if cost is not None else item.images / (self._images_per_s or 1.0)
+        return total
+
+    def _drain_s(self) -> float:
+        """When the work waiting and running now should be done. Called with the lock held."""
+        return self._seconds_of([*self._queue, *self._running])
 
     def _fault_error(self) -> DeviceFaultError:
         return DeviceFaultError(
@@ -497,6 +562,14 @@ class DeviceWorker:
             rate = total_images / device_seconds
             prev = self._images_per_s
             self._images_per_s = rate if prev is None else 0.7 * prev + 0.3 * rate
+            work = sum(item.demand.work for item in batch)
+            model = batch[0].params.model
+            if work > 0:
+                per_work = device_seconds / work
+                was = self._seconds_per_work.get(model)
+                self._seconds_per_work[model] = (
+                    per_work if was is None else 0.7 * was + 0.3 * per_work
+                )
         # Observed before results are handed out: a client that has its images also sees
         # their batch in the metrics.
         if self.observer is not None:

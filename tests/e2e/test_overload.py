@@ -49,3 +49,51 @@ def test_a_burst_past_the_queue_is_429_never_502(tmp_path: Path, tiny_models_dir
         # The circuit for `local` stayed closed: the next request is served.
         after = client.post("/v1/images/generations", json=body)
         assert after.status_code == 200, after.text
+
+
+def test_the_bound_counts_estimated_device_seconds_not_only_images(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    """One 256x256 40-step request costs what 320 64x64 2-step ones do: with a bound of 3.5
+    small requests' worth of device-seconds (local.max_queue_seconds, priced at the model's
+    measured rate), exactly three small ones queue, the fourth is refused, and so is the big
+    one, though the image bound (64) is far off. Alone in the queue, the big one is taken."""
+    from models.local.worker import Demand
+
+    settings = tiny_settings(
+        fresh_data_dir(tmp_path, tiny_models_dir), local={"batch_window_ms": 0}
+    )
+    small = {"prompt": "a small kite", "size": "64x64", "steps": 2}
+    big = {"prompt": "a big kite", "size": "256x256", "steps": 40}
+    with live_server(settings) as server, server.client() as client:
+        worker = server.service.registry.worker
+        assert client.post("/v1/images/generations", json={**small, "seed": 0}).status_code == 200
+        cost = worker.estimate_s(Demand("tiny-sdxl", 1, 2 * 64 * 64 / 1e6))
+        assert cost is not None and cost > 0  # measured by that first request
+        worker.max_queue_seconds = 3.5 * cost
+        release = threading.Event()
+        worker.call(release.wait)  # the device is busy until released: nothing drains
+
+        def post(body: dict[str, object]) -> httpx.Response:
+            with server.client() as own:
+                return own.post("/v1/images/generations", json=body)
+
+        with ThreadPoolExecutor(4) as pool:
+            queued = []
+            for seed in (1, 2, 3):
+                queued.append(pool.submit(post, {**small, "seed": seed}))
+                while worker.queued_images() < seed:  # in order, one after another
+                    threading.Event().wait(0.01)
+            refused = [client.post("/v1/images/generations", json={**small, "seed": 4})]
+            refused.append(client.post("/v1/images/generations", json={**big, "seed": 5}))
+            release.set()
+            served = [f.result(timeout=60) for f in queued]
+        for response in refused:
+            assert response.status_code == 429, response.text
+            assert response.json()["error"]["code"] == "queue_full"
+            assert "max_queue_seconds" in response.json()["error"]["message"]
+            assert int(response.headers["Retry-After"]) >= 1
+        assert [r.status_code for r in served] == [200] * 3
+        # Alone in the queue, the big one is taken whatever it costs; the breaker is closed.
+        alone = client.post("/v1/images/generations", json={**big, "seed": 5})
+        assert alone.status_code == 200, alone.text

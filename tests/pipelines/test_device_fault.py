@@ -21,7 +21,7 @@ from models.base import (
 )
 from models.local.pipeline import BatchOutput, StepHook
 from models.local.runtime import describe_device_fault, is_fatal_device_error
-from models.local.worker import GENERATION_FAILED, DeviceWorker, WorkItem
+from models.local.worker import GENERATION_FAILED, Demand, DeviceWorker, WorkItem
 
 ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
 DEADLINE_S = 30
@@ -114,7 +114,7 @@ def test_a_cuda_error_fails_all_work_refuses_more_and_tells_the_owner(
         with pytest.raises(DeviceFaultError, match="the server must be restarted"):
             worker.submit(WorkItem(params=_params("after"), runner=runner))
         with pytest.raises(DeviceFaultError):
-            worker.admit(1)
+            worker.admit(Demand("tiny-sdxl", 1))
         assert isinstance(worker.call(lambda: None).exception(timeout=0), DeviceFaultError)
         assert runner.calls == [["running"]]
     finally:

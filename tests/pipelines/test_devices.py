@@ -22,6 +22,17 @@ DEADLINE_S = 120  # only stops a hung test
 FATAL = RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """A CPU split into devices sets each worker's thread count, and torch keeps the last one
+    set as the default of every thread made after: give later tests the host's own again."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def two_devices(data_dir: Any) -> Iterator[tuple[ImageService, list[WatchedRunner]]]:
     settings = Settings(
