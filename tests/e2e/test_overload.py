@@ -97,3 +97,39 @@ def test_the_bound_counts_estimated_device_seconds_not_only_images(
         # Alone in the queue, the big one is taken whatever it costs; the breaker is closed.
         alone = client.post("/v1/images/generations", json={**big, "seed": 5})
         assert alone.status_code == 200, alone.text
+
+
+def test_a_fallback_serves_what_the_local_queue_cannot_and_says_so(
+    tmp_path: Path, tiny_models_dir: Path, stub: object
+) -> None:
+    """tiny-sdxl falls back to gpt-image-2 (OpenAI's API on loopback): with the local queue
+    full, the next request is served by the fallback and names why; nothing is refused."""
+    from tests.e2e.conftest import OPENAI_KEY
+    from tests.stubs.fixtures import FAST
+
+    providers = {"openai": {"base_url": stub.url, "api_key": OPENAI_KEY, **FAST}}  # type: ignore[attr-defined]
+    settings = tiny_settings(
+        fresh_data_dir(tmp_path, tiny_models_dir),
+        local={"max_queue_images": 1, "batch_window_ms": 0},
+        top={"providers": providers, "fallbacks": {"tiny-sdxl": ["gpt-image-2"]}},
+    )
+    body = {"model": "tiny-sdxl", "prompt": "a red kite", "size": "1024x1024", "steps": 2}
+    with live_server(settings) as server, server.client() as client:
+        worker = server.service.registry.worker
+        release = threading.Event()
+        worker.call(release.wait)
+        with ThreadPoolExecutor(1) as pool:
+            local = pool.submit(
+                lambda: server.client().post(
+                    "/v1/images/generations", json={**body, "size": "64x64", "seed": 1}
+                )
+            )
+            while worker.queued_images() < 1:
+                threading.Event().wait(0.01)
+            overflow = client.post("/v1/images/generations", json={**body, "seed": 2})
+            release.set()
+            assert local.result(timeout=60).status_code == 200
+    assert overflow.status_code == 200, overflow.text
+    info = overflow.json()["imagegen"]
+    assert (info["model"], info["provider"]) == ("gpt-image-2", "openai")
+    assert any("tiny-sdxl" in notice and "queue" in notice for notice in info["notices"])
