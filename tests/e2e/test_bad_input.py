@@ -322,3 +322,17 @@ def test_an_image_that_is_not_one_is_a_400_naming_image(client: httpx.Client) ->
     files = {"image": ("a.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")}
     response = timed_post(client, EDITS, files=files, data={"prompt": "x"})
     openai_refusal(response, 400, "invalid_request", "image")
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\xed\xa0\x80", b"\xff\xfe", b"a\x00b"], ids=["surrogate", "ff", "nul"]
+)
+def test_bytes_that_are_not_utf8_in_a_form_field_are_no_server_error(
+    client: httpx.Client, raw: bytes
+) -> None:
+    # A form cannot carry a JSON escape; raw bytes that are not UTF-8 are read by Starlette as
+    # Latin-1 (its fallback for form text), so they arrive as text UTF-8 can write.
+    files = {"image": ("a.png", png(), "image/png")}
+    fields = {"prompt": raw, "steps": "1", "size": "64x64", "seed": "3"}
+    response = client.post(EDITS, files=files, data=fields)  # type: ignore[arg-type]
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
