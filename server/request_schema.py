@@ -52,6 +52,54 @@ def _encodable(value: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+def unencodable_at(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first text in a decoded JSON value (keys included) that UTF-8
+    cannot encode, or None. For bodies that keep unknown keys (A1111's): they are echoed back,
+    and a lone surrogate there would fail only when the response is written."""
+    if isinstance(value, str):
+        return None if _utf8(value) else (path or "body")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _utf8(key):
+                return path or "body"
+            found = unencodable_at(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = unencodable_at(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+# How deep a kept-as-is JSON value may nest (A1111's unknown keys, echoed back): deep enough for
+# any client's real body (scripts' args nest three or four levels), far below the recursion
+# limit that json.dumps would hit writing the echo (a 500).
+MAX_JSON_DEPTH = 32
+
+
+def deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a decoded JSON value nests more than `limit` arrays/objects deep (it stops
+    looking once it is)."""
+    if limit < 0:
+        return True
+    if isinstance(value, dict):
+        return any(deeper_than(item, limit - 1) for item in value.values())
+    if isinstance(value, list):
+        return any(deeper_than(item, limit - 1) for item in value)
+    return False
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_text(value: Any, info: ValidationInfo) -> Any:
     """A list field given as text where every value is text (a form field, a CSV cell): read
     it as JSON. JSON bodies send the list itself (strict: text is refused there)."""
@@ -230,7 +278,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size.strip() == "auto":
         return None, None
     parts = size.strip().lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
+    # ASCII digits only: str.isdigit() also passes "²" (which int() refuses) and "٦٤"
+    # (which it reads as 64).
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 5 for p in parts):
         raise errors.InvalidRequestError(
             f"size must be WIDTHxHEIGHT (for example 1024x1024) or 'auto', got '{size}'",
             param="size",

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 from server import errors
 from server.http.errors import NotFoundError
 from server.request import MAX_N, ImageRequest, ResizeMode
-from server.request_schema import base64_image
+from server.request_schema import MAX_JSON_DEPTH, base64_image, deeper_than, unencodable_at
 from server.samplers import A1111_SAMPLERS
 
 # A1111's resize_mode numbers: 0 "Just resize", 1 "Crop and resize", 2 "Resize and fill",
@@ -76,6 +77,29 @@ class Txt2ImgBody(BaseModel):
     override_settings: dict[str, Any] | None = None
     send_images: bool | None = None
     force_task_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _writable(cls, data: Any) -> Any:
+        # Every key is kept and echoed back in "parameters", so every text in the body (not
+        # only the prompt) must be one UTF-8 can write: a lone surrogate ("\ud800") is refused
+        # here, naming where it is, not left to fail the tokenizer or the response (a 500).
+        where = unencodable_at(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "unicode_surrogate",
+                "{field} must be text UTF-8 can encode: it holds a lone surrogate; send the "
+                "character itself, or both halves of a surrogate pair",
+                {"field": where},
+            )
+        if deeper_than(data, MAX_JSON_DEPTH + 1):
+            raise PydanticCustomError(
+                "json_depth",
+                "the request body nests arrays/objects more than {limit} levels deep; no field "
+                "of txt2img or img2img needs that many, send a flatter body",
+                {"limit": MAX_JSON_DEPTH},
+            )
+        return data
 
     @property
     def images_wanted(self) -> int:

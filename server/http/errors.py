@@ -186,7 +186,9 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     if kind in ("model_attributes_type", "model_type", "dict_type") and param is None:
         return "the request body must be a JSON object", None
     message = str(error.get("msg", "invalid value"))
-    if "input" in error and kind not in ("model_attributes_type",):
+    # A whole-body refusal (param None) shows no input: it would be the body itself.
+    whole_body = param is None and kind in ("unicode_surrogate", "json_depth")
+    if "input" in error and kind not in ("model_attributes_type",) and not whole_body:
         shown = json.dumps(error["input"], default=str)
         if len(shown) > 80:
             shown = shown[:77] + "..."
@@ -221,6 +223,11 @@ def install(app: FastAPI) -> None:
             # FastAPI's answer to a body it cannot decode (not UTF-8, a broken form).
             code = "invalid_request"
             message = "the request body could not be read: send JSON (UTF-8) or a multipart form"
+            if isinstance(exc.__cause__, RecursionError):
+                # json.loads gives up past Python's recursion limit (about 1,000 levels).
+                message = (
+                    "the request body nests arrays/objects too deep to read; send a flatter body"
+                )
         return error_response(
             exc.status_code,
             message,
