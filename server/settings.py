@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -137,6 +137,12 @@ class ServerSettings(BaseModel):
     # or booked. None: no server-wide deadline (a request's own `timeout` field or its
     # X-Request-Timeout header still applies; the shortest wins). Jobs take only their own.
     request_timeout_s: float | None = Field(default=None, gt=0)
+    # Browser origins allowed to call this server (CORS), e.g. ["https://app.example.com"].
+    # Empty (the default): no CORS headers at all, so browsers on other origins cannot read
+    # responses. "*" allows any origin, but never together with cors_allow_credentials.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Whether browsers may send cookies / HTTP auth cross-origin (Access-Control-Allow-Credentials).
+    cors_allow_credentials: bool = False
 
     @field_validator("public_base_url")
     @classmethod
@@ -153,6 +159,19 @@ class ServerSettings(BaseModel):
                 "'https://images.example.com' (a path prefix may follow)",
             )
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _cors_wildcard_without_credentials(self) -> ServerSettings:
+        """Any origin with credentials would let every web page a user visits call this server
+        as that user."""
+        if "*" in self.cors_origins and self.cors_allow_credentials:
+            raise PydanticCustomError(
+                "cors_origins",
+                "server.cors_origins contains '*' while server.cors_allow_credentials is true: "
+                "list the allowed origins explicitly (e.g. ['https://app.example.com']) or set "
+                "cors_allow_credentials = false",
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from models import base
 from models.catalogue import Catalogue
@@ -32,6 +33,7 @@ from server.http.job_store import JobStore
 from server.http.jobs import JobRunner
 from server.http.metrics import Metrics
 from server.http.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from server.http.security import SecurityHeadersMiddleware
 from server.http.serving import ImagesServing, Readiness
 from server.http.state import AppState
 from server.registry import BackendRegistry
@@ -109,6 +111,19 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.server.max_body_mb * 1024**2))
     app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.server.api_keys))
     app.add_middleware(RequestContextMiddleware)
+    if settings.server.cors_origins:
+        # Before the key check: a browser's preflight (OPTIONS) never carries the key. Off
+        # unless origins are listed: no CORS headers at all means other origins cannot read.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_credentials=settings.server.cors_allow_credentials,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    # Outermost: every response, a preflight or a 401 included, carries the headers.
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 
