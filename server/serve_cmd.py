@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 from types import FrameType
 
 import uvicorn
@@ -16,8 +17,12 @@ from server.settings import Settings
 
 log = logging.getLogger("server.http")
 
-# After SIGTERM, requests in flight get this long to finish before the server stops anyway.
+# After SIGTERM the process is gone within this long (supervisors wait about as long before
+# SIGKILL: Kubernetes' default grace is 30 s, systemd's 90 s).
 GRACEFUL_SHUTDOWN_S = 30
+# Of that, requests, jobs and their event streams in flight get this long to finish; the rest
+# is for stopping what did not and closing the service.
+DRAIN_S = GRACEFUL_SHUTDOWN_S - 5
 
 
 class InsecureBindError(errors.InvalidRequestError):
@@ -89,7 +94,8 @@ def run(
         host=server_settings.host,
         port=server_settings.port,
         log_level="info",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # A little past the drain: event streams end themselves at DRAIN_S, with their end.
+        timeout_graceful_shutdown=DRAIN_S + 1,
     )
     server = _DrainingServer(config, state)
     failure: list[str] = []
@@ -118,16 +124,23 @@ def run(
 
 class _DrainingServer(uvicorn.Server):
     """On SIGINT/SIGTERM the app starts draining at once: /readyz turns 503 (load balancers
-    stop sending work), new generations are refused with 503 and event streams end, while
-    requests in flight finish."""
+    stop sending work), the port closes and new generations are refused with 503, while
+    requests and jobs in flight finish (their event streams deliver their end) within DRAIN_S.
+    A drained SIGTERM exits 0: it is how supervisors stop a service, not a failure."""
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
         super().__init__(config)
         self.app_state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.app_state.readiness.draining = True
-        super().handle_exit(sig, frame)
+        self.app_state.readiness.drain(DRAIN_S)
+        if sig == signal.SIGTERM:
+            # Not uvicorn's handler: it re-raises the signal once the drain is done, and
+            # SIGTERM's default action then kills the process (exit status -15, not 0). A
+            # second SIGTERM changes nothing: the supervisor's SIGKILL is the hard stop.
+            self.should_exit = True
+            return
+        super().handle_exit(sig, frame)  # Ctrl-C: a second one stops at once
 
 
 def _configure_logging() -> None:

@@ -152,13 +152,24 @@ class JobRunner:
             log.warning("%d job(s) from a previous run marked failed: %s", recovered, INTERRUPTED)
 
     async def aclose(self) -> None:
-        """Stop running jobs without touching their records: the next start marks them
-        interrupted, exactly as after a crash."""
+        """Let running jobs finish within the drain's grace (SIGTERM: `Readiness.drain`), then
+        stop the rest without touching their records: the next start marks them interrupted,
+        exactly as after a crash."""
+        deadline = self.serving.readiness.drain_deadline
+        pending = {job.task for job in self.live.values() if job.task is not None}
+        if pending and deadline is not None and deadline > time.monotonic():
+            log.info(
+                "waiting up to %.0f s for %d job(s) to finish",
+                deadline - time.monotonic(),
+                len(pending),
+            )
+            await asyncio.wait(pending, timeout=deadline - time.monotonic())
         self._closing = True
         tasks = [job.task for job in self.live.values() if job.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
+            log.warning("%d job(s) stopped unfinished by the shutdown: %s", len(tasks), INTERRUPTED)
             await asyncio.wait(tasks, timeout=10.0)
 
     # -- the API -------------------------------------------------------------------------
@@ -228,6 +239,19 @@ class JobRunner:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job.subscribers.append(queue)
         return job.state_events(), queue
+
+    def interrupted_event(self, job_id: str) -> Event | None:
+        """The end a stream reports for a job the shutdown gives up on: what its record will
+        say after the restart (None if the job is over: its own end was sent)."""
+        job = self.live.get(job_id)
+        if job is None or job.status in TERMINAL_STATUSES:
+            return None
+        error = {"message": INTERRUPTED, "type": "server_error", "param": None}
+        return Event(
+            "failed",
+            {"id": job.id, "status": "failed", "error": {**error, "code": "interrupted"}},
+            terminal=True,
+        )
 
     def unsubscribe(self, job_id: str, queue: asyncio.Queue[Event] | None) -> None:
         job = self.live.get(job_id)

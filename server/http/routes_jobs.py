@@ -68,7 +68,8 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
         sse.stream(
             initial,
             queue,
-            draining=lambda: state.readiness.draining,
+            given_up=state.readiness.drain_over,
+            farewell=lambda: state.jobs.interrupted_event(job_id),
             on_close=lambda: state.jobs.unsubscribe(job_id, queue),
         ),
         media_type="text/event-stream",

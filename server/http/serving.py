@@ -42,9 +42,25 @@ class Readiness:
         self.models = list(models)
         self.ready = not self.models
         self.draining = False
+        # When a drain with a grace period (SIGTERM) gives up on work still in flight
+        # (time.monotonic()); None: draining, if at all, stops everything now.
+        self.drain_deadline: float | None = None
         self.load_error: str | None = None
         # Why the device can no longer work (a sticky fault): not ready for good.
         self.fault = fault
+
+    def drain(self, grace_s: float) -> None:
+        """Take no new work from now on; what is in flight (generations, jobs and their event
+        streams) has `grace_s` to finish."""
+        self.draining = True
+        if self.drain_deadline is None:  # a second signal does not extend the grace
+            self.drain_deadline = time.monotonic() + grace_s
+
+    def drain_over(self) -> bool:
+        """Whether work still in flight is to be given up: draining, and past the grace."""
+        if not self.draining:
+            return False
+        return self.drain_deadline is None or time.monotonic() >= self.drain_deadline
 
     def reason(self) -> str | None:
         fault = self.fault()

@@ -1,5 +1,5 @@
 """Server-sent events: the wire encoding and the stream loop (keep-alives, end on a terminal
-event or when the server drains)."""
+event, or when a server that is shutting down gives up on the work)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_S = 15.0
-# How often an idle stream checks whether the server is shutting down.
+# How often an idle stream checks whether the server has given up on the work it reports.
 DRAIN_CHECK_S = 0.5
 
 
@@ -31,11 +31,14 @@ async def stream(
     initial: Iterable[Event],
     queue: asyncio.Queue[Event] | None,
     *,
-    draining: Callable[[], bool],
+    given_up: Callable[[], bool],
+    farewell: Callable[[], Event | None] = lambda: None,
     on_close: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[bytes]:
     """The current state first (a client that connects late sees where things stand), then
-    live events until a terminal one."""
+    live events until a terminal one. A server that drains keeps the stream open while the work
+    it reports is in flight (the client gets its end); once `given_up` says the work will not
+    finish, the stream ends with `farewell` (what the work's record will say)."""
     try:
         for event in initial:
             yield encode(event)
@@ -44,7 +47,17 @@ async def stream(
         if queue is None:
             return
         idle = 0.0
-        while not draining():
+        while True:
+            if given_up():
+                while not queue.empty():  # the end may have come just in time
+                    event = queue.get_nowait()
+                    yield encode(event)
+                    if event.terminal:
+                        return
+                last = farewell()
+                if last is not None:
+                    yield encode(last)
+                return
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=DRAIN_CHECK_S)
             except TimeoutError:
