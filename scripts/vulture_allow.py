@@ -36,3 +36,6 @@ TINY_LORAS
 # The full-size random architectures (models/local/fullsize.py): the tests compare the counts
 # with the published figures.
 parameter_counts
+
+# Pillow's module-level decompression-bomb guard (server/inputs.py): read by Pillow itself.
+MAX_IMAGE_PIXELS

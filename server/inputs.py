@@ -146,11 +146,21 @@ def _from_alpha(image: Image.Image) -> Image.Image:
     return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
+# Pillow's own default, 1 GiB / 4 / 3 (a quarter GiB of RGB): the warning threshold; twice
+# it (179 megapixels) is refused before any pixel is decoded, whatever
+# server.max_input_megapixels says (which is why that setting stops at 178).
+BOMB_GUARD_PIXELS = 89_478_485
+
+
 def _open(data: bytes, field: str, max_megapixels: float) -> Image.Image:
     """Decode `data` (any accepted type, sniffed from the content) with EXIF orientation
     applied; every failure is a 400 naming `field`."""
     if not data:
         raise errors.InvalidRequestError(f"{field} is empty; send an image file", param=field)
+    # Pillow's decompression-bomb guard, set here rather than trusted: it is a process-wide
+    # global that any imported library may have turned off (None). Past twice this, Pillow
+    # refuses from the header alone.
+    Image.MAX_IMAGE_PIXELS = BOMB_GUARD_PIXELS
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past twice its limit raises) on huge images: our own cap,

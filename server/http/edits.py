@@ -13,9 +13,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException
 
 from server import errors
+from server.http.forms import read_form
 from server.inputs import MAX_IMAGES
 from server.request_schema import LAX, ImageEditRequest, base64_image
 
@@ -74,18 +74,17 @@ def media_type(request: Request) -> str:
 async def read_edit_form(request: Request) -> ImageEditRequest:
     """The multipart edits body. Every value arrives as text ("2", "0.5", "true") and is
     read laxly; an empty value means "not given" (the SDK's None)."""
+    form = await read_form(
+        request,
+        max_files=MAX_IMAGES + 1,
+        max_fields=MAX_FORM_FIELDS,
+        param="image",
+        bounds=f"at most {MAX_IMAGES} images and one mask per request",
+    )
     try:
-        async with request.form(max_files=MAX_IMAGES + 1, max_fields=MAX_FORM_FIELDS) as form:
-            return await edit_from_form(form)
-    except HTTPException as exc:
-        # The parser's own refusals (too many files or fields, a field over 1 MB).
-        if exc.status_code != 400:
-            raise
-        raise errors.InvalidRequestError(
-            f"the form could not be read: {exc.detail} (at most {MAX_IMAGES} images and one "
-            "mask per request)",
-            param="image",
-        ) from None
+        return await edit_from_form(form)
+    finally:
+        await form.close()
 
 
 async def edit_from_form(form: FormData) -> ImageEditRequest:

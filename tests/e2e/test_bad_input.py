@@ -318,6 +318,18 @@ def test_more_fields_than_the_form_takes_are_refused(client: httpx.Client) -> No
 
 
 @pytest.mark.usefixtures("untouched_device")
+def test_a_batch_form_past_its_bounds_is_refused_naming_file(client: httpx.Client) -> None:
+    jsonl = ("requests.jsonl", b'{"prompt": "x"}\n', "application/jsonl")
+    many_files = [("file", jsonl) for _ in range(10)]
+    openai_refusal(
+        timed_post(client, "/v1/batches", files=many_files), 400, "invalid_request", "file"
+    )
+    many_fields = {f"f{i}": "1" for i in range(100)}
+    response = timed_post(client, "/v1/batches", files={"file": jsonl}, data=many_fields)
+    openai_refusal(response, 400, "invalid_request", "file")
+
+
+@pytest.mark.usefixtures("untouched_device")
 def test_an_image_that_is_not_one_is_a_400_naming_image(client: httpx.Client) -> None:
     files = {"image": ("a.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")}
     response = timed_post(client, EDITS, files=files, data={"prompt": "x"})
