@@ -213,6 +213,9 @@ class GenerationParams:
     inpaint_padding: int = 32  # pixels around the mask's box in "masked" mode
     input_fidelity: str | None = None  # OpenAI edits only
     loras: tuple[LoraRef, ...] = ()
+    # Who asked (server.quotas.Caller.id): a device queue shares its turns fairly between
+    # owners. Not a pixel field: the same request from two callers is one cache entry.
+    owner: str = ""
 
     @property
     def task(self) -> Task:

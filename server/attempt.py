@@ -11,6 +11,7 @@ from typing import Any
 
 from models.base import Backend, GenerationParams
 from server.cost import Estimate
+from server.quotas import Hold
 from server.request import ImageRequest
 from server.router import Candidate
 
@@ -48,6 +49,8 @@ class Attempt:
     identity: dict[str, Any]
     started: float
     timings: dict[str, float] = field(default_factory=dict)
+    # The caller's daily quotas held for this attempt while it runs (server.quotas).
+    held: Hold | None = None
 
     @property
     def provider(self) -> str:

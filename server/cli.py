@@ -102,13 +102,14 @@ def load_settings_or_exit(config: Path | None, **overrides: Any) -> Any:
         # Every problem at once (fixing them one run at a time is tedious); input values are
         # left out, as one may be a key.
         problems = exc.errors(include_input=False, include_url=False)
-        fail(
-            "\n".join(
-                f"settings: {'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
-                for problem in problems
-            ),
-            2,
-        )
+        fail("\n".join(_settings_problem(problem) for problem in problems), 2)
+
+
+def _settings_problem(problem: Any) -> str:
+    where = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        return f"settings: {where} is not a setting; check its spelling (the README lists them)"
+    return f"settings: {where}: {problem['msg']}"
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

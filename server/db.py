@@ -46,6 +46,21 @@ class Database:
         with self._lock:
             self._conn.executescript(sql)
 
+    def add_column(self, table: str, column: str, declaration: str) -> None:
+        """Give an older database a column added since `table` first shipped (idempotent;
+        another process sharing the data directory may add it first). Names are the code's
+        own, never input."""
+        if self._has_column(table, column):
+            return
+        try:
+            self.executescript(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        except sqlite3.OperationalError:
+            if not self._has_column(table, column):
+                raise
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(row["name"] == column for row in self.execute(f"PRAGMA table_info({table})"))
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()

@@ -19,6 +19,7 @@ __all__ = [
     "DeadlineExceededError",
     "DeviceFaultError",
     "GenerationFailedError",
+    "ImageQuotaError",
     "ImagegenError",
     "InvalidRequestError",
     "LocalOnlyError",
@@ -29,8 +30,11 @@ __all__ = [
     "ProviderAuthError",
     "ProviderError",
     "QueueFullError",
+    "QuotaExceededError",
     "RateLimitedError",
+    "RequestRateError",
     "ServiceError",
+    "SpendQuotaError",
     "from_backend",
     "mapped",
 ]
@@ -109,6 +113,23 @@ class QueueFullError(RateLimitedError):
 
 class BudgetExhaustedError(RateLimitedError):
     code = "budget_exhausted"
+
+
+class QuotaExceededError(RateLimitedError):
+    """A limit of the caller's own API key (server.api_keys), not the server's: no other
+    model serves it, and the code says which limit."""
+
+
+class RequestRateError(QuotaExceededError):
+    code = "rate_limit_requests"
+
+
+class ImageQuotaError(QuotaExceededError):
+    code = "quota_images"
+
+
+class SpendQuotaError(QuotaExceededError):
+    code = "quota_usd"
 
 
 class ProviderError(ServiceError):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Sequence
@@ -31,6 +32,17 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
 CREATE INDEX IF NOT EXISTS ledger_tag ON ledger (tag);
 """
+# Who asked (server.quotas.Caller.id: "key:<name or digest>", "addr:<host>", "" in-process):
+# what per-key daily quotas sum. Added after the table first shipped; older databases gain it
+# on open (their rows have no caller).
+_CALLER = ("caller", "TEXT")
+_CALLER_INDEX = "CREATE INDEX IF NOT EXISTS ledger_caller ON ledger (caller, ts)"
+
+
+def utc_day_start(ts: float) -> float:
+    """The start of the UTC day `ts` falls in: the day daily budgets and quotas count."""
+    now = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+    return now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 @dataclass(frozen=True)
@@ -49,19 +61,22 @@ class LedgerRow:
     error: str | None = None
     # Free-form grouping (a batch run id), so a batch can be audited from the ledger.
     tag: str | None = None
+    caller: str = ""
 
 
 class Ledger:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.executescript(_SCHEMA)
+        db.add_column("ledger", *_CALLER)
+        db.executescript(_CALLER_INDEX)
 
     def record(self, row: LedgerRow) -> None:
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO ledger (ts, request_id, model, provider, cached, images, seeds, "
-                "cost_usd, gpu_seconds, saved_usd, status, error, tag) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "cost_usd, gpu_seconds, saved_usd, status, error, tag, caller) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     time.time(),
                     row.request_id,
@@ -76,6 +91,7 @@ class Ledger:
                     row.status,
                     row.error,
                     row.tag,
+                    row.caller,
                 ),
             )
 
@@ -86,6 +102,16 @@ class Ledger:
             sql += " AND provider = ?"
             args.append(provider)
         return float(self.db.execute(sql, args)[0]["spent"])
+
+    def usage_since(self, since: float, caller: str) -> tuple[int, float]:
+        """What `caller` has had since `since`: images generated (cache hits are free and not
+        counted; failed work is, it took the device) and USD booked."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN cached = 0 THEN images ELSE 0 END), 0) AS images, "
+            "COALESCE(SUM(cost_usd), 0) AS spent FROM ledger WHERE caller = ? AND ts >= ?",
+            (caller, since),
+        )[0]
+        return int(row["images"]), float(row["spent"])
 
     def spent(self, tag: str) -> float:
         """USD booked under `tag` (a batch run id), failed and filtered requests included."""

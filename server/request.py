@@ -17,6 +17,7 @@ from models.catalogue import Catalogue
 from server import errors
 from server.inputs import decode_inputs
 from server.presets import PresetBook, PresetError
+from server.quotas import IN_PROCESS, Caller
 from server.sanitizer import Sanitizer
 
 MAX_N = 10
@@ -91,6 +92,9 @@ class ImageRequest:
     tag: str | None = None
     # The caller's id for this request (the HTTP layer's X-Request-Id); generated when None.
     request_id: str | None = None
+    # Who it is for (the API key, with its limits): the ledger's caller, the owner the device
+    # queue shares turns between, and the daily quotas that apply.
+    caller: Caller = IN_PROCESS
 
     def dropped_by_service(self) -> tuple[str, ...]:
         """Fields no backend uses (`user` is OpenAI's abuse-tracking id: not forwarded)."""
@@ -263,4 +267,5 @@ def expand(
         inpaint_padding=request.inpaint_padding,
         input_fidelity=request.input_fidelity,
         loras=loras,
+        owner=request.caller.id,
     )

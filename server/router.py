@@ -12,7 +12,7 @@ from models.base import ModelSpec
 from models.catalogue import Catalogue
 from server import errors
 from server.aliases import Alias, AliasTable
-from server.ledger import Ledger
+from server.ledger import Ledger, utc_day_start
 from server.settings import Settings
 
 Clock = Callable[[], float]
@@ -283,8 +283,7 @@ class Router:
     # -- budgets -------------------------------------------------------------------------
 
     def day_start(self) -> float:
-        now = dt.datetime.fromtimestamp(self.wall_clock(), tz=dt.UTC)
-        return now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        return utc_day_start(self.wall_clock())
 
     def has_budget(self, provider: str) -> bool:
         """Whether any cap applies to `provider` (so the estimate is worth computing)."""

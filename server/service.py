@@ -35,6 +35,7 @@ from server.db import Database
 from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook
 from server.quality import QualityReport
+from server.quotas import Hold, Quotas
 from server.registry import BackendRegistry, WorkerObserver
 from server.request import MAX_N, MAX_SEED, ImageRequest, expand, names_loras
 from server.result import (
@@ -75,6 +76,7 @@ class ImageService:
         self.costs = Costs(settings.cost, self.ledger)
         self.registry = registry or BackendRegistry(settings, self.catalogue)
         self.router = Router(settings, self.catalogue, self.ledger)
+        self.quotas = Quotas(self.ledger)
         self.lora_library = LoraLibrary(
             settings.lora_dir, memo_dir=sources.digest_memo_dir(settings.data_dir)
         )
@@ -166,8 +168,10 @@ class ImageService:
                 attempt = self._attempt_for(candidate, params, request, "", time.perf_counter())
                 if request.seed is not None and self.cache.get(attempt.key) is not None:
                     return
-                # A look, not the attempt: a half-open probe is left for the real one.
+                # A look, not the attempt: a half-open probe is left for the real one, and
+                # the caller's quota is not held.
                 self._admission(attempt).abandoned()
+                self.quotas.release(self._hold(attempt))
                 with errors.mapped():
                     attempt.backend.admit(attempt.params)
                 return
@@ -296,7 +300,12 @@ class ImageService:
     async def _run(self, attempt: Attempt, events: Events) -> GenerationResult:
         """Run `attempt` on its backend (its cache lookup already missed)."""
         backend, params = attempt.backend, attempt.params
-        admission = self.router.admit(attempt.provider, lambda: self.costs.reserve(backend, params))
+        attempt.held = self._hold(attempt)
+        try:
+            admission = self._admission(attempt)
+        except BaseException:
+            self.quotas.release(attempt.held)
+            raise
         try:
             result = await self._call(attempt, events, precise=False)
             finished = await asyncio.to_thread(self._finish, attempt, result)
@@ -332,8 +341,17 @@ class ImageService:
         except BaseException:
             admission.abandoned()  # cancelled: the attempt told nothing about the provider
             raise
+        finally:
+            self.quotas.release(attempt.held)
         admission.succeeded()
         return finished
+
+    def _hold(self, attempt: Attempt) -> Hold | None:
+        """The caller's daily quotas, held for this attempt's images and estimated cost."""
+        backend, params = attempt.backend, attempt.params
+        return self.quotas.hold(
+            attempt.request.caller, params.n, lambda: self.costs.reserve(backend, params)
+        )
 
     def _admission(self, attempt: Attempt) -> Admission:
         """Budgets and the circuit breaker, in one step (the budget reserves this attempt's
@@ -470,22 +488,24 @@ class ImageService:
         status: str = "ok",
         error: str | None = None,
     ) -> None:
-        """The one place ledger rows are written: every row carries the request's id."""
-        self.ledger.record(
-            LedgerRow(
-                request_id=attempt.request_id,
-                model=attempt.params.model,
-                provider=provider,
-                cached=cached,
-                seeds=seeds,
-                cost_usd=cost_usd,
-                gpu_seconds=gpu_seconds,
-                saved_usd=saved_usd,
-                status=status,
-                error=error,
-                tag=attempt.request.tag,
-            )
+        """The one place ledger rows are written: every row carries the request's id and
+        its caller (whose quota the row now counts in, in place of what the attempt held)."""
+        row = LedgerRow(
+            request_id=attempt.request_id,
+            model=attempt.params.model,
+            provider=provider,
+            cached=cached,
+            seeds=seeds,
+            cost_usd=cost_usd,
+            gpu_seconds=gpu_seconds,
+            saved_usd=saved_usd,
+            status=status,
+            error=error,
+            tag=attempt.request.tag,
+            caller=attempt.request.caller.id,
         )
+        with self.quotas.booking(attempt.held):
+            self.ledger.record(row)
 
     # -- the rest of the service ---------------------------------------------------------
 

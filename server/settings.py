@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -31,7 +39,14 @@ def default_data_dir() -> Path:
     return Path(base) / "imagegen"
 
 
-class CostSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: a key it does not know is an error (a typo such as
+    `[server] api_key = ...` would otherwise be ignored, leaving the server open)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CostSettings(Section):
     """Local work is billed as amortized GPU time. Either set `usd_per_gpu_hour` directly or
     let it be derived from the card's price, lifetime, utilisation and power draw.
 
@@ -55,7 +70,7 @@ class CostSettings(BaseModel):
         )
 
 
-class ModelPolicySettings(BaseModel):
+class ModelPolicySettings(Section):
     """How one local model is kept on the device (models.local.residency)."""
 
     # Never evicted, and loaded at start-up.
@@ -64,7 +79,7 @@ class ModelPolicySettings(BaseModel):
     idle_unload_s: float | None = Field(default=None, gt=0)
 
 
-class LocalSettings(BaseModel):
+class LocalSettings(Section):
     """How local diffusers pipelines run."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
@@ -114,12 +129,35 @@ class LocalSettings(BaseModel):
     model_policies: dict[str, ModelPolicySettings] = Field(default_factory=dict)
 
 
-class ServerSettings(BaseModel):
+class ApiKeySettings(Section):
+    """One API key with its own name and limits, as a table of `server.api_keys`:
+    {key = "...", name = "ci", requests_per_minute = 60, images_per_day = 500,
+    usd_per_day = 2.0}. Limits are per key and unset means none; a day is the UTC day."""
+
+    # The token itself or "sha256:<64 hex>", as in the plain list form.
+    key: SecretStr
+    # Shown in the ledger, logs and stats in place of the key's digest; unique among keys.
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
+    # Requests that ask for work (POST) in any sliding minute.
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    # Images generated per UTC day (cache hits are free and do not count).
+    images_per_day: int | None = Field(default=None, ge=1)
+    # What the key's requests may cost per UTC day (the ledger's USD: hosted charges and
+    # amortized GPU time), the running request's estimate included.
+    usd_per_day: float | None = Field(default=None, gt=0)
+
+
+class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8000
     models: list[str] = Field(default_factory=list)
-    # API keys as plain tokens (hashed at start-up) or sha256 hex digests prefixed "sha256:".
-    api_keys: list[SecretStr] = Field(default_factory=list)
+    # API keys as plain tokens (hashed at start-up) or sha256 hex digests prefixed "sha256:";
+    # or, for a key with a name and limits of its own, an ApiKeySettings table.
+    api_keys: list[ApiKeySettings] = Field(default_factory=list)
+    # Failed API-key checks allowed per client address in a minute; past it that address is
+    # refused (429 too_many_failed_auth) until the minute has passed, even with a right key,
+    # so guessing keys gains nothing from the answers.
+    auth_failures_per_minute: int = Field(default=20, ge=1)
     insecure_no_auth: bool = False
     public_base_url: str | None = None
     # The largest request body taken (batch uploads are the big ones); past it, 413 before the
@@ -127,7 +165,7 @@ class ServerSettings(BaseModel):
     max_body_mb: float = Field(default=64.0, gt=0)
     # The largest input image (img2img, inpainting, edits) taken, in megapixels: past it, 400
     # before the pixels are decoded (a 20000x20000 PNG is a few kB of header and 1.2 GB of RGB).
-    max_input_megapixels: float = Field(default=16.0, gt=0)
+    max_input_megapixels: float = Field(default=16.0, gt=0, le=178)
     # Live previews on job events (GET /v1/jobs/{id}/events) and A1111's /sdapi/v1/progress:
     # one every this many denoising steps while someone listens (0: none). A stream's
     # partial_images are spread over the schedule instead.
@@ -159,6 +197,31 @@ class ServerSettings(BaseModel):
                 "'https://images.example.com' (a path prefix may follow)",
             )
         return value.rstrip("/")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _tables(cls, value: Any) -> Any:
+        """A bare key is a table with only its key: one shape from here on (and one error
+        path, naming the table's field, for a bad table)."""
+        if not isinstance(value, list):
+            return value  # pydantic reports the wrong type
+        return [{"key": item} if isinstance(item, str | SecretStr) else item for item in value]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_names(cls, value: list[ApiKeySettings]) -> list[ApiKeySettings]:
+        """A name stands for its key in the ledger (and its daily counts): two keys under one
+        name would share, and blur, them."""
+        names = [key.name for key in value if key.name]
+        for name in names:
+            if names.count(name) > 1:
+                raise PydanticCustomError(
+                    "api_key_name",
+                    "server.api_keys: the name '{name}' is given to two keys; give each key "
+                    "its own name",
+                    {"name": name},
+                )
+        return value
 
     @model_validator(mode="after")
     def _cors_wildcard_without_credentials(self) -> ServerSettings:

@@ -38,6 +38,7 @@ from models.base import (
     WorkCancelledError,
 )
 from models.local.activations import ActivationMemory
+from models.local.fair import FairShare
 from models.local.pipeline import BatchOutput
 from models.local.residency import Residency, Resident
 from models.local.runtime import describe_device_fault, is_fatal_device_error
@@ -206,6 +207,7 @@ class DeviceWorker:
         self.on_fault = on_fault
         self._fault: str | None = None
         self._queue: deque[WorkItem] = deque()
+        self._fair = FairShare()
         self._cond = threading.Condition()
         self._running: list[WorkItem] = []
         self._running_runner: Runner | None = None
@@ -393,15 +395,17 @@ class DeviceWorker:
         """Queued items whose place changed since it was last reported, with the new place
         (1 runs next). Called with the lock held; reported after it is released."""
         moved = []
-        place = 0
-        for item in self._queue:
-            if item.cancelled:
-                continue
-            place += 1
+        for place, item in enumerate(self._fair_order(), start=1):
             if item.reported_position != place:
                 item.reported_position = place
                 moved.append((item, place))
         return moved
+
+    def _fair_order(self) -> list[WorkItem]:
+        """The live queued items in the order they are to run (models.local.fair). Called
+        with the lock held."""
+        live = (item for item in self._queue if not item.cancelled)
+        return self._fair.order(live, owner=lambda i: i.params.owner, images=lambda i: i.images)
 
     def _notify_depth(self) -> None:
         if self.observer is not None:
@@ -466,7 +470,9 @@ class DeviceWorker:
                 self._queue.popleft()
             if not self._queue:
                 return []
-            head = self._queue.popleft()
+            # Owners (API keys) take turns; each one's requests run in arrival order.
+            head = self._fair_order()[0]
+            self._queue.remove(head)
             batch, size = [head], head.images
             # No more than one call's worth of working memory (models.local.activations):
             # what would not fit waits for the next batch rather than for this one's calls.
@@ -487,7 +493,7 @@ class DeviceWorker:
             quiet_s = self.batch_window_s / 2
             last_arrival = max(time.monotonic(), head.enqueued_at) if expect_company else 0.0
             while True:
-                for item in list(self._queue):
+                for item in self._fair_order():
                     if size >= most:
                         break
                     if item.cancelled or item.key != head.key or item.runner is not head.runner:
@@ -508,6 +514,7 @@ class DeviceWorker:
                 self._cond.wait(remaining)
             self._running = batch
             self._running_runner = head.runner
+            self._fair.served([(item.params.owner, item.images) for item in batch])
             self._last_batch_requests = len(batch)
             # Requests active now: this batch and those still waiting. Next time the worker
             # waits (within the window) for that many, so concurrent clients do not settle

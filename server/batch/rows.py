@@ -291,6 +291,8 @@ def rows_fingerprint(rows: Sequence[BatchRow]) -> str:
 def _fingerprinted(request: ImageRequest) -> dict[str, Any]:
     """The request as JSON: input images by their sha256 (bytes are not JSON)."""
     fields = dataclasses.asdict(request)
+    # Who runs the batch is not part of its input.
+    fields.pop("caller", None)
     fields["images"] = [hashlib.sha256(data).hexdigest() for data in request.images]
     if request.mask is not None:
         fields["mask"] = hashlib.sha256(request.mask).hexdigest()

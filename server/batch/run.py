@@ -20,7 +20,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from server.batch.folder import BatchFolder
 from server.batch.manifest import ManifestEntry
 from server.batch.rows import BatchRow, pending_rows
 from server.cache import atomic_write
+from server.quotas import Caller
 from server.service import (
     MAX_N,
     MAX_SEED,
@@ -60,6 +61,9 @@ class BatchOptions:
     reserve_margin: float = 2.0
     # Images within this many pHash bits of an earlier one are flagged (0 = identical).
     duplicate_distance: int = 4
+    # Whose rows they are (the HTTP API's key): every row is booked, limited and queued as
+    # that caller's.
+    caller: Caller = field(default_factory=Caller)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -306,7 +310,9 @@ class _BatchRun:
     async def _generate(self, request: ImageRequest) -> GenerationResult:
         for attempt in range(_QUEUE_FULL_RETRIES + 1):
             try:
-                return await self.service.generate(request)
+                return await self.service.generate(
+                    dataclasses.replace(request, caller=self.options.caller)
+                )
             except errors.QueueFullError as exc:
                 if attempt == _QUEUE_FULL_RETRIES:
                     raise

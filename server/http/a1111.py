@@ -24,6 +24,7 @@ from server.http.errors import NotFoundError
 from server.http.middleware import request_id_of
 from server.http.serving import response_headers, unless_disconnected
 from server.http.state import AppState, app_state
+from server.quotas import Caller
 from server.request import ImageRequest
 from server.samplers import A1111_SAMPLERS
 from server.service import GenerationResult
@@ -49,7 +50,8 @@ async def img2img(body: Img2ImgBody, request: Request) -> JSONResponse:
 
 async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JSONResponse:
     state = app_state(request)
-    caller = caller_of(request.scope)
+    who = caller_of(request.scope)
+    caller = who.id
     request_id = request_id_of(request.scope)
     timeout_s = state.serving.deadline_s(request.headers)
     wanted = body.checkpoint()
@@ -69,6 +71,7 @@ async def _generate(body: Txt2ImgBody, request: Request, *, endpoint: str) -> JS
             model=model,
             call=call,
             timeout_s=timeout_s,
+            caller=who,
         )
     )
     try:
@@ -107,12 +110,18 @@ async def _run_waiting(
     model: str | None,
     call: A1111Call,
     timeout_s: float | None,
+    caller: Caller,
 ) -> GenerationResult:
     deadline = time.monotonic() + QUEUE_WAIT_S
     while True:
         try:
             return await state.serving.run(
-                build, endpoint=endpoint, model=model, events=call, timeout_s=timeout_s
+                build,
+                endpoint=endpoint,
+                model=model,
+                events=call,
+                timeout_s=timeout_s,
+                caller=caller,
             )
         except errors.QueueFullError:
             left = deadline - time.monotonic()
@@ -209,7 +218,7 @@ async def refresh_checkpoints() -> None:
 @router.get("/options")
 async def get_options(request: Request) -> dict[str, Any]:
     state = app_state(request)
-    model = _default_model(state, caller_of(request.scope)) or state.settings.default_model
+    model = _default_model(state, caller_of(request.scope).id) or state.settings.default_model
     current = await checkpoint(state, model)
     return {
         # A1111's shape: the title as in /sd-models (Open WebUI matches the two), the sha256.
@@ -238,7 +247,7 @@ async def set_options(request: Request) -> None:
     wanted = body.get("sd_model_checkpoint")
     if wanted:
         model = await model_named(state, str(wanted))
-        state.a1111.set_default_model(caller_of(request.scope), model)
+        state.a1111.set_default_model(caller_of(request.scope).id, model)
     return None
 
 
@@ -308,20 +317,20 @@ async def sd_vae() -> list[dict[str, Any]]:
 @router.get("/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
     return app_state(request).a1111.progress(
-        caller_of(request.scope), show_image=not skip_current_image
+        caller_of(request.scope).id, show_image=not skip_current_image
     )
 
 
 @router.post("/interrupt")
 async def interrupt(request: Request) -> dict[str, Any]:
-    app_state(request).a1111.interrupt(caller_of(request.scope))
+    app_state(request).a1111.interrupt(caller_of(request.scope).id)
     return {}
 
 
 @router.post("/skip")
 async def skip(request: Request) -> None:
     # One call is one job here: skipping its current image is stopping it.
-    app_state(request).a1111.interrupt(caller_of(request.scope))
+    app_state(request).a1111.interrupt(caller_of(request.scope).id)
     return None
 
 

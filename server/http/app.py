@@ -109,7 +109,11 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     # Added last = runs first: the request id (every response, a 401 included, carries it),
     # then the key check, then the body limit (no one streams a body here without a key).
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.server.max_body_mb * 1024**2))
-    app.add_middleware(AuthMiddleware, keys=ApiKeys(settings.server.api_keys))
+    app.add_middleware(
+        AuthMiddleware,
+        keys=ApiKeys(settings.server.api_keys),
+        failures_per_minute=settings.server.auth_failures_per_minute,
+    )
     app.add_middleware(RequestContextMiddleware)
     if settings.server.cors_origins:
         # Before the key check: a browser's preflight (OPTIONS) never carries the key. Off

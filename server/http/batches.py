@@ -40,6 +40,7 @@ from server.batch import (
     write_archive,
 )
 from server.http.errors import NotFoundError
+from server.http.forms import read_form
 from server.http.jobs import JobRunner, LiveJob
 from server.http.protocol import (
     Batch,
@@ -52,12 +53,17 @@ from server.http.protocol import (
     Job,
 )
 from server.http.serving import Readiness
+from server.quotas import IN_PROCESS, Caller
 from server.service import ImageService
 from server.settings import Settings
 
 BATCHES_DIR = "batches"
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
 _FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
+# A batch form is one file and a handful of options; a few more files are read only to say
+# "send one file", and past these the parser refuses.
+MAX_FORM_FILES = 4
+MAX_FORM_FIELDS = 32
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,17 @@ class BatchSubmission:
 async def read_submission(request: Request) -> BatchSubmission:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type in _FORM_TYPES:
-        async with request.form() as form:
+        form = await read_form(
+            request,
+            max_files=MAX_FORM_FILES,
+            max_fields=MAX_FORM_FIELDS,
+            param="file",
+            bounds="one file, 'file', and the batch options as form fields",
+        )
+        try:
             return await submission_from_form(form)
+        finally:
+            await form.close()
     return submission_from_json(await request.body())
 
 
@@ -232,11 +247,15 @@ class BatchesServing:
             unpriced_rows=plan.unpriced_rows,
         )
 
-    async def submit(self, submission: BatchSubmission, base_url: str) -> Batch:
+    async def submit(
+        self, submission: BatchSubmission, base_url: str, caller: Caller = IN_PROCESS
+    ) -> Batch:
         self.readiness.check()
         rows = submission.rows
         opts = submission.options
-        options = BatchOptions(concurrency=opts.concurrency, budget_usd=opts.budget_usd)
+        options = BatchOptions(
+            concurrency=opts.concurrency, budget_usd=opts.budget_usd, caller=caller
+        )
         fingerprint = rows_fingerprint(rows)
         path = await asyncio.to_thread(self._create_folder, fingerprint, submission.source)
         record = {

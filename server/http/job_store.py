@@ -5,7 +5,6 @@ share the table (`kind`)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
 # What a job is ("image": POST /v1/jobs; "batch": POST /v1/batches). Added after the table
 # first shipped, so older databases gain it on open.
-_ADD_KIND = "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'image'"
+_KIND = ("kind", "TEXT NOT NULL DEFAULT 'image'")
 OBJECT_BY_KIND: dict[str, Literal["image.job", "batch"]] = {"image": "image.job", "batch": "batch"}
 
 
@@ -40,17 +39,7 @@ class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.executescript(_SCHEMA)
-        self._add_kind_column()
-
-    def _add_kind_column(self) -> None:
-        if any(row["name"] == "kind" for row in self.db.execute("PRAGMA table_info(jobs)")):
-            return
-        try:
-            self.db.executescript(_ADD_KIND)
-        except sqlite3.OperationalError:
-            # Another process sharing the data directory added it first.
-            if not any(row["name"] == "kind" for row in self.db.execute("PRAGMA table_info(jobs)")):
-                raise
+        db.add_column("jobs", *_KIND)
 
     def recover(self) -> int:
         """Jobs a previous process left queued or running will never finish: mark them."""

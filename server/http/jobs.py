@@ -29,6 +29,7 @@ from server.http.protocol import (
 )
 from server.http.serving import ImagesServing
 from server.http.sse import Event
+from server.quotas import IN_PROCESS, Caller
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class LiveJob:
     body: ImageGenerationRequest | None
     base_url: str
     kind: str = "image"
+    # Who submitted it: its quotas and its share of the device queue.
+    caller: Caller = field(default_factory=Caller)
     status: JobStatus = "queued"
     position: int | None = None
     step: int = 0
@@ -174,7 +177,9 @@ class JobRunner:
 
     # -- the API -------------------------------------------------------------------------
 
-    async def submit(self, body: ImageGenerationRequest, base_url: str) -> Job:
+    async def submit(
+        self, body: ImageGenerationRequest, base_url: str, caller: Caller = IN_PROCESS
+    ) -> Job:
         """Check the request exactly as a generation would be checked (bad fields, unknown
         model, blocked prompt, a spent budget or a full queue are HTTP errors, with no job
         record), then answer at once: the job reports queued -> running -> its end."""
@@ -184,12 +189,13 @@ class JobRunner:
                 "reports its progress and previews on GET /v1/jobs/{id}/events: drop stream",
                 param="stream",
             )
-        await self.serving.admit(body)
+        await self.serving.admit(body, caller)
         job = LiveJob(
             id="job_" + uuid.uuid4().hex[:24],
             created=time.time(),
             body=body,
             base_url=base_url,
+            caller=caller,
         )
         self.store.insert(job.id, job.created, body)
         self.live[job.id] = job
@@ -267,7 +273,7 @@ class JobRunner:
         try:
             # A job's deadline is its own `timeout` only: it runs on after its POST returned.
             result = await self.serving.generate(
-                body, endpoint="jobs", events=events, timeout_s=body.timeout
+                body, endpoint="jobs", events=events, timeout_s=body.timeout, caller=job.caller
             )
         except asyncio.CancelledError:
             if not self._closing:

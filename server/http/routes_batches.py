@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 
+from server.http.auth import caller_of
 from server.http.batches import read_submission
 from server.http.protocol import Batch, BatchCreateRequest, BatchDryRun
 from server.http.state import app_state
@@ -62,7 +63,7 @@ async def create_batch(request: Request) -> JSONResponse:
     submission = await read_submission(request)
     if submission.options.dry_run:
         return JSONResponse(state.batches.plan(submission).model_dump())
-    batch = await state.batches.submit(submission, str(request.base_url))
+    batch = await state.batches.submit(submission, str(request.base_url), caller_of(request.scope))
     return JSONResponse(batch.model_dump(), status_code=202)
 
 

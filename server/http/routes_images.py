@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.http.auth import caller_of
 from server.http.edits import EDIT_FORM_SCHEMA, read_edit_form
 from server.http.errors import NotFoundError
 from server.http.middleware import request_id_of
@@ -53,6 +54,7 @@ async def _generate(body: ImageGenerationRequest, request: Request, *, endpoint:
             endpoint=endpoint,
             request_id=request_id_of(request.scope),
             timeout_s=state.serving.deadline_s(request.headers, body.timeout),
+            caller=caller_of(request.scope),
         ),
     )
     return JSONResponse(

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.http import sse
+from server.http.auth import caller_of
 from server.http.edits import (
     EDIT_FORM_SCHEMA,
     FORM_TYPES,
@@ -46,7 +47,9 @@ async def create_job(request: Request) -> JSONResponse:
         body = await read_edit_form(request)
     else:
         body = edit_from_json(await request.body())
-    job = await app_state(request).jobs.submit(body, str(request.base_url))
+    job = await app_state(request).jobs.submit(
+        body, str(request.base_url), caller_of(request.scope)
+    )
     return JSONResponse(job.model_dump(), status_code=202)
 
 

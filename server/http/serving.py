@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +22,7 @@ from server.http.protocol import (
     ImagegenInfo,
     ImagesResponse,
 )
+from server.quotas import IN_PROCESS, Caller
 from server.request import ImageRequest
 from server.service import GenerationResult, ImageService
 from server.settings import Settings
@@ -116,6 +118,7 @@ class ImagesServing:
         request_id: str | None = None,
         events: Events = NO_EVENTS,
         timeout_s: float | None = None,
+        caller: Caller = IN_PROCESS,
     ) -> GenerationResult:
         return await self.run(
             lambda: body.to_image_request(request_id=request_id),
@@ -123,6 +126,7 @@ class ImagesServing:
             model=body.model,
             events=events,
             timeout_s=timeout_s,
+            caller=caller,
         )
 
     def deadline_s(
@@ -155,15 +159,17 @@ class ImagesServing:
         model: str | None,
         events: Events = NO_EVENTS,
         timeout_s: float | None = None,
+        caller: Caller = IN_PROCESS,
     ) -> GenerationResult:
         """The one generation path of every route: readiness, the request `build` makes (its
-        errors are the client's, counted like the service's), the service within the
-        request's deadline (`timeout_s`: past it the work is cancelled as if the client had
-        gone, so nothing is cached or booked), the metrics."""
+        errors are the client's, counted like the service's) for `caller`, the service within
+        the request's deadline (`timeout_s`: past it the work is cancelled as if the client
+        had gone, so nothing is cached or booked), the metrics."""
         started = time.perf_counter()
         try:
             self.readiness.check()
-            result = await _within(timeout_s, self.service.generate(build(), events=events))
+            request = dataclasses.replace(build(), caller=caller)
+            result = await _within(timeout_s, self.service.generate(request, events=events))
         except errors.ImagegenError as exc:
             self.metrics.failed(endpoint, self._model_label(model), status_of(exc)[0])
             raise
@@ -176,11 +182,11 @@ class ImagesServing:
         self.metrics.served(endpoint, result, time.perf_counter() - started)
         return result
 
-    async def admit(self, body: ImageGenerationRequest) -> None:
-        """Refuse, now, what a generation of `body` would be refused for (the job API answers
-        these as HTTP errors and creates no job)."""
+    async def admit(self, body: ImageGenerationRequest, caller: Caller = IN_PROCESS) -> None:
+        """Refuse, now, what a generation of `body` by `caller` would be refused for (the job
+        API answers these as HTTP errors and creates no job)."""
         self.readiness.check()
-        await self.service.admit(body.to_image_request())
+        await self.service.admit(dataclasses.replace(body.to_image_request(), caller=caller))
 
     def _model_label(self, model: str | None) -> str:
         # Only catalogue names become label values: a client must not be able to grow the

@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from models.base import Events
 from server import errors
 from server.http import previews, sse
+from server.http.auth import caller_of
 from server.http.errors import error_object, internal_error_object
 from server.http.middleware import request_id_of
 from server.http.protocol import ImageGenerationRequest
@@ -95,6 +96,7 @@ async def stream_images(
             request_id=request_id_of(request.scope),
             events=events,
             timeout_s=state.serving.deadline_s(request.headers, body.timeout),
+            caller=caller_of(request.scope),
         )
     )
     try:

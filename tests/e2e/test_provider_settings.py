@@ -62,6 +62,15 @@ def test_serve_with_a_bad_provider_value_fails_before_binding(
         ("[providers.opneai]\napi_key = 'k'\n", "providers.opneai is not a hosted provider"),
         ("[providers.bfl]\nretry_cap = 3\n", "providers.bfl.retry_cap is not a setting"),
         ("[providers.midjourney]\napi_key = 'k'\n", "providers.midjourney.base_url:"),
+        # A typo in a section is an error, not silently ignored (`api_key` would leave the
+        # server without keys).
+        ("[server]\napi_key = 'k'\n", "server.api_key is not a setting"),
+        ("[local]\nmax_batch = 2\n", "local.max_batch is not a setting"),
+        ("[server]\napi_keys = [{key = 'k', nmae = 'ci'}]\n", "server.api_keys.0.nmae is not"),
+        (
+            "[server]\napi_keys = [{key = 'a', name = 'ci'}, {key = 'b', name = 'ci'}]\n",
+            "the name 'ci' is given to two keys",
+        ),
     ],
 )
 def test_serve_names_an_unknown_provider_or_setting(
