@@ -40,6 +40,9 @@ CREATE INDEX IF NOT EXISTS cache_entries_access ON cache_entries (last_access);
 """
 
 _EXT = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+# An object's temp file older than this is a killed write's: a live one is renamed within
+# milliseconds, so another process writing into the same cache is never this old.
+STALE_TEMP_S = 10 * 60
 
 
 def canonical_json(value: Any) -> str:
@@ -88,6 +91,7 @@ class ResultCache:
         self.root = root
         self.objects = root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
         self.db = db
         self.max_bytes = max_bytes
         db.executescript(_SCHEMA)
@@ -96,6 +100,16 @@ class ResultCache:
         self._bytes_estimate = self.total_bytes()
 
     # -- objects -------------------------------------------------------------------------
+
+    def _remove_stale_temp_files(self) -> None:
+        """A process killed inside atomic_write leaves its temp file; nothing names it."""
+        cutoff = time.time() - STALE_TEMP_S
+        for path in self.objects.glob("*/.tmp-*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass  # renamed or removed meanwhile by the process that wrote it
 
     def object_path(self, sha256: str, fmt: str = "png") -> Path:
         return self.objects / sha256[:2] / (sha256 + _EXT.get(fmt, ".bin"))

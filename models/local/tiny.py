@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,11 @@ TINY_MODELS = ("tiny-sdxl", "tiny-sdxl-inpaint", "tiny-flux", "tiny-flux-kontext
 TINY_CLIP_MAX_LENGTH = 256
 TINY_T5_MAX_LENGTH = 256
 _MARKER = "imagegen-tiny.json"
+# A build folder older than this is a killed build's. A live build writes its folder within
+# seconds of making it (the pipeline is made in memory first), so another process's build in
+# progress, sharing the data directory, is never this old: an age needs no lock or pid, and
+# pids say nothing across containers that share a volume.
+STALE_BUILD_S = 10 * 60
 
 
 def _byte_alphabet() -> list[str]:
@@ -235,20 +242,50 @@ def is_built(path: Path) -> bool:
         return False
 
 
+def _build_prefixes() -> tuple[str, ...]:
+    return tuple(f".{name}-" for name in TINY_MODELS)
+
+
+def remove_stale_builds(models_dir: Path) -> list[Path]:
+    """Delete the temporary folders that killed builds left in `models_dir` (those older than
+    STALE_BUILD_S by mtime); returns what was removed."""
+    try:
+        entries = list(models_dir.iterdir())
+    except OSError:
+        return []
+    removed = []
+    cutoff = time.time() - STALE_BUILD_S
+    for path in entries:
+        if not path.name.startswith(_build_prefixes()):
+            continue
+        try:
+            info = path.lstat()
+        except OSError:
+            continue  # removed meanwhile: another process cleaned it, or its build finished
+        if stat.S_ISDIR(info.st_mode) and info.st_mtime < cutoff:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def ensure_tiny_model(data_dir: Path, name: str) -> Path:
     """Build `name` into the data directory unless an up-to-date copy is there; return its
     folder. Written to a temporary sibling and renamed, so a killed build leaves nothing that
-    looks finished."""
+    looks finished; what a killed build left is removed here once it is stale."""
     if name not in _BUILDERS:
         raise KeyError(name)
     target = tiny_model_dir(data_dir, name)
+    # Here and not only before a build: a folder left by a killed build stays after another
+    # process finished the model, and every process that uses a tiny model passes here once.
+    remove_stale_builds(target.parent)
     if is_built(target):
         return target
     quiet_libraries()
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Made before the folder, so the folder exists only while files are being written.
+    pipe = _BUILDERS[name]()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        pipe = _BUILDERS[name]()
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / _MARKER).write_text(json.dumps({"name": name, "version": TINY_BUILD_VERSION}))
         if target.exists():

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.base import GenerationParams, InputImage, LoraRef
-from server.cache import ResultCache, atomic_write, cache_key
+from server.cache import STALE_TEMP_S, ResultCache, atomic_write, cache_key
 from server.db import Database
 
 BASE: dict[str, Any] = {
@@ -241,3 +241,23 @@ def test_a_different_init_image_or_mask_is_a_miss() -> None:
     base_key = cache_key(_edit_params().pixel_fields(), IDENTITY)
     assert cache_key(_edit_params(images=(other,)).pixel_fields(), IDENTITY) != base_key
     assert cache_key(_edit_params(mask=other).pixel_fields(), IDENTITY) != base_key
+
+
+def test_start_up_removes_stale_temp_files_of_killed_writes(tmp_path: Path) -> None:
+    """A write killed before its rename leaves a temp file; the next start-up removes it once
+    it is stale, and keeps one another process may still be writing."""
+    db = Database(tmp_path / "db.sqlite3")
+    cache = ResultCache(tmp_path / "cache", db, max_bytes=10**6)
+    cache.put("k", [_img(b"whole")], {})
+    folder = cache.object_path(hashlib.sha256(b"whole").hexdigest()).parent
+    stale, fresh = folder / ".tmp-killed", folder / ".tmp-writing"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    then = os.stat(stale).st_mtime - STALE_TEMP_S - 60
+    os.utime(stale, (then, then))
+
+    again = ResultCache(tmp_path / "cache", db, max_bytes=10**6)
+
+    assert not stale.exists() and fresh.exists()
+    entry = again.get("k")
+    assert entry is not None and entry.images[0].data == b"whole"

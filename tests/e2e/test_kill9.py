@@ -1,0 +1,190 @@
+"""`imagegen generate` killed with SIGKILL again and again on one data directory, at points
+drawn from a seeded random.Random (the first kill lands in the tiny model's build): afterwards
+every cache entry verifies and a repeat of its request is a hit with the same bytes, every PNG
+written is whole, and nothing temporary stays once stale (tiny-model build folders, cache and
+output temp files, files in TMPDIR)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from random import Random
+from typing import Any
+
+from PIL import Image
+
+from models.local import tiny
+from server.cache import STALE_TEMP_S, ResultCache
+from server.db import Database
+from server.settings import Settings
+from tests.helpers_server import fresh_data_dir
+
+IMAGEGEN = [sys.executable, "-m", "server.cli"]
+DEADLINE_S = 180
+# Each run is a new process (about ten seconds on two cores, mostly imports), so a few kills
+# keep the test near a minute; the seed makes the sequence of kill points repeatable.
+TRIALS = 6
+RNG_SEED = 9
+SEEDS = (1, 2, 3)
+# Two images a request: two cache objects and two output files per run.
+ARGS = ("a lighthouse at dusk", "--size", "64x64", "--steps", "2", "-n", "2")
+# Older than either clean-up's rule: what a killed run left looks as it will minutes later.
+STALE_S = max(tiny.STALE_BUILD_S, STALE_TEMP_S) + 60
+
+
+def start(env: dict[str, str], out: Path, seed: int, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [*IMAGEGEN, "generate", *ARGS, "--seed", str(seed), "--out", str(out), "--json"]
+    with log.open("wb") as sink:
+        # Its own process group, so the kill reaches anything it started too.
+        return subprocess.Popen(
+            cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it finished just before
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(DEADLINE_S)
+
+
+def result(log: Path) -> dict[str, Any]:
+    """The one JSON object a finished run printed (the last line: warnings go first)."""
+    data: dict[str, Any] = json.loads(log.read_text().strip().splitlines()[-1])
+    return data
+
+
+def run_to_end(env: dict[str, str], out: Path, seed: int, log: Path) -> dict[str, Any]:
+    proc = start(env, out, seed, log)
+    assert proc.wait(DEADLINE_S) == 0, log.read_text()[-3000:]
+    return result(log)
+
+
+def build_folders(data_dir: Path) -> list[Path]:
+    prefixes = tuple(f".{name}-" for name in tiny.TINY_MODELS)
+    models = data_dir / "models"
+    return [p for p in models.iterdir() if p.name.startswith(prefixes)] if models.is_dir() else []
+
+
+def temp_files(data_dir: Path, out: Path, tmp: Path) -> list[Path]:
+    """Everything a killed run may leave that nothing refers to: build folders, atomic_write's
+    `.tmp-*` (cache objects, output files), the revision memo's `*.tmpPID`, files in TMPDIR.
+    (torch makes an empty torchinductor folder in TMPDIR on every run: folders alone are no
+    leak.)"""
+    found = build_folders(data_dir)
+    found += [p for p in [*data_dir.rglob("*"), *out.rglob("*")] if ".tmp" in p.name]
+    found += [p for p in tmp.rglob("*") if not p.is_dir()]
+    return found
+
+
+def backdate(paths: list[Path]) -> None:
+    then = time.time() - STALE_S
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+def cache_entries(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """key -> its images, read straight from the index (no clean-up runs on this path)."""
+    conn = sqlite3.connect(Settings(data_dir=data_dir).db_path)
+    try:
+        rows = conn.execute("SELECT key, meta FROM cache_entries").fetchall()
+    finally:
+        conn.close()
+    return {key: json.loads(meta)["images"] for key, meta in rows}
+
+
+def whole_png(data: bytes) -> bool:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decodes every row: a truncated file raises
+        return image.format == "PNG"
+
+
+def test_sigkill_at_random_points_leaves_a_consistent_data_dir(tmp_path: Path) -> None:
+    rng = Random(RNG_SEED)
+    data_dir = fresh_data_dir(tmp_path)  # no tiny models: the first run builds tiny-sdxl
+    out, tmp, logs = tmp_path / "out", tmp_path / "tmp", tmp_path / "logs"
+    for folder in (out, tmp, logs):
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env.update(IMAGEGEN_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TMPDIR=str(tmp))
+    history: list[str] = []
+    finished: dict[int, list[str]] = {}  # seed -> the sha256s a run that finished reported
+
+    # The first kill: while the build writes its temporary folder (the pipeline is made in
+    # memory first; saving it takes a fraction of a second).
+    began = time.monotonic()
+    proc = start(env, out, SEEDS[0], logs / "build.log")
+    while not build_folders(data_dir):
+        assert proc.poll() is None, (logs / "build.log").read_text()[-3000:]
+        assert time.monotonic() - began < DEADLINE_S, "the build never started"
+        time.sleep(0.005)
+    kill(proc)
+    assert build_folders(data_dir), "the kill came after the build finished"
+    history.append(f"build: killed after {time.monotonic() - began:.1f}s")
+    # How long a run lasts, for spreading the kill points over it: the import and build time
+    # to start with, then the length of the last run that finished.
+    span = 1.5 * (time.monotonic() - began)
+
+    for trial in range(TRIALS):
+        seed = SEEDS[trial % len(SEEDS)]
+        delay = rng.uniform(0.0, 1.25) * span
+        log = logs / f"trial-{trial}.log"
+        began = time.monotonic()
+        proc = start(env, out, seed, log)
+        try:
+            code = proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+            history.append(f"seed {seed}: killed after {delay:.1f}s")
+            continue
+        # A run that was not killed must work, whatever the kills before it left.
+        assert code == 0, (history, log.read_text()[-3000:])
+        span = time.monotonic() - began
+        finished[seed] = [img["sha256"] for img in result(log)["images"]]
+        history.append(f"seed {seed}: finished in {span:.1f}s")
+
+    # Minutes later, as far as the clean-up rules can tell; the next start-up clears it all.
+    left = temp_files(data_dir, out, tmp)
+    backdate(left)
+    before = cache_entries(data_dir)
+    hit_seed = next((images[0]["seed"] for images in before.values()), None)
+    if hit_seed is None:  # every run was killed before its result was stored
+        run_to_end(env, out, SEEDS[0], logs / "store.log")
+        before, hit_seed = cache_entries(data_dir), SEEDS[0]
+    history.append(f"left before the last start-up: {sorted(p.name for p in left)}")
+
+    again = run_to_end(env, out, hit_seed, logs / "hit.log")
+
+    (stored,) = [imgs for imgs in before.values() if imgs[0]["seed"] == hit_seed]
+    assert again["cached"] is True, history
+    assert [img["sha256"] for img in again["images"]] == [img["sha256"] for img in stored]
+    assert not temp_files(data_dir, out, tmp), history
+
+    # Every entry verifies: its images are there, hash to what the index says, and decode.
+    settings = Settings(data_dir=data_dir)
+    cache = ResultCache(settings.cache_dir, Database(settings.db_path), max_bytes=1 << 40)
+    for key, images in before.items():
+        entry = cache.get(key)  # None for a missing or corrupt image (and it drops the entry)
+        assert entry is not None, (key, history)
+        assert [img.sha256 for img in entry.images] == [img["sha256"] for img in images]
+        assert all(whole_png(img.data) for img in entry.images)
+    # A run that finished reported exactly what the cache holds for its request.
+    for seed, shas in finished.items():
+        assert any([img["sha256"] for img in imgs] == shas for imgs in before.values()), seed
+
+    # No truncated output: every PNG written decodes and hashes to the name it was given.
+    pngs = list(out.glob("*.png"))
+    assert pngs, history
+    for path in pngs:
+        data = path.read_bytes()
+        assert whole_png(data), path
+        assert hashlib.sha256(data).hexdigest().startswith(path.stem.rsplit("-", 1)[1]), path
+    print("\n".join(history))
