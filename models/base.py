@@ -346,6 +346,12 @@ class Backend(abc.ABC):
     def is_local(self) -> bool:
         return self.spec.is_local
 
+    def reproducible(self, params: GenerationParams) -> bool:
+        """Whether `params`, seed included, give the same pixels every time here: then an
+        identical request in flight is waited for rather than run again (single flight).
+        Local pipelines are; a hosted API only where it says it honours seeds."""
+        return self.is_local
+
     def resolve(self, params: GenerationParams) -> GenerationParams:
         """Fill in per-model defaults (steps, guidance, scheduler) and reject what this
         backend cannot take. Cheap: must not load weights."""

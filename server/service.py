@@ -32,6 +32,7 @@ from server.attempt import Attempt, PreparedRequest, Resolver
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
 from server.db import Database
+from server.flight import SingleFlight
 from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook
 from server.quality import QualityReport
@@ -77,6 +78,7 @@ class ImageService:
         self.registry = registry or BackendRegistry(settings, self.catalogue)
         self.router = Router(settings, self.catalogue, self.ledger)
         self.quotas = Quotas(self.ledger)
+        self.flights = SingleFlight()
         self.lora_library = LoraLibrary(
             settings.lora_dir, memo_dir=sources.digest_memo_dir(settings.data_dir)
         )
@@ -112,7 +114,7 @@ class ImageService:
                     attempt, hit = await asyncio.to_thread(
                         self._looked_up, candidate, params, request, request_id, started
                     )
-                result = hit if hit is not None else await self._run(attempt, events)
+                result = hit if hit is not None else await self._run_once(attempt, events)
             except errors.ServiceError as exc:
                 if not _next_model_may_serve(index, exc, chosen=params.model == "auto"):
                     raise
@@ -295,6 +297,17 @@ class ImageService:
             identity=identity,
             started=started,
             timings={"prepare_ms": _ms(started)},
+        )
+
+    async def _run_once(self, attempt: Attempt, events: Events) -> GenerationResult:
+        """`_run`, or for a seeded request its backend reproduces, a wait for the identical
+        request already running here and its result from the cache (server.flight)."""
+        if attempt.request.seed is None or not attempt.backend.reproducible(attempt.params):
+            return await self._run(attempt, events)
+        return await self.flights.run(
+            attempt.key,
+            lambda: self._run(attempt, events),
+            lambda: asyncio.to_thread(self._from_cache, attempt),
         )
 
     async def _run(self, attempt: Attempt, events: Events) -> GenerationResult:

@@ -103,6 +103,9 @@ class BFLBackend(HostedBackend):
     def edit_support(self) -> EditSupport:
         return edit_support(self.provider_model)
 
+    def reproducible(self, params: GenerationParams) -> bool:
+        return True  # BFL's seed fixes the image (its results are cached as deterministic)
+
     def resolve(self, params: GenerationParams) -> GenerationParams:
         if self.tunable:
             params = _with_defaults(

@@ -84,6 +84,10 @@ class StabilityBackend(HostedBackend):
     def identity_extra(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint}
 
+    def reproducible(self, params: GenerationParams) -> bool:
+        # Stability reads seed 0 as "random"; any other seed repeats its image.
+        return 0 not in params.image_seeds()
+
     def edit_support(self) -> EditSupport:
         return _EDITS[self.endpoint]
 
