@@ -54,7 +54,7 @@ def test_a_burst_past_the_queue_is_429_never_502(tmp_path: Path, tiny_models_dir
 def test_the_bound_counts_estimated_device_seconds_not_only_images(
     tmp_path: Path, tiny_models_dir: Path
 ) -> None:
-    """One 256x256 40-step request costs what 320 64x64 2-step ones do: with a bound of 3.5
+    """One 128x128 30-step request costs what 60 64x64 2-step ones do: with a bound of 3.5
     small requests' worth of device-seconds (local.max_queue_seconds, priced at the model's
     measured rate), exactly three small ones queue, the fourth is refused, and so is the big
     one, though the image bound (64) is far off. Alone in the queue, the big one is taken."""
@@ -64,7 +64,7 @@ def test_the_bound_counts_estimated_device_seconds_not_only_images(
         fresh_data_dir(tmp_path, tiny_models_dir), local={"batch_window_ms": 0}
     )
     small = {"prompt": "a small kite", "size": "64x64", "steps": 2}
-    big = {"prompt": "a big kite", "size": "256x256", "steps": 40}
+    big = {"prompt": "a big kite", "size": "128x128", "steps": 30}
     with live_server(settings) as server, server.client() as client:
         worker = server.service.registry.worker
         assert client.post("/v1/images/generations", json={**small, "seed": 0}).status_code == 200

@@ -86,21 +86,23 @@ def test_images_per_day_counts_generated_images_and_survives_a_restart(
 
 
 def test_usd_per_day_stops_a_key_before_its_cap(tmp_path: Path, tiny_models_dir: Path) -> None:
-    """At $3600 per GPU-hour a tiny image costs cents: once the model's rate is measured (by
-    another key's request), the key is served until what it has spent plus the next
-    request's estimate would pass its $0.25 cap, and never past it."""
-    cap = 0.25
+    """The model's rate is measured first (a run of another key, in the ledger); the GPU-hour
+    price is then set so one image costs about a quarter of the key's cap. The key is served
+    until what it has spent plus the next request's estimate would pass the cap, then 429
+    `quota_usd`; it can pass the cap only by what the last request cost over its estimate."""
+    cap = 1.0
+    data = fresh_data_dir(tmp_path, tiny_models_dir)
+    with live_server(tiny_settings(data)) as server, server.client() as client:
+        for seed in range(3):
+            assert client.post("/v1/images/generations", json={**SMALL, "seed": seed}).is_success
+        seconds = server.service.ledger.seconds_per_image("tiny-sdxl")
+    assert seconds is not None and seconds > 0
     keys = _keys({"key": "sk-usd", "name": "spender", "usd_per_day": cap})
-    settings = tiny_settings(
-        fresh_data_dir(tmp_path, tiny_models_dir),
-        api_keys=keys,
-        top={"cost": {"usd_per_gpu_hour": 3600.0}},
-    )
+    per_hour = cap / 4 / seconds * 3600
+    settings = tiny_settings(data, api_keys=keys, top={"cost": {"usd_per_gpu_hour": per_hour}})
     with live_server(settings) as server, server.client("sk-usd") as client:
-        with server.client("sk-plain") as other:
-            assert other.post("/v1/images/generations", json=SMALL).status_code == 200
         served = 0
-        for seed in range(40):
+        for seed in range(100, 140):
             response = client.post("/v1/images/generations", json={**SMALL, "seed": seed})
             if response.status_code != 200:
                 break
@@ -108,11 +110,11 @@ def test_usd_per_day_stops_a_key_before_its_cap(tmp_path: Path, tiny_models_dir:
         else:
             pytest.fail("the cap never stopped the key")
         _refused(response, "quota_usd")
-        assert "$0.25" in response.json()["error"]["message"]
-        rows = server.service.ledger.rows()
-        spent = sum(r["cost_usd"] for r in rows if r["caller"] == "key:spender")
-        assert served >= 1 and 0 < spent <= cap
-        assert len([r for r in rows if r["caller"] == "key:spender"]) == served
+        assert "$1.00" in response.json()["error"]["message"]
+        rows = [r for r in server.service.ledger.rows() if r["caller"] == "key:spender"]
+        spent = sum(r["cost_usd"] for r in rows)
+        assert served >= 1 and len(rows) == served
+        assert 0 < spent - rows[0]["cost_usd"] <= cap  # before the last one, within the cap
         with server.client("sk-plain") as other:
             assert other.post("/v1/images/generations", json=SMALL).status_code == 200
 

@@ -26,7 +26,7 @@ from tests.helpers_server import fresh_data_dir
 DEADLINE_S = 90
 # Many steps at a small size: seconds of device work on the tiny model, so the signal lands
 # while the job runs (the test waits for its progress events before sending it).
-SLOW = {"size": "64x64", "steps": 200}
+SLOW = {"size": "64x64", "steps": 80}
 
 
 def start_serve(data_dir: Path, tmp: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
