@@ -1,11 +1,14 @@
 """Fixtures for the e2e modules. A module whose server runs behind a WatchedRunner defines a
 module-scoped `watched` fixture (a `watched_server(...)`), and gets `server` and `device`. A
 module that reaches OpenAI gets `stub` (OpenAI's API on loopback) and `keyed` (a tiny-model
-server with an OpenAI key, sending to the stub)."""
+server with an OpenAI key, sending to the stub). `postgres` is a real PostgreSQL server for the
+session and `postgres_url` a fresh database in it for one test."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from tests.helpers_server import (
     live_server,
     tiny_settings,
 )
+from tests.postgres import PostgresServer, PostgresUnavailable, running_postgres
 from tests.stubs.common import require_specs
 from tests.stubs.fixtures import FAST, live
 from tests.stubs.openai_stub import OpenAIStub
@@ -52,3 +56,28 @@ def keyed(
     settings = tiny_settings(data, api_keys=[API_KEY], top={"providers": providers})
     with live_server(settings) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (tests/postgres.py). Where none can run the
+    tests that use it skip, saying why; under CI (CI=true, where scripts/setup installs it)
+    they fail instead, so that a missing install cannot pass as a green run."""
+    stack = ExitStack()
+    try:
+        server = stack.enter_context(running_postgres())
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the PostgreSQL tests: {exc}")
+        pytest.skip(str(exc))
+    with stack:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A new, empty database for this test alone (its URL), dropped after it."""
+    name = f"test_{os.urandom(6).hex()}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
