@@ -151,14 +151,10 @@ def one_request(url: str, work: Workload, timeout_s: float, into: list[Outcome])
         into.append(Outcome("lost", time.perf_counter() - started, error=repr(exc)))
 
 
-class Livez:
-    """/livez timed every LIVEZ_EVERY_S on one keep-alive connection, until stopped."""
+class Sampler:
+    """A thread that samples something until stopped (`_run` waits on `_stop`)."""
 
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port
-        self.latencies_ms: list[float] = []
-        self.failures: list[str] = []
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -168,6 +164,20 @@ class Livez:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Livez(Sampler):
+    """/livez timed every LIVEZ_EVERY_S on one keep-alive connection, until stopped."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port
+        self.latencies_ms: list[float] = []
+        self.failures: list[str] = []
 
     def _run(self) -> None:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
@@ -187,14 +197,13 @@ class Livez:
         conn.close()
 
 
-class Rss:
+class Rss(Sampler):
     """The server's resident set, read from /proc every RSS_EVERY_S while running."""
 
     def __init__(self, pid: int) -> None:
+        super().__init__()
         self.status = Path(f"/proc/{pid}/status")
         self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def read_mb(self) -> float:
         for line in self.status.read_text().splitlines():
@@ -203,13 +212,6 @@ class Rss:
                 self.peak_mb = max(self.peak_mb, mb)
                 return mb
         raise SystemExit(f"soak: no VmRSS in {self.status} (this needs Linux's /proc)")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.wait(RSS_EVERY_S):
