@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server import errors
 from server.ledger import Ledger, utc_day_start
@@ -60,7 +60,7 @@ class Hold:
     caller: str
     images: int
     usd: float
-    booked: bool = field(default=False)
+    booked: bool = False
 
 
 class Quotas:
