@@ -14,6 +14,7 @@ from server.cost import Estimate
 from server.quotas import Hold
 from server.request import ImageRequest
 from server.router import Candidate
+from server.store.claims import Claim
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Attempt:
     timings: dict[str, float] = field(default_factory=dict)
     # The caller's daily quotas held for this attempt while it runs (server.quotas).
     held: Hold | None = None
+    # The cross-process claim it runs under (server.flight.SharedFlight), if any.
+    claim: Claim | None = None
 
     @property
     def provider(self) -> str:

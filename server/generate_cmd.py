@@ -15,11 +15,11 @@ from typing import Any, cast, get_args
 
 from models.base import Events, InpaintArea
 from server import errors, pngmeta
-from server.cache import atomic_write
 from server.inputs import decode_inputs
 from server.request import LoraRequest, MaskConvention, ResizeMode
 from server.service import GenerationResult, ImageRequest, ImageService
 from server.settings import Settings
+from server.store.files import atomic_write
 
 _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 # The flag that sets each request field: an error about the field names the flag.

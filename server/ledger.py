@@ -1,5 +1,5 @@
-"""The cost ledger: one SQLite row per generated or cache-served request; the source of
-`imagegen stats` and GET /v1/stats."""
+"""The cost ledger: one row per generated or cache-served request (in the store's database,
+server/store/schema.py); the source of `imagegen stats`, GET /v1/stats, budgets and quotas."""
 
 from __future__ import annotations
 
@@ -10,33 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.db import Database
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    request_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    cached INTEGER NOT NULL,
-    images INTEGER NOT NULL,
-    seeds TEXT NOT NULL,
-    cost_usd REAL NOT NULL,
-    gpu_seconds REAL NOT NULL,
-    saved_usd REAL NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    tag TEXT
-);
-CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
-CREATE INDEX IF NOT EXISTS ledger_tag ON ledger (tag);
-"""
-# Who asked (server.quotas.Caller.id: "key:<name or digest>", "addr:<host>", "" in-process):
-# what per-key daily quotas sum. Added after the table first shipped; older databases gain it
-# on open (their rows have no caller).
-_CALLER = ("caller", "TEXT")
-_CALLER_INDEX = "CREATE INDEX IF NOT EXISTS ledger_caller ON ledger (caller, ts)"
+from server.store.sql import Database, Tx
 
 
 def utc_day_start(ts: float) -> float:
@@ -61,39 +35,46 @@ class LedgerRow:
     error: str | None = None
     # Free-form grouping (a batch run id), so a batch can be audited from the ledger.
     tag: str | None = None
+    # Who asked (server.quotas.Caller.id: "key:<name or digest>", "addr:<host>", "" in-process):
+    # what per-key daily quotas sum.
     caller: str = ""
+    # The claim a single-flight generation ran under ("<cache key>#<token>"): unique in the
+    # table, so one claimed generation can be billed once and only once.
+    claim: str | None = None
 
 
 class Ledger:
     def __init__(self, db: Database) -> None:
         self.db = db
-        db.executescript(_SCHEMA)
-        db.add_column("ledger", *_CALLER)
-        db.executescript(_CALLER_INDEX)
 
-    def record(self, row: LedgerRow) -> None:
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO ledger (ts, request_id, model, provider, cached, images, seeds, "
-                "cost_usd, gpu_seconds, saved_usd, status, error, tag, caller) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    time.time(),
-                    row.request_id,
-                    row.model,
-                    row.provider,
-                    int(row.cached),
-                    len(row.seeds),
-                    json.dumps(list(row.seeds)),
-                    row.cost_usd,
-                    row.gpu_seconds,
-                    row.saved_usd,
-                    row.status,
-                    row.error,
-                    row.tag,
-                    row.caller,
-                ),
-            )
+    def record(self, row: LedgerRow, tx: Tx | None = None) -> None:
+        """Write `row`, in `tx` where given (committed with whatever else it holds)."""
+        if tx is None:
+            with self.db.transaction() as own:
+                self.record(row, own)
+            return
+        tx.execute(
+            "INSERT INTO ledger (ts, request_id, model, provider, cached, images, seeds, "
+            "cost_usd, gpu_seconds, saved_usd, status, error, tag, caller, claim) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                time.time(),
+                row.request_id,
+                row.model,
+                row.provider,
+                int(row.cached),
+                len(row.seeds),
+                json.dumps(list(row.seeds)),
+                row.cost_usd,
+                row.gpu_seconds,
+                row.saved_usd,
+                row.status,
+                row.error,
+                row.tag,
+                row.caller,
+                row.claim,
+            ),
+        )
 
     def spent_since(self, since: float, provider: str | None = None) -> float:
         sql = "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM ledger WHERE ts >= ?"
@@ -126,7 +107,7 @@ class Ledger:
         rows = self.db.execute(
             "SELECT COALESCE(SUM(gpu_seconds), 0) AS seconds, COALESCE(SUM(images), 0) AS images "
             "FROM (SELECT gpu_seconds, images FROM ledger WHERE model = ? AND cached = 0 "
-            "AND status = 'ok' AND gpu_seconds > 0 ORDER BY id DESC LIMIT ?)",
+            "AND status = 'ok' AND gpu_seconds > 0 ORDER BY id DESC LIMIT ?) AS recent",
             (model, recent),
         )
         images = int(rows[0]["images"])
@@ -138,7 +119,7 @@ class Ledger:
         rows = self.db.execute(
             "SELECT COALESCE(SUM(cost_usd), 0) AS usd, COALESCE(SUM(images), 0) AS images "
             "FROM (SELECT cost_usd, images FROM ledger WHERE model = ? AND cached = 0 "
-            "AND status = 'ok' AND images > 0 ORDER BY id DESC LIMIT ?)",
+            "AND status = 'ok' AND images > 0 ORDER BY id DESC LIMIT ?) AS recent",
             (model, recent),
         )
         images = int(rows[0]["images"])
@@ -160,7 +141,7 @@ class Ledger:
             "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
             "COALESCE(SUM(gpu_seconds), 0) AS gpu_seconds, "
             "COALESCE(SUM(saved_usd), 0) AS saved_usd, "
-            "COALESCE(SUM(status != 'ok'), 0) AS failed FROM ledger"
+            "COALESCE(SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END), 0) AS failed FROM ledger"
         )[0]
         per_model = self.db.execute(
             "SELECT model, provider, COUNT(*) AS requests, SUM(images) AS images, "

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from models import base
@@ -31,8 +31,7 @@ from server import aliases, errors
 from server.attempt import Attempt, PreparedRequest, Resolver
 from server.cache import ResultCache, cache_key
 from server.cost import Costs, Estimate
-from server.db import Database
-from server.flight import SingleFlight
+from server.flight import SharedFlight, SingleFlight
 from server.ledger import Ledger, LedgerRow
 from server.presets import PresetBook
 from server.quality import QualityReport
@@ -49,7 +48,10 @@ from server.result import (
 )
 from server.router import Admission, Candidate, Router
 from server.sanitizer import Sanitizer
-from server.settings import Settings
+from server.settings import ConfigFileError, Settings
+from server.store import open_store
+from server.store.claims import Claim, Claims
+from server.store.sql import Tx
 
 __all__ = [
     "MAX_N",
@@ -71,14 +73,20 @@ class ImageService:
         self.catalogue = Catalogue.load(settings.models)
         self.presets = PresetBook.load(settings.presets)
         self.sanitizer = Sanitizer.default()
-        self.db = Database(settings.db_path)
-        self.cache = ResultCache(settings.cache_dir, self.db, max_bytes=settings.cache_max_bytes)
+        try:
+            self.store = open_store(settings)
+        except ValueError as exc:
+            raise ConfigFileError(str(exc)) from None
+        self.db = self.store.db
+        self.cache = ResultCache(self.store.blobs, self.db, max_bytes=settings.cache_max_bytes)
         self.ledger = Ledger(self.db)
         self.costs = Costs(settings.cost, self.ledger)
         self.registry = registry or BackendRegistry(settings, self.catalogue)
         self.router = Router(settings, self.catalogue, self.ledger)
         self.quotas = Quotas(self.ledger)
         self.flights = SingleFlight()
+        self.claims = Claims(self.db)
+        self.shared_flights = SharedFlight(self.claims)
         self.lora_library = LoraLibrary(
             settings.lora_dir, memo_dir=sources.digest_memo_dir(settings.data_dir)
         )
@@ -301,17 +309,27 @@ class ImageService:
 
     async def _run_once(self, attempt: Attempt, events: Events) -> GenerationResult:
         """`_run`, or for a seeded request its backend reproduces, a wait for the identical
-        request already running here and its result from the cache (server.flight)."""
+        request already running (in this process, or any other sharing the store) and its
+        result from the cache (server.flight)."""
         if attempt.request.seed is None or not attempt.backend.reproducible(attempt.params):
             return await self._run(attempt, events)
-        return await self.flights.run(
-            attempt.key,
-            lambda: self._run(attempt, events),
-            lambda: asyncio.to_thread(self._from_cache, attempt),
-        )
 
-    async def _run(self, attempt: Attempt, events: Events) -> GenerationResult:
-        """Run `attempt` on its backend (its cache lookup already missed)."""
+        def follow() -> Awaitable[GenerationResult | None]:
+            return asyncio.to_thread(self._from_cache, attempt)
+
+        def lead_here() -> Awaitable[GenerationResult]:
+            return self.shared_flights.run(
+                attempt.key, lambda claim: self._run(attempt, events, claim=claim), follow
+            )
+
+        return await self.flights.run(attempt.key, lead_here, follow)
+
+    async def _run(
+        self, attempt: Attempt, events: Events, *, claim: Claim | None = None
+    ) -> GenerationResult:
+        """Run `attempt` on its backend (its cache lookup already missed), publishing under
+        `claim` where it holds one."""
+        attempt.claim = claim
         backend, params = attempt.backend, attempt.params
         attempt.held = self._hold(attempt)
         try:
@@ -413,11 +431,39 @@ class ImageService:
         # The provider's own rewrite of the prompt where it reports one (OpenAI, a remote
         # imagegen); otherwise the prompt as expanded by the preset.
         revised = result.revised_prompt or params.prompt
-        if result.deterministic:
-            self.cache.put(
-                attempt.key,
-                [(img.data, img.seed, img.width, img.height, img.format) for img in images],
-                {
+        row = self._row(
+            attempt,
+            provider=result.provider,
+            seeds=[img.seed for img in images],
+            cost_usd=cost,
+            gpu_seconds=result.gpu_seconds,
+        )
+        claim = attempt.claim
+        stored = (
+            self.cache.write_objects(
+                [(img.data, img.seed, img.width, img.height, img.format) for img in images]
+            )
+            if result.deterministic
+            else None
+        )
+
+        def publish(tx: Tx) -> None:
+            # Under a claim: only its current holder books and publishes (FencedError
+            # otherwise), and the row's unique claim id makes a second bill unwritable.
+            if claim is not None:
+                self.claims.fence(tx, claim)
+                row_of_claim = dataclasses.replace(row, claim=claim.billing_id)
+                self.ledger.record(row_of_claim, tx)
+                self.claims.release(claim, tx)
+            else:
+                self.ledger.record(row, tx)
+
+        with self.quotas.booking(attempt.held):
+            if stored is None:
+                with self.db.transaction() as tx:
+                    publish(tx)
+            else:
+                meta = {
                     "model": params.model,
                     "provider": result.provider,
                     "revised_prompt": revised,
@@ -426,15 +472,8 @@ class ImageService:
                     "gpu_seconds": result.gpu_seconds,
                     "dropped_params": list(dropped),
                     "quality": [r.as_dict() for r in reports],
-                },
-            )
-        self._book(
-            attempt,
-            provider=result.provider,
-            seeds=[img.seed for img in images],
-            cost_usd=cost,
-            gpu_seconds=result.gpu_seconds,
-        )
+                }
+                self.cache.publish(attempt.key, stored, meta, also=publish)
         attempt.timings["total_ms"] = _ms(attempt.started)
         return GenerationResult(
             request_id=attempt.request_id,
@@ -501,9 +540,38 @@ class ImageService:
         status: str = "ok",
         error: str | None = None,
     ) -> None:
-        """The one place ledger rows are written: every row carries the request's id and
-        its caller (whose quota the row now counts in, in place of what the attempt held)."""
-        row = LedgerRow(
+        """Write a ledger row: the caller's quota counts it from now on, in place of what the
+        attempt held."""
+        row = self._row(
+            attempt,
+            provider=provider,
+            seeds=seeds,
+            cost_usd=cost_usd,
+            gpu_seconds=gpu_seconds,
+            cached=cached,
+            saved_usd=saved_usd,
+            status=status,
+            error=error,
+        )
+        with self.quotas.booking(attempt.held):
+            self.ledger.record(row)
+
+    @staticmethod
+    def _row(
+        attempt: Attempt,
+        *,
+        provider: str,
+        seeds: list[int | None],
+        cost_usd: float,
+        gpu_seconds: float,
+        cached: bool = False,
+        saved_usd: float = 0.0,
+        status: str = "ok",
+        error: str | None = None,
+    ) -> LedgerRow:
+        """The one place ledger rows are made: every row carries the request's id and its
+        caller."""
+        return LedgerRow(
             request_id=attempt.request_id,
             model=attempt.params.model,
             provider=provider,
@@ -517,8 +585,6 @@ class ImageService:
             tag=attempt.request.tag,
             caller=attempt.request.caller.id,
         )
-        with self.quotas.booking(attempt.held):
-            self.ledger.record(row)
 
     # -- the rest of the service ---------------------------------------------------------
 
@@ -565,9 +631,7 @@ class ImageService:
         (a provider that ignores seeds) are stored under an entry of their own, evicted like
         any other."""
         cache = self.cache
-        missing = [
-            img for img in result.images if not cache.object_path(img.sha256, img.format).is_file()
-        ]
+        missing = [img for img in result.images if not cache.has_object(img.sha256, img.format)]
         if missing:
             cache.put(
                 "files:" + result.request_id,

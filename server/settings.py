@@ -147,6 +147,26 @@ class ApiKeySettings(Section):
     usd_per_day: float | None = Field(default=None, gt=0)
 
 
+class StoreSettings(Section):
+    """Where the cache index, ledger, jobs and claims live: unset for SQLite in the data
+    directory; `postgresql://USER:PASSWORD@HOST:PORT/DATABASE` for one PostgreSQL shared by
+    every replica (needs `imagegen[cluster]`)."""
+
+    url: SecretStr | None = None
+
+
+class BlobSettings(Section):
+    """Where image bytes and batch folders live: unset for the data directory; or
+    `s3://BUCKET/PREFIX` on any S3-API store. Credentials unset use the AWS environment
+    (AWS_* variables, a profile, the machine's role)."""
+
+    url: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+
 class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -257,6 +277,8 @@ class Settings(BaseSettings):
     cost: CostSettings = Field(default_factory=CostSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    blobs: BlobSettings = Field(default_factory=BlobSettings)
     # The user's own catalogue entries: [[models]] name, kind, source, defaults.
     models: list[dict[str, Any]] = Field(default_factory=list)
     # Hosted providers, by provider id: {api_key, base_url, timeout_s, ...} (see README),

@@ -24,7 +24,7 @@ from server.batch.manifest import (
     read_entries,
     read_lines,
 )
-from server.cache import atomic_write
+from server.store.files import atomic_write
 
 SEEDS_NAME = "seeds.jsonl"
 STATE_NAME = "batch.json"

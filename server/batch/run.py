@@ -32,7 +32,6 @@ from server.batch.errors import BatchError
 from server.batch.folder import BatchFolder
 from server.batch.manifest import ManifestEntry
 from server.batch.rows import BatchRow, pending_rows
-from server.cache import atomic_write
 from server.quotas import Caller
 from server.service import (
     MAX_N,
@@ -42,6 +41,7 @@ from server.service import (
     ImageService,
     PreparedRequest,
 )
+from server.store.files import atomic_write
 
 log = logging.getLogger(__name__)
 

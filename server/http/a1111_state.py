@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.base import Events
-from server.db import Database
 from server.http import previews
 from server.http.a1111_store import DefaultModels
+from server.store.sql import Database
 
 
 @dataclass(eq=False)

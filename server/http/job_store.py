@@ -1,4 +1,4 @@
-"""Job records in the service's SQLite database: finished jobs outlive a restart, and in-flight
+"""Job records in the store's database: finished jobs outlive a restart, and in-flight
 ones a previous process left behind read as interrupted, never stuck. Image jobs and batches
 share the table (`kind`)."""
 
@@ -8,38 +8,20 @@ import json
 import time
 from typing import Any, Literal
 
-from server.db import Database
 from server.http.protocol import ImageGenerationRequest, Job, JobProgress, JobStatus
+from server.store.sql import Database
 
 INTERRUPTED = "interrupted by a server restart"
 # Finished jobs (their results hold the images) are dropped at start-up after this long.
 RETENTION_S = 7 * 24 * 3600
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    status TEXT NOT NULL,
-    request TEXT NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total INTEGER NOT NULL DEFAULT 0,
-    result TEXT,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
-"""
-# What a job is ("image": POST /v1/jobs; "batch": POST /v1/batches). Added after the table
-# first shipped, so older databases gain it on open.
-_KIND = ("kind", "TEXT NOT NULL DEFAULT 'image'")
+# What a job is (the `kind` column): "image" (POST /v1/jobs) or "batch" (POST /v1/batches).
 OBJECT_BY_KIND: dict[str, Literal["image.job", "batch"]] = {"image": "image.job", "batch": "batch"}
 
 
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        db.executescript(_SCHEMA)
-        db.add_column("jobs", *_KIND)
 
     def recover(self) -> int:
         """Jobs a previous process left queued or running will never finish: mark them."""

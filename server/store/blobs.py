@@ -11,12 +11,13 @@ import logging
 import mimetypes
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from server.cache import atomic_write
+from server.store.files import atomic_write
 
 if TYPE_CHECKING:
     from botocore.exceptions import BotoCoreError, ClientError
@@ -37,6 +38,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # S3 bucket names (the common rules of AWS, R2, Ceph and friends).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
+# A temp file older than this is a killed write's: a live one is renamed within milliseconds,
+# so another process writing into the same folder is never this old.
+STALE_TEMP_S = 10 * 60
 CONNECT_TIMEOUT_S = 5.0
 # A whole object is read in one response; 30 s covers a large batch zip on a slow link.
 READ_TIMEOUT_S = 30.0
@@ -117,10 +121,22 @@ def content_addressed(key: str, data: bytes) -> bool:
 
 class FileBlobs:
     """Objects as files under `root`, key `a/b/c` at `root/a/b/c`: with `root` the result
-    cache's folder, `objects/ab/<sha>.png` is exactly the file ResultCache.object_path names."""
+    cache's folder, `objects/ab/<sha>.png` is exactly the file layout the cache always had."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        """A process killed inside atomic_write leaves its temp file, which no key names."""
+        cutoff = time.time() - STALE_TEMP_S
+        for pattern in (".tmp-*", "*/.tmp-*", "*/*/.tmp-*"):
+            for path in self.root.glob(pattern):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                except OSError:
+                    pass  # renamed or removed meanwhile by the process that wrote it
 
     def __repr__(self) -> str:
         return f"FileBlobs({str(self.root)!r})"

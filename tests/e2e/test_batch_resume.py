@@ -18,8 +18,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from server.batch import MANIFEST_NAME, STATE_NAME, read_manifest
-from server.db import Database
 from server.ledger import Ledger
+from server.store.sql import open_database
 
 ROWS = 200
 CLI = [sys.executable, "-c", "from server.cli import main; main()", "batch"]
@@ -94,7 +94,7 @@ def test_killed_twice_then_resumed_runs_every_row_exactly_once(
 
     # From the ledger: no seed was generated twice, and every row's seed was served.
     tag = json.loads((out / STATE_NAME).read_text())["batch_id"]
-    db = Database(data_dir / "imagegen.sqlite3")
+    db = open_database(None, path=data_dir / "imagegen.sqlite3")
     try:
         rows = Ledger(db).rows(tag=tag, limit=100_000)
     finally:

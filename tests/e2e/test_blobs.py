@@ -212,16 +212,16 @@ def test_a_reader_never_sees_a_partial_object(store: BlobStore) -> None:
 def test_file_layout_is_the_result_caches(tmp_path: Path) -> None:
     """FileBlobs over the cache's folder reads and writes exactly the cache's object files,
     so the cache can move onto it without moving a file."""
-    from server.cache import ResultCache
-    from server.db import Database
+    from server.cache import ResultCache, object_key
+    from server.store.sql import open_database
 
     root = tmp_path / "cache"
-    cache = ResultCache(root, Database(tmp_path / "index.sqlite"), max_bytes=10**9)
     blobs = FileBlobs(root)
+    cache = ResultCache(blobs, open_database(None, path=tmp_path / "index.sqlite"), max_bytes=10**9)
     data = os.urandom(5_000)
     sha = cache.put("k", [(data, 1, 8, 8, "png")], {})[0]
     key = sha_key(data)
-    assert root / key == cache.object_path(sha, "png")
+    assert key == object_key(sha, "png")
     assert blobs.get(key) == data
     other = os.urandom(5_000)
     blobs.put(sha_key(other, "webp"), other)

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import sqlite3
 import time
 import zipfile
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from server.db import Database
 from server.http.job_store import JobStore
+from server.store.sql import open_database
 from tests.helpers_server import (
     API_KEY,
     LiveServer,
@@ -342,22 +343,28 @@ def test_unauthenticated_requests_are_refused(server: LiveServer) -> None:
 
 
 def test_a_jobs_table_from_before_batches_gains_the_kind_column(tmp_path: Path) -> None:
-    db = Database(tmp_path / "old.sqlite3")
-    try:
-        db.executescript(
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as old_db:
+        old_db.executescript(
             "CREATE TABLE jobs (id TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT "
             "NULL, status TEXT NOT NULL, request TEXT NOT NULL, step INTEGER NOT NULL DEFAULT "
             "0, total INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT);"
             "INSERT INTO jobs (id, created, updated, status, request) "
             "VALUES ('job_old', 1, 1, 'succeeded', '{}');"
         )
+    db = open_database(None, path=path)
+    try:
         store = JobStore(db)
         old = store.get("job_old")
         assert old is not None and old.object == "image.job"
         assert store.request_of("job_old") == ("image", {})
-        JobStore(db)  # opening it again changes nothing
     finally:
         db.close()
+    again = open_database(None, path=path)  # opening it again changes nothing
+    try:
+        assert JobStore(again).get("job_old") == old
+    finally:
+        again.close()
 
 
 def test_batches_survive_a_restart(tmp_path: Path, tiny_models_dir: Path) -> None:

@@ -23,9 +23,10 @@ from typing import Any
 from PIL import Image
 
 from models.local import tiny
-from server.cache import STALE_TEMP_S, ResultCache
-from server.db import Database
+from server.cache import ResultCache
 from server.settings import Settings
+from server.store.blobs import STALE_TEMP_S, FileBlobs
+from server.store.sql import open_database
 from tests.helpers_server import fresh_data_dir
 
 IMAGEGEN = [sys.executable, "-m", "server.cli"]
@@ -170,7 +171,11 @@ def test_sigkill_at_random_points_leaves_a_consistent_data_dir(tmp_path: Path) -
 
     # Every entry verifies: its images are there, hash to what the index says, and decode.
     settings = Settings(data_dir=data_dir)
-    cache = ResultCache(settings.cache_dir, Database(settings.db_path), max_bytes=1 << 40)
+    cache = ResultCache(
+        FileBlobs(settings.cache_dir),
+        open_database(None, path=settings.db_path),
+        max_bytes=1 << 40,
+    )
     for key, images in before.items():
         entry = cache.get(key)  # None for a missing or corrupt image (and it drops the entry)
         assert entry is not None, (key, history)

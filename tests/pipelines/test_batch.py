@@ -49,12 +49,12 @@ from server.batch import (
     rows_from_objects,
     run_batch,
 )
-from server.db import Database
 from server.ledger import Ledger, LedgerRow
 from server.quality import hamming
 from server.registry import BackendRegistry
 from server.service import ImageRequest, ImageService
 from server.settings import Settings
+from server.store.sql import open_database
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -63,7 +63,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def ledger_rows(settings: Settings, tag: str) -> list[dict[str, Any]]:
-    db = Database(settings.db_path)
+    db = open_database(None, path=settings.db_path)
     try:
         return Ledger(db).rows(tag=tag, limit=100_000)
     finally:
@@ -443,7 +443,7 @@ def test_dry_run_projects_cost_per_provider_and_spends_nothing(
         "provider_model": "dall-e-3",
     }
     settings = Settings(data_dir=data_dir, cost={"usd_per_gpu_hour": 36.0}, models=[hosted])
-    db = Database(settings.db_path)
+    db = open_database(None, path=settings.db_path)
     # A past run measured 1.5 s per image on tiny-sdxl: at $36/GPU-hour that is $0.015.
     Ledger(db).record(
         LedgerRow(
@@ -481,7 +481,7 @@ def test_dry_run_projects_cost_per_provider_and_spends_nothing(
         per_request = prepared.estimate.usd
     finally:
         service.close()
-    db = Database(settings.db_path)
+    db = open_database(None, path=settings.db_path)
     try:
         assert len(Ledger(db).rows()) == 1  # nothing ran
     finally:

@@ -17,6 +17,7 @@ from PIL import Image
 from models.base import NO_EVENTS, Backend
 from models.catalogue import Catalogue
 from server import errors
+from server.cache import object_key
 from server.registry import BackendRegistry
 from server.service import GenerationResult, ImageRequest, ImageService
 from server.settings import Settings
@@ -142,8 +143,10 @@ def test_negative_prompt_is_never_blocked(service: ImageService) -> None:
 
 def test_corrupted_cache_file_is_detected_and_regenerated(service: ImageService) -> None:
     first = run(service, prompt="a windmill", seed=11)
-    path = service.cache.object_path(first.images[0].sha256)
+    sha = first.images[0].sha256
+    path = service.settings.cache_dir / object_key(sha)
     path.write_bytes(path.read_bytes()[:-20] + b"\0" * 20)
+    service.cache.recent.discard(sha)  # as in a fresh process: the read goes to the file
     again = run(service, prompt="a windmill", seed=11)
     assert not again.cached  # never served from a damaged file
     assert again.images[0].data == first.images[0].data

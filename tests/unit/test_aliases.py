@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from models.catalogue import Catalogue
 from server import errors
 from server.aliases import AliasTable, listing
-from server.db import Database
 from server.ledger import Ledger
 from server.router import Router
 from server.settings import Settings
+from server.store.sql import open_database
 
 CLIENT_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 KEYED = {"openai": {"api_key": "k"}}
@@ -23,7 +23,9 @@ KEYED = {"openai": {"api_key": "k"}}
 
 def make_router(tmp_path: Path, **overrides: Any) -> Router:
     settings = Settings(data_dir=tmp_path, **overrides)
-    return Router(settings, Catalogue.load(settings.models), Ledger(Database(tmp_path / "db")))
+    return Router(
+        settings, Catalogue.load(settings.models), Ledger(open_database(None, path=tmp_path / "db"))
+    )
 
 
 def test_the_builtin_table_names_every_client_name_and_who_wins() -> None:

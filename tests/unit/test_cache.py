@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.base import GenerationParams, InputImage, LoraRef
-from server.cache import STALE_TEMP_S, ResultCache, atomic_write, cache_key
-from server.db import Database
+from server.cache import ResultCache, cache_key, object_key
+from server.store.blobs import STALE_TEMP_S, FileBlobs
+from server.store.files import atomic_write
+from server.store.sql import open_database
 
 BASE: dict[str, Any] = {
     "prompt": "a fox",
@@ -123,7 +125,14 @@ def test_same_request_always_same_key(a: dict[str, Any]) -> None:
 
 @pytest.fixture
 def cache(tmp_path: Path) -> ResultCache:
-    return ResultCache(tmp_path / "cache", Database(tmp_path / "db.sqlite3"), max_bytes=1000)
+    # No memory copy: these tests damage the files and check what a read makes of them.
+    db = open_database(None, path=tmp_path / "db.sqlite3")
+    return ResultCache(FileBlobs(tmp_path / "cache"), db, max_bytes=1000, memory_bytes=0)
+
+
+def _path(cache: ResultCache, sha256: str) -> Path:
+    assert isinstance(cache.blobs, FileBlobs)
+    return cache.blobs.root / object_key(sha256)
 
 
 def _img(data: bytes, seed: int = 1) -> tuple[bytes, int, int, int, str]:
@@ -133,11 +142,11 @@ def _img(data: bytes, seed: int = 1) -> tuple[bytes, int, int, int, str]:
 def test_objects_are_content_addressed_and_verified(cache: ResultCache) -> None:
     [sha] = cache.put("k1", [_img(b"hello")], {"cost_usd": 0.1})
     assert sha == hashlib.sha256(b"hello").hexdigest()
-    assert cache.object_path(sha).read_bytes() == b"hello"
+    assert _path(cache, sha).read_bytes() == b"hello"
     entry = cache.get("k1")
     assert entry is not None and entry.images[0].data == b"hello"
     assert entry.meta["cost_usd"] == 0.1
-    cache.object_path(sha).write_bytes(b"jello")
+    _path(cache, sha).write_bytes(b"jello")
     assert cache.get("k1") is None  # dropped, not served
     assert cache.get("k1") is None
     assert cache.read_object(sha) is None
@@ -145,7 +154,7 @@ def test_objects_are_content_addressed_and_verified(cache: ResultCache) -> None:
 
 def test_missing_object_drops_the_entry(cache: ResultCache) -> None:
     [sha] = cache.put("k1", [_img(b"hello")], {})
-    cache.object_path(sha).unlink()
+    _path(cache, sha).unlink()
     assert cache.get("k1") is None
 
 
@@ -157,7 +166,7 @@ def test_lru_eviction_keeps_under_the_byte_cap(cache: ResultCache) -> None:
     assert cache.total_bytes() <= 1000
     assert cache.get("b") is None
     assert cache.get("a") is not None and cache.get("c") is not None
-    assert not cache.object_path(hashlib.sha256(b"b" * 400).hexdigest()).exists()
+    assert not _path(cache, hashlib.sha256(b"b" * 400).hexdigest()).exists()
 
 
 def test_shared_object_survives_eviction_of_one_entry(cache: ResultCache) -> None:
@@ -181,8 +190,8 @@ def test_interrupted_write_leaves_nothing_servable(
     monkeypatch.undo()
     assert cache.get("k") is None
     sha = hashlib.sha256(b"partial").hexdigest()
-    assert not cache.object_path(sha).exists()
-    assert not list(cache.objects.rglob(".tmp-*"))
+    assert not _path(cache, sha).exists()
+    assert not list((cache.blobs.root / "objects").rglob(".tmp-*"))  # type: ignore[attr-defined]
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
@@ -246,17 +255,17 @@ def test_a_different_init_image_or_mask_is_a_miss() -> None:
 def test_start_up_removes_stale_temp_files_of_killed_writes(tmp_path: Path) -> None:
     """A write killed before its rename leaves a temp file; the next start-up removes it once
     it is stale, and keeps one another process may still be writing."""
-    db = Database(tmp_path / "db.sqlite3")
-    cache = ResultCache(tmp_path / "cache", db, max_bytes=10**6)
+    db = open_database(None, path=tmp_path / "db.sqlite3")
+    cache = ResultCache(FileBlobs(tmp_path / "cache"), db, max_bytes=10**6)
     cache.put("k", [_img(b"whole")], {})
-    folder = cache.object_path(hashlib.sha256(b"whole").hexdigest()).parent
+    folder = _path(cache, hashlib.sha256(b"whole").hexdigest()).parent
     stale, fresh = folder / ".tmp-killed", folder / ".tmp-writing"
     stale.write_bytes(b"half")
     fresh.write_bytes(b"half")
     then = os.stat(stale).st_mtime - STALE_TEMP_S - 60
     os.utime(stale, (then, then))
 
-    again = ResultCache(tmp_path / "cache", db, max_bytes=10**6)
+    again = ResultCache(FileBlobs(tmp_path / "cache"), db, max_bytes=10**6)
 
     assert not stale.exists() and fresh.exists()
     entry = again.get("k")

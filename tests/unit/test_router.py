@@ -9,11 +9,11 @@ import pytest
 
 from models.catalogue import Catalogue
 from server import errors
-from server.db import Database
 from server.http.errors import status_of
 from server.ledger import Ledger, LedgerRow
 from server.router import CircuitBreaker, Router
 from server.settings import Settings
+from server.store.sql import open_database
 
 HOSTED = [
     {"name": "h-openai", "kind": "openai", "source": "openai", "provider_model": "gpt-image-2"},
@@ -24,7 +24,7 @@ HOSTED = [
 def make_router(tmp_path: Path, **overrides: Any) -> Router:
     overrides["models"] = [*HOSTED, *overrides.get("models", [])]
     settings = Settings(data_dir=tmp_path, **overrides)
-    ledger = Ledger(Database(tmp_path / "db.sqlite3"))
+    ledger = Ledger(open_database(None, path=tmp_path / "db.sqlite3"))
     return Router(settings, Catalogue.load(settings.models), ledger)
 
 
@@ -156,7 +156,9 @@ def test_the_users_own_catalogue_decides_what_is_retired_and_what_serves_it(
         models=own,
         providers={"openai": {"api_key": "k", "map_retired_to_replacement": True}},
     )
-    router = Router(settings, Catalogue.load(settings.models), Ledger(Database(tmp_path / "d")))
+    router = Router(
+        settings, Catalogue.load(settings.models), Ledger(open_database(None, path=tmp_path / "d"))
+    )
     (served,) = router.plan("dall-e-3", local_only=False)
     assert served.spec.provider_model == "gi2-eu"
     (kept,) = router.plan("gpt-image-1", local_only=False)
