@@ -22,6 +22,7 @@ from tests.helpers_server import (
     tiny_settings,
 )
 from tests.postgres import PostgresServer, PostgresUnavailable, running_postgres
+from tests.s3 import running_s3
 from tests.stubs.common import require_specs
 from tests.stubs.fixtures import FAST, live
 from tests.stubs.openai_stub import OpenAIStub
@@ -72,6 +73,14 @@ def postgres() -> Iterator[PostgresServer]:
         pytest.skip(str(exc))
     with stack:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-speaking server on loopback (moto in server mode, tests/s3.py) with the
+    bucket tests.s3.BUCKET; tests keep apart by key prefix."""
+    with running_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

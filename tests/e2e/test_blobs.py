@@ -19,28 +19,14 @@ import pytest
 
 from server.store.blobs import BlobStore, BlobStoreError, FileBlobs, S3Blobs, blobs_from_url
 from tests.conftest import REPO
+from tests.s3 import BUCKET, CREDENTIALS
 
-BUCKET = "imagegen-test"
-CREDENTIALS = {"region": "us-east-1", "access_key_id": "testing", "secret_access_key": "testing"}
 _prefixes = itertools.count()
 
 
 def sha_key(data: bytes, ext: str = "png") -> str:
     sha = hashlib.sha256(data).hexdigest()
     return f"objects/{sha[:2]}/{sha}.{ext}"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    S3Blobs(BUCKET, endpoint_url=endpoint, **CREDENTIALS)._client.create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
 
 
 def s3_store(endpoint: str, prefix: str | None = None) -> S3Blobs:
