@@ -85,7 +85,7 @@ class ImageService:
         self.router = Router(settings, self.catalogue, self.ledger)
         self.quotas = Quotas(self.ledger)
         self.flights = SingleFlight()
-        self.claims = Claims(self.db)
+        self.claims = Claims(self.db, lease_s=settings.store.claim_lease_s)
         self.shared_flights = SharedFlight(self.claims)
         self.lora_library = LoraLibrary(
             settings.lora_dir, memo_dir=sources.digest_memo_dir(settings.data_dir)

@@ -153,6 +153,9 @@ class StoreSettings(Section):
     every replica (needs `imagegen[cluster]`)."""
 
     url: SecretStr | None = None
+    # How long a replica's claim on a cache key (it is generating it) holds without its
+    # heartbeat (every third of it): how soon waiters take over from a replica that died.
+    claim_lease_s: float = Field(default=30.0, ge=1.0, le=3600.0)
 
 
 class BlobSettings(Section):
