@@ -161,13 +161,15 @@ class SqliteDatabase:
             self._conn.close()
 
 
-def open_database(url: str | None, *, path: Path) -> Database:
+def open_database(url: str | None, *, path: Path | None = None) -> Database:
     """The database `store.url` names: unset for SQLite at `path`, `postgresql://...` for a
     shared PostgreSQL (psycopg is imported only then). Migrations run before it is returned."""
     from server.store import schema
 
     db: Database
     if not url:
+        if path is None:
+            raise ValueError("an SQLite store needs the path of its file")
         db = SqliteDatabase(path)
     else:
         from server.store.postgres import PostgresDatabase
