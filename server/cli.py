@@ -405,6 +405,34 @@ def stats(
 
 
 @app.command()
+def migrate(config: ConfigOpt = None) -> None:
+    """Bring the store's schema (store.url, or the data directory's SQLite file) up to this
+    version. Every start does the same; this is for doing it first, or on its own."""
+    settings = load_settings_or_exit(config)
+
+    def go() -> None:
+        from server.store import schema
+        from server.store.sql import open_database
+
+        url = settings.store.url
+        try:
+            db = open_database(
+                url.get_secret_value() if url else None, path=settings.db_path, migrate=False
+            )
+        except ValueError as exc:
+            fail(str(exc), 2)
+        try:
+            done = schema.migrate(db)
+            have = schema.applied(db)
+        finally:
+            db.close()
+        now = f"applied {', '.join(map(str, done))}" if done else "nothing to apply"
+        typer.echo(f"store {db!r}: schema version {have[-1]} ({now})")
+
+    run_guarded(go)
+
+
+@app.command()
 def serve(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="Load at start (repeatable).")

@@ -666,6 +666,12 @@ class ImageService:
             for lora in self.lora_library.list()
         ]
 
+    def maintain(self) -> int:
+        """Housekeeping that one replica at a time does (the store's locks decide which):
+        image objects no cache entry names, left by a process killed mid-publish. Returns
+        how many were removed. Blocking."""
+        return self.cache.sweep()
+
     def stats(self) -> dict[str, Any]:
         return {
             **self.ledger.stats(),

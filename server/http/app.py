@@ -41,6 +41,9 @@ from server.service import ImageService
 from server.settings import Settings
 
 log = logging.getLogger("server.http")
+# How often the store's housekeeping runs (the cache's orphan sweep): its grace period, so an
+# orphan lives at most about twice that.
+MAINTAIN_S = 10 * 60
 
 
 def create_app(settings: Settings, service: ImageService | None = None) -> FastAPI:
@@ -78,12 +81,14 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
         state.jobs.start()
         state.batches.prune()
         loading = asyncio.create_task(_load_and_warm(state), name="imagegen-load-models")
+        upkeep = asyncio.create_task(_maintain(state), name="imagegen-maintain")
         try:
             yield
         finally:
             readiness.draining = True
             loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            upkeep.cancel()
+            await asyncio.gather(loading, upkeep, return_exceptions=True)
             await state.jobs.aclose()
             if state.owns_service:
                 await state.service.aclose()
@@ -129,6 +134,19 @@ def create_app(settings: Settings, service: ImageService | None = None) -> FastA
     # Outermost: every response, a preflight or a 401 included, carries the headers.
     app.add_middleware(SecurityHeadersMiddleware)
     return app
+
+
+async def _maintain(state: AppState) -> None:
+    """The service's housekeeping at start and every MAINTAIN_S after (server.service
+    ImageService.maintain); a failure is logged and tried again next time."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(state.service.maintain)
+            if removed:
+                log.info("removed %d unreferenced cache object(s)", removed)
+        except Exception:
+            log.exception("store housekeeping failed; it runs again in %d s", MAINTAIN_S)
+        await asyncio.sleep(MAINTAIN_S)
 
 
 async def _load_and_warm(state: AppState) -> None:

@@ -79,6 +79,16 @@ class PostgresDatabase:
             ) from None
         self._url = url
         self._psycopg = psycopg
+        # One plain connection first: a wrong address or password fails now, with the
+        # server's own reason, rather than as the pool's timeout after retries.
+        try:
+            psycopg.connect(url, connect_timeout=int(CONNECT_TIMEOUT_S)).close()
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"cannot connect to {shown(url)}: {reason}; check store.url and that the "
+                "server is running and reachable"
+            ) from None
         # Any: the pool is typed for tuple rows; its connections make dict rows (kwargs).
         self.pool: Any = ConnectionPool(
             url,

@@ -161,9 +161,10 @@ class SqliteDatabase:
             self._conn.close()
 
 
-def open_database(url: str | None, *, path: Path | None = None) -> Database:
+def open_database(url: str | None, *, path: Path | None = None, migrate: bool = True) -> Database:
     """The database `store.url` names: unset for SQLite at `path`, `postgresql://...` for a
-    shared PostgreSQL (psycopg is imported only then). Migrations run before it is returned."""
+    shared PostgreSQL (psycopg is imported only then). Migrations run before it is returned
+    (unless `migrate` is false: `imagegen migrate` runs them itself, to report them)."""
     from server.store import schema
 
     db: Database
@@ -176,7 +177,8 @@ def open_database(url: str | None, *, path: Path | None = None) -> Database:
 
         db = PostgresDatabase(url)
     try:
-        schema.migrate(db)
+        if migrate:
+            schema.migrate(db)
     except BaseException:
         db.close()
         raise

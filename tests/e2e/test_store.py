@@ -262,3 +262,49 @@ def test_a_waiter_learns_of_the_release_and_its_failure(db: Database) -> None:
 
     released = asyncio.run(wait_and_release())
     assert getattr(released, "failure", None) == {"kind": "invalid"}
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_imagegen_migrate_reports_and_is_idempotent(
+    engine: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    monkeypatch.setenv("IMAGEGEN_DATA_DIR", str(tmp_path / "data"))
+    if engine is not None:
+        monkeypatch.setenv("IMAGEGEN_STORE__URL", engine)
+    first = CliRunner().invoke(app, ["migrate"])
+    assert first.exit_code == 0, first.output
+    assert f"schema version {schema.LATEST} (applied 1, 2)" in first.output
+    again = CliRunner().invoke(app, ["migrate"])
+    assert "(nothing to apply)" in again.output
+    assert "secret" not in first.output + again.output
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://u:secret@127.0.0.1/db", "store.url must be a postgresql://"),
+        (
+            "postgresql://u:secret@127.0.0.1:1/db",
+            "cannot connect to postgresql://u@127.0.0.1:1/db:",
+        ),
+    ],
+)
+def test_a_bad_store_url_is_one_clear_line_without_the_password(
+    url: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    monkeypatch.setenv("IMAGEGEN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("IMAGEGEN_STORE__URL", url)
+    result = CliRunner().invoke(app, ["migrate"])
+    assert result.exit_code == 2
+    assert says in result.output
+    assert "secret" not in result.output
