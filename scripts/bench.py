@@ -21,6 +21,12 @@ The "lora" figure (local runs only): on the same tiny model in one process, the 
 between two loaded LoRA adapters (set_adapters, what a request with another LoRA costs) against
 the time to load the model (what reloading the base would cost), median of several each.
 
+The "shared_store" figure (local runs only): cache-hit latency over HTTP of a server on the
+single-box store (SQLite + files) and of one on the shared store (a PostgreSQL started here
+with its durable defaults, fsync on, and an S3 bucket on a moto server), both running, measured
+in alternating rounds in one run; `added_p50_ms` is the difference of the medians (target <=
+3 ms). It needs PostgreSQL's server binaries (scripts/setup installs them) and moto.
+
 Both sides run in fresh processes, several times over (--trials): two processes running the
 very same pipeline differ by up to about 5% for as long as they live (memory layout, thread
 placement), as much as the margin being measured, so one pair of processes decides nothing.
@@ -53,7 +59,13 @@ WIDTH = HEIGHT = 64
 STEPS = 4
 GUIDANCE = 5.0
 SCHEDULER = "euler"
-TARGETS = {"overhead_ratio": 0.95, "batching_gain": 1.4, "cache_hit_p50_ms": 10.0}
+TARGETS = {
+    "overhead_ratio": 0.95,
+    "batching_gain": 1.4,
+    "cache_hit_p50_ms": 10.0,
+    "shared_store_added_p50_ms": 3.0,
+}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _body(
@@ -472,6 +484,53 @@ class Client:
         return statistics.median(latencies), p99
 
 
+# -- the shared store ------------------------------------------------------------------------
+
+
+def store_figure(scratch: Path, requests: int, rounds: int = 5) -> dict[str, Any] | None:
+    """Cache hits on SQLite + files and on PostgreSQL + S3, in alternating rounds."""
+    sys.path.insert(0, str(ROOT))  # the test harness starts PostgreSQL and moto
+    from tests.postgres import PostgresUnavailable, running_postgres
+    from tests.s3 import BUCKET, CREDENTIALS, running_s3
+
+    try:
+        with running_postgres(durable=True) as postgres, running_s3() as endpoint:
+            shared_env = {
+                "IMAGEGEN_STORE__URL": postgres.url,
+                "IMAGEGEN_BLOBS__URL": f"s3://{BUCKET}/bench",
+                "IMAGEGEN_BLOBS__ENDPOINT_URL": endpoint,
+                "IMAGEGEN_BLOBS__REGION": CREDENTIALS["region"],
+                "IMAGEGEN_BLOBS__ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+                "IMAGEGEN_BLOBS__SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+            }
+            servers = {
+                "sqlite": LocalServer(scratch / "sqlite", {}),
+                "shared": LocalServer(scratch / "shared", shared_env),
+            }
+            try:
+                for server in servers.values():
+                    server.wait_ready()
+                p50s: dict[str, list[float]] = {name: [] for name in servers}
+                for _ in range(rounds):
+                    for name, server in servers.items():
+                        p50s[name].append(Client(server.url, None).cache_hits(requests)[0])
+            finally:
+                for server in servers.values():
+                    server.stop()
+    except PostgresUnavailable as exc:
+        print(f"bench: no shared_store figure: {exc}", file=sys.stderr)
+        return None
+    sqlite, shared = statistics.median(p50s["sqlite"]), statistics.median(p50s["shared"])
+    return {
+        "sqlite_files_p50_ms": _r(sqlite),
+        "postgresql_s3_p50_ms": _r(shared),
+        "added_p50_ms": _r(shared - sqlite),
+        "rounds": rounds,
+        "requests_per_round": requests,
+        "postgresql": "local, durable defaults (fsync on)",
+    }
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -563,6 +622,12 @@ def main() -> None:
         "--lora-switches", type=int, default=20, help="LoRA switches timed (0: no LoRA figure)"
     )
     parser.add_argument("--lora-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--store-requests",
+        type=int,
+        default=200,
+        help="cache hits per round of the shared_store figure (0: no such figure)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.direct_child is not None:
@@ -678,6 +743,11 @@ def main() -> None:
         "lora": (
             lora_figure(Path(scratch.name) / "lora", args.lora_switches)
             if args.lora_switches > 0 and not args.url
+            else None
+        ),
+        "shared_store": (
+            store_figure(Path(scratch.name) / "store", args.store_requests)
+            if args.store_requests > 0 and not args.url
             else None
         ),
         "targets": TARGETS,

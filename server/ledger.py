@@ -48,33 +48,34 @@ class Ledger:
         self.db = db
 
     def record(self, row: LedgerRow, tx: Tx | None = None) -> None:
-        """Write `row`, in `tx` where given (committed with whatever else it holds)."""
-        if tx is None:
-            with self.db.transaction() as own:
-                self.record(row, own)
-            return
-        tx.execute(
+        """Write `row`, in `tx` where given (committed with whatever else it holds). A row
+        that bills nothing (a cache hit) need not wait for the disk (Database.execute)."""
+        sql = (
             "INSERT INTO ledger (ts, request_id, model, provider, cached, images, seeds, "
             "cost_usd, gpu_seconds, saved_usd, status, error, tag, caller, claim) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                time.time(),
-                row.request_id,
-                row.model,
-                row.provider,
-                int(row.cached),
-                len(row.seeds),
-                json.dumps(list(row.seeds)),
-                row.cost_usd,
-                row.gpu_seconds,
-                row.saved_usd,
-                row.status,
-                row.error,
-                row.tag,
-                row.caller,
-                row.claim,
-            ),
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
+        args = (
+            time.time(),
+            row.request_id,
+            row.model,
+            row.provider,
+            int(row.cached),
+            len(row.seeds),
+            json.dumps(list(row.seeds)),
+            row.cost_usd,
+            row.gpu_seconds,
+            row.saved_usd,
+            row.status,
+            row.error,
+            row.tag,
+            row.caller,
+            row.claim,
+        )
+        if tx is not None:
+            tx.execute(sql, args)
+        else:
+            self.db.execute(sql, args, durable=row.cost_usd > 0 or not row.cached)
 
     def spent_since(self, since: float, provider: str | None = None) -> float:
         sql = "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM ledger WHERE ts >= ?"

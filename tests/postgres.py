@@ -143,9 +143,11 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 @contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
+def running_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
     """A fresh cluster with a database SESSION_DATABASE, stopped (`pg_ctl stop -m fast`) and
-    removed on exit. Raises PostgresUnavailable before starting when it cannot run here."""
+    removed on exit. Raises PostgresUnavailable before starting when it cannot run here.
+    `durable` keeps PostgreSQL's own fsync and commit settings (for figures a deployment
+    would see; tests leave them off)."""
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise PostgresUnavailable(f"no PostgreSQL server (initdb, pg_ctl) found: {INSTALL_HINT}")
@@ -178,7 +180,8 @@ def running_postgres() -> Iterator[PostgresServer]:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
-        conf = dict(SETTINGS, unix_socket_directories=f"'{root}'")
+        chosen = SETTINGS if not durable else {"listen_addresses": SETTINGS["listen_addresses"]}
+        conf = dict(chosen, unix_socket_directories=f"'{root}'")
         with (data / "postgresql.conf").open("a") as out:
             out.write("\n# tests/postgres.py\n")
             out.writelines(f"{key} = {value}\n" for key, value in conf.items())
