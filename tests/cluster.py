@@ -29,9 +29,13 @@ class Replica:
     proc: subprocess.Popen[str]
     url: str
     log: list[str] = field(default_factory=list)
+    # The key its clients send (None where the cluster runs without keys).
+    api_key: str | None = None
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120.0, **kwargs)  # type: ignore[arg-type]
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        key = api_key or self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, timeout=120.0, headers=headers)
 
     def generated_images(self) -> float:
         """Images this process's device generated (pipeline calls' images): the backend's
@@ -82,7 +86,7 @@ def _attach(proc: subprocess.Popen[str]) -> Replica:
 
 @contextmanager
 def replicas(
-    count: int, root: Path, tiny_models_dir: Path, env: dict[str, str]
+    count: int, root: Path, tiny_models_dir: Path, env: dict[str, str], api_key: str | None = None
 ) -> Iterator[list[Replica]]:
     procs = []
     try:
@@ -92,6 +96,7 @@ def replicas(
             procs.append(_start(data_dir, env))
         running = [_attach(proc) for proc in procs]
         for replica in running:
+            replica.api_key = api_key
             _wait_ready(replica)
         yield running
     finally:

@@ -19,11 +19,6 @@ class Store:
     db: Database
     blobs: BlobStore
 
-    @property
-    def shared(self) -> bool:
-        """Whether other hosts may share this store (so waits for them are worth a notify)."""
-        return self.db.dialect != "sqlite"
-
     def close(self) -> None:
         self.db.close()
 

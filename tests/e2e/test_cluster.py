@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import random
 import time
@@ -29,6 +30,14 @@ STEPS = 8
 # A short lease so that the SIGKILL test's waiters take over soon (heartbeats every third).
 LEASE_S = 3.0
 DEADLINE_S = 120.0
+API_KEY = "sk-cluster"
+# Daily image quotas of their own for the quota tests (one key each: the ledger is shared).
+CAPPED = 6
+KEYS = [
+    API_KEY,
+    {"key": "sk-cap-turns", "name": "cap-turns", "images_per_day": CAPPED},
+    {"key": "sk-cap-race", "name": "cap-race", "images_per_day": CAPPED},
+]
 
 
 def _body(seed: int, prompt: str = "a lighthouse at dusk") -> dict[str, Any]:
@@ -57,7 +66,9 @@ def cluster(
 ) -> Iterator[list[Replica]]:
     env = store_env(store_url, s3_endpoint, f"cluster-{os.urandom(4).hex()}")
     env["IMAGEGEN_STORE__CLAIM_LEASE_S"] = str(LEASE_S)
-    with replicas(6, tmp_path_factory.mktemp("cluster"), tiny_models_dir, env) as running:
+    env["IMAGEGEN_SERVER__API_KEYS"] = json.dumps(KEYS)
+    root = tmp_path_factory.mktemp("cluster")
+    with replicas(6, root, tiny_models_dir, env, api_key=API_KEY) as running:
         yield running
 
 
@@ -133,6 +144,49 @@ def test_a_storm_over_6_processes_bills_each_key_once(
     billed = [r for seed in seeds for r in _ledger(store_url, seed) if not r["cached"]]
     assert len(billed) == 20
     assert len({r["claim"] for r in billed}) == 20
+
+
+def test_a_daily_quota_holds_across_processes(cluster: list[Replica], store_url: str) -> None:
+    """Requests taking turns over three processes: the key's 6 images a day are 6 in all,
+    not 6 on each (each process reads the shared ledger), and then every process refuses."""
+    codes = []
+    for i in range(CAPPED + 3):
+        with cluster[i % 3].client("sk-cap-turns") as client:
+            response = client.post("/v1/images/generations", json=_body(4000 + i, "turns"))
+        codes.append(response.status_code)
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "quota_images"
+    assert codes == [200] * CAPPED + [429] * 3
+
+
+def test_racing_requests_pass_a_daily_quota_by_at_most_the_documented_bound(
+    cluster: list[Replica], store_url: str
+) -> None:
+    """24 requests of a 6-a-day key at once over three processes. Each process counts the
+    shared ledger and its own running work, not the other processes' running work: racing
+    requests can pass the quota by what the others were running, at most the quota on each
+    other process (README, "More than one process"). Once the work is booked the cap holds
+    everywhere."""
+    three = cluster[:3]
+
+    def post(i: int) -> int:
+        with three[i % 3].client("sk-cap-race") as client:
+            body = _body(5000 + i, "a race")
+            return client.post("/v1/images/generations", json=body).status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(post, range(24), timeout=DEADLINE_S))
+    served = codes.count(200)
+    assert codes.count(200) + codes.count(429) == 24
+    assert CAPPED <= served <= CAPPED * len(three), codes
+    for replica in three:
+        assert post_status(replica, "sk-cap-race", _body(5999, "after the race")) == 429
+    print(f"quota race: {served} served against a quota of {CAPPED} over {len(three)} processes")
+
+
+def post_status(replica: Replica, key: str, body: dict[str, Any]) -> int:
+    with replica.client(key) as client:
+        return client.post("/v1/images/generations", json=body).status_code
 
 
 def test_killing_the_owner_mid_generation_hands_the_key_over(

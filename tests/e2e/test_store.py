@@ -308,3 +308,87 @@ def test_a_bad_store_url_is_one_clear_line_without_the_password(
     assert result.exit_code == 2
     assert says in result.output
     assert "secret" not in result.output
+
+
+# -- single flight across processes (server.flight.SharedFlight) -------------------------------
+
+
+def test_a_shared_failure_reaches_the_waiter_without_a_second_run(db: Database) -> None:
+    """The owner fails with the request's own error (a failed quality check): a waiter in
+    another process gets that error, and never runs the work itself."""
+    from server import errors
+    from server.flight import SharedFlight
+
+    owner = SharedFlight(Claims(db, owner="owner"))
+    waiter = SharedFlight(Claims(db, owner="waiter"))
+    runs: list[str] = []
+
+    async def scenario() -> tuple[BaseException | None, BaseException | None]:
+        started = asyncio.Event()
+
+        async def failing(_: object) -> str:
+            runs.append("owner")
+            started.set()
+            await asyncio.sleep(0.3)
+            raise errors.GenerationFailedError("the generated image failed the quality check")
+
+        async def should_not_run(_: object) -> str:
+            runs.append("waiter")
+            return "ran"
+
+        async def nothing() -> str | None:
+            return None
+
+        first = asyncio.create_task(owner.run("key", failing, nothing))
+        await started.wait()
+        second = asyncio.create_task(waiter.run("key", should_not_run, nothing))
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        return tuple(o if isinstance(o, BaseException) else None for o in outcomes)  # type: ignore[return-value]
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, errors.GenerationFailedError)
+    assert isinstance(second, errors.GenerationFailedError)
+    assert "quality check" in second.message
+    assert runs == ["owner"]
+
+
+def test_a_fenced_owner_does_not_publish_and_is_answered_by_the_new_one(db: Database) -> None:
+    """The owner stalls past its lease; another process takes the key over and publishes.
+    The stalled owner's publish is refused (FencedError in its transaction) and it returns
+    the new owner's result instead: one publish in all."""
+    from server.flight import SharedFlight
+
+    stalled_claims = Claims(db, owner="stalled", lease_s=-1)  # expired from the start
+    stalled = SharedFlight(stalled_claims)
+    taker = SharedFlight(Claims(db, owner="taker", lease_s=30))
+    published: list[str] = []
+
+    async def scenario() -> tuple[str, str]:
+        taken_over = asyncio.Event()
+
+        def publish(claims: Claims, claim: object, who: str) -> str:
+            with db.transaction() as tx:
+                claims.fence(tx, claim)  # type: ignore[arg-type]
+                published.append(who)
+                claims.release(claim, tx)  # type: ignore[arg-type]
+            return who
+
+        async def slow_lead(claim: object) -> str:
+            await taken_over.wait()
+            return await asyncio.to_thread(publish, stalled_claims, claim, "stalled")
+
+        async def quick_lead(claim: object) -> str:
+            result = await asyncio.to_thread(publish, taker.claims, claim, "taker")
+            taken_over.set()
+            return result
+
+        async def cached() -> str | None:
+            return published[0] if published else None
+
+        first = asyncio.create_task(stalled.run("key", slow_lead, cached))
+        await asyncio.sleep(0.1)  # the stalled owner holds its (expired) claim
+        second = asyncio.create_task(taker.run("key", quick_lead, cached))
+        return await asyncio.wait_for(asyncio.gather(first, second), 30)
+
+    assert list(asyncio.run(scenario())) == ["taker", "taker"]
+    assert published == ["taker"]
