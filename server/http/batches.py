@@ -1,13 +1,14 @@
 """Batch jobs over HTTP: the body of POST /v1/batches (an inline list, or a JSONL or CSV upload)
 read into server.batch rows; the dry-run projection; batches run by server.batch in folders
 under data_dir/batches/<id> as jobs of the JobRunner (one record, cancel and progress events
-with generation jobs); and what the result routes read back from a folder."""
+with generation jobs), published to the blob store as they go (server/http/batch_folders.py);
+and what the result routes read back, in whichever process."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from server.batch import (
     run_batch,
     write_archive,
 )
+from server.http.batch_folders import BatchFolders
 from server.http.errors import NotFoundError
 from server.http.forms import read_form
 from server.http.jobs import JobRunner, LiveJob
@@ -56,6 +58,8 @@ from server.http.serving import Readiness
 from server.quotas import IN_PROCESS, Caller
 from server.service import ImageService
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 BATCHES_DIR = "batches"
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
@@ -199,21 +203,22 @@ class BatchesServing:
         self.jobs = jobs
         self.readiness = readiness
         self.root = settings.data_dir / BATCHES_DIR
+        self.folders = BatchFolders(self.root, service.store.batch_blobs)
+        self._db = service.db
         self._names = _ManifestNames()
 
     def prune(self) -> int:
-        """Remove batch folders whose job record is gone (purged after the retention period):
-        the files go with the record instead of lingering unreachable on disk."""
-        if not self.root.is_dir():
-            return 0
+        """Remove batch folders (here and in the blob store) whose job record is gone (purged
+        after the retention period): the files go with the record instead of lingering
+        unreachable. One process at a time."""
         removed = 0
-        for folder in self.root.iterdir():
-            orphan = (
-                folder.name.startswith(BATCH_ID_PREFIX) and self.jobs.store.get(folder.name) is None
-            )
-            if folder.is_dir() and orphan:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
+        with self._db.exclusive("batch-prune") as mine:
+            if not mine:
+                return 0
+            for batch_id in self.folders.published_ids():
+                if batch_id.startswith(BATCH_ID_PREFIX) and self.jobs.store.get(batch_id) is None:
+                    self.folders.remove(batch_id)
+                    removed += 1
         return removed
 
     # -- creating ------------------------------------------------------------------------
@@ -301,11 +306,16 @@ class BatchesServing:
     ) -> dict[str, Any]:
         outcomes: dict[int, ManifestEntry] = {}
 
+        loop = asyncio.get_running_loop()
+
         def on_row(entry: ManifestEntry) -> None:
             outcomes[entry.row] = entry
             job.result = self._counts(job.id, outcomes.values(), len(rows)).model_dump()
             detail = {**job.result, "row": _row_event(entry)}
             self.jobs.report(job, len(outcomes), len(rows), detail)
+            # Off the loop, not waited for: the final publish below catches up on anything
+            # these have not done.
+            loop.run_in_executor(None, self._publish_quietly, job.id)
 
         # On the loop (a few small file operations): opened in a thread, a cancel arriving
         # meanwhile would leave the folder open with no one to close it.
@@ -317,7 +327,20 @@ class BatchesServing:
             # manifest append (a write and an fsync) is waited for.
             folder.close()
             job.result = self._counts(job.id, folder.latest.values(), len(rows)).model_dump()
+            # Shielded: a cancelled batch still publishes what it recorded.
+            await asyncio.shield(asyncio.to_thread(self._publish_quietly, job.id))
+            self.folders.finished(job.id)
         return job.result
+
+    def _publish_quietly(self, batch_id: str) -> None:
+        try:
+            self.folders.publish(batch_id)
+        except Exception:
+            log.exception("batch %s: publishing its folder to the blob store failed", batch_id)
+
+    def _folder(self, batch_id: str) -> Path:
+        """Where to read the batch from here (server/http/batch_folders.py). Blocking."""
+        return self.folders.view(batch_id, local=batch_id in self.jobs.live)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -338,15 +361,18 @@ class BatchesServing:
         images (`images` stay file names, relative to the batch folder and the archive)."""
         self._record(batch_id)
         files_url = f"{self._base(base_url)}/v1/batches/{batch_id}/files/"
-        objects = await asyncio.to_thread(rendered_manifest, self.root / batch_id, files_url)
+        folder = await asyncio.to_thread(self._folder, batch_id)
+        objects = await asyncio.to_thread(rendered_manifest, folder, files_url)
         return b"".join(json_line(obj) for obj in objects)
 
     async def file(self, batch_id: str, name: str) -> tuple[Path, str]:
         """An image of the batch: only names its manifest lists are served."""
         self._record(batch_id)
-        names = await asyncio.to_thread(self._names.get, self.root / batch_id / MANIFEST_NAME)
-        path = self.root / batch_id / name
-        if name not in names or PurePosixPath(name).name != name or not path.is_file():
+        folder = await asyncio.to_thread(self._folder, batch_id)
+        names = await asyncio.to_thread(self._names.get, folder / MANIFEST_NAME)
+        listed = name in names and PurePosixPath(name).name == name
+        path = await asyncio.to_thread(self.folders.fetch, batch_id, name) if listed else None
+        if path is None:
             raise NotFoundError(
                 f"batch '{batch_id}' has no file '{name}'; its manifest lists the files",
                 param="name",
@@ -357,7 +383,11 @@ class BatchesServing:
         """A zip of the manifest (as GET .../manifest gives it, less the URLs) and the images
         it names, in a temporary file that the caller removes."""
         self._record(batch_id)
-        return await asyncio.to_thread(write_archive, self.root / batch_id)
+        live = batch_id in self.jobs.live
+        folder = await asyncio.to_thread(
+            self.folders.path if live else self.folders.fetch_all, batch_id
+        )
+        return await asyncio.to_thread(write_archive, folder)
 
     def _record(self, batch_id: str) -> dict[str, Any]:
         found = self.jobs.store.request_of(batch_id)
@@ -367,8 +397,8 @@ class BatchesServing:
         return found[1]
 
     async def _entries(self, batch_id: str) -> list[ManifestEntry]:
-        path = self.root / batch_id / MANIFEST_NAME
-        return list((await asyncio.to_thread(read_manifest, path)).values())
+        folder = await asyncio.to_thread(self._folder, batch_id)
+        return list((await asyncio.to_thread(read_manifest, folder / MANIFEST_NAME)).values())
 
     def _counts(self, batch_id: str, entries: Iterable[ManifestEntry], total: int) -> BatchCounts:
         outcomes = list(entries)

@@ -66,6 +66,11 @@ class BlobStore(Protocol):
         or all of `data`. A content-addressed key that already exists is left as it is."""
         ...
 
+    def put_file(self, key: str, path: Path) -> None:
+        """`put` of the file at `path`; nothing to do where the object is that very file (a
+        batch folder under the data directory, in a FileBlobs rooted there)."""
+        ...
+
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None if there is none."""
         ...
@@ -158,6 +163,16 @@ class FileBlobs:
             atomic_write(path, data, durable=not addressed)
         except OSError as exc:
             raise self._failure("write", path, exc) from exc
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        if target.resolve() == path.resolve():
+            return
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise self._failure("read", path, exc) from exc
+        self.put(key, data)
 
     def get(self, key: str) -> bytes | None:
         path = self._path(key)
@@ -276,6 +291,15 @@ class S3Blobs:
         if len(full.encode()) > MAX_KEY_LENGTH:
             raise ValueError(f"blob key with the bucket prefix exceeds {MAX_KEY_LENGTH} bytes")
         return full
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BlobStoreError(
+                f"blob store could not read {path}: {exc.strerror or exc}"
+            ) from exc
+        self.put(key, data)
 
     def put(self, key: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
