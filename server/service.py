@@ -356,12 +356,15 @@ class ImageService:
                 await asyncio.to_thread(
                     self._book,
                     attempt,
-                    provider=result.provider,
-                    seeds=[img.seed for img in result.images],
-                    cost_usd=self.costs.charged(result, backend, params),
-                    gpu_seconds=result.gpu_seconds,
-                    status="failed",
-                    error=reason,
+                    self._row(
+                        attempt,
+                        provider=result.provider,
+                        seeds=[img.seed for img in result.images],
+                        cost_usd=self.costs.charged(result, backend, params),
+                        gpu_seconds=result.gpu_seconds,
+                        status="failed",
+                        error=reason,
+                    ),
                 )
                 raise errors.GenerationFailedError(
                     f"the generated image failed the quality check: {reason}"
@@ -404,12 +407,17 @@ class ImageService:
                 await asyncio.to_thread(
                     self._book,
                     attempt,
-                    provider=exc.provider or attempt.provider,
-                    seeds=[],
-                    cost_usd=exc.charged_usd,
-                    gpu_seconds=0.0,
-                    status="filtered" if isinstance(exc, base.ContentFilteredError) else "failed",
-                    error=exc.message,
+                    self._row(
+                        attempt,
+                        provider=exc.provider or attempt.provider,
+                        seeds=[],
+                        cost_usd=exc.charged_usd,
+                        gpu_seconds=0.0,
+                        status="filtered"
+                        if isinstance(exc, base.ContentFilteredError)
+                        else "failed",
+                        error=exc.message,
+                    ),
                 )
             raise errors.from_backend(exc, attempt.request_id) from None
 
@@ -499,7 +507,7 @@ class ImageService:
         meta = entry.meta
         saved = float(meta.get("cost_usd", 0.0))
         provider = str(meta.get("provider", "local"))
-        self._book(
+        row = self._row(
             attempt,
             provider=provider,
             seeds=[img.seed for img in entry.images],
@@ -508,6 +516,7 @@ class ImageService:
             cached=True,
             saved_usd=saved,
         )
+        self._book(attempt, row)
         params = attempt.params
         attempt.timings["total_ms"] = _ms(attempt.started)
         return GenerationResult(
@@ -527,32 +536,9 @@ class ImageService:
             cache_key=attempt.key,
         )
 
-    def _book(
-        self,
-        attempt: Attempt,
-        *,
-        provider: str,
-        seeds: list[int | None],
-        cost_usd: float,
-        gpu_seconds: float,
-        cached: bool = False,
-        saved_usd: float = 0.0,
-        status: str = "ok",
-        error: str | None = None,
-    ) -> None:
+    def _book(self, attempt: Attempt, row: LedgerRow) -> None:
         """Write a ledger row: the caller's quota counts it from now on, in place of what the
         attempt held."""
-        row = self._row(
-            attempt,
-            provider=provider,
-            seeds=seeds,
-            cost_usd=cost_usd,
-            gpu_seconds=gpu_seconds,
-            cached=cached,
-            saved_usd=saved_usd,
-            status=status,
-            error=error,
-        )
         with self.quotas.booking(attempt.held):
             self.ledger.record(row)
 

@@ -69,7 +69,9 @@ def _start(data_dir: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, env=full, stderr=subprocess.PIPE, text=True)
 
 
-def _attach(proc: subprocess.Popen[str]) -> Replica:
+def attach(proc: subprocess.Popen[str]) -> Replica:
+    """The replica once its `imagegen serve` process says where it listens; its stderr is
+    kept in `log` from then on."""
     assert proc.stderr is not None
     log: list[str] = []
     for line in proc.stderr:  # uvicorn names the port it bound
@@ -94,7 +96,7 @@ def replicas(
             data_dir = root / f"replica-{index}"
             shutil.copytree(tiny_models_dir / "models", data_dir / "models")
             procs.append(_start(data_dir, env))
-        running = [_attach(proc) for proc in procs]
+        running = [attach(proc) for proc in procs]
         for replica in running:
             replica.api_key = api_key
             _wait_ready(replica)

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import httpx
 from PIL import Image
 
 from server.serve_cmd import GRACEFUL_SHUTDOWN_S
+from tests.cluster import attach
 from tests.helpers_server import fresh_data_dir
 
 DEADLINE_S = 90
@@ -34,18 +34,8 @@ def start_serve(data_dir: Path, tmp: Path) -> tuple[subprocess.Popen[str], str, 
     env.update(IMAGEGEN_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TMPDIR=str(tmp))
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "-m", "tiny-sdxl"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    log: list[str] = []
-    for line in proc.stderr:  # uvicorn names the port it bound
-        log.append(line)
-        found = re.search(r"running on (http://\S+)", line)
-        if found:
-            break
-    else:
-        raise AssertionError("imagegen serve did not start:\n" + "".join(log))
-    stderr = proc.stderr
-    threading.Thread(target=lambda: log.extend(stderr), daemon=True).start()
-    return proc, found.group(1), log
+    replica = attach(proc)
+    return proc, replica.url, replica.log
 
 
 def wait_ready(client: httpx.Client) -> None:
