@@ -199,9 +199,12 @@ class ImageService:
         is warm is a few dictionary lookups, one small SQLite query (and on a hit, a small
         file read and one ledger row), cheaper than the thread hop (~0.17 ms) it would take.
         Image inputs (decoding), adapters (a file's first hash), presets (which may name
-        adapters), `auto` and a model's first use keep the hop."""
+        adapters), `auto`, a model's first use and a database across the network keep the
+        hop."""
         if request.images or request.mask is not None or request.loras or request.preset:
             return False
+        if not self.db.in_process:
+            return False  # its lookups are round trips to a database server: not on the loop
         if names_loras(request.prompt):
             return False
         model = request.model or self.settings.default_model

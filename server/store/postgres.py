@@ -63,6 +63,7 @@ class PostgresTx:
 
 class PostgresDatabase:
     dialect: Dialect = "postgresql"
+    in_process = False
 
     def __init__(self, url: str) -> None:
         if not re.match(r"postgres(ql)?://", url):

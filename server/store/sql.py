@@ -54,6 +54,9 @@ class Tx(Protocol):
 
 class Database(Protocol):
     dialect: Dialect
+    # Whether a query runs in this process (no network round trip): cheap enough to make on
+    # an event loop. A server's queries are made in threads.
+    in_process: bool
 
     def execute(self, sql: str, args: Sequence[Any] = (), *, durable: bool = True) -> list[Row]:
         """One statement in a transaction of its own; its rows. `durable=False`: as for
@@ -100,6 +103,7 @@ class SqliteDatabase:
     and a server may share a data directory)."""
 
     dialect: Dialect = "sqlite"
+    in_process = True
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
