@@ -201,7 +201,7 @@ def test_listings_piped_print_whole_values(cli_env: dict[str, str]) -> None:
 
 
 def test_help_shows_flags_as_flags(cli_env: dict[str, str]) -> None:
-    # A real process (cheap: --help imports no torch): the help a user's terminal gets.
+    # A real process (cheap: --help imports no torch): the help as the entry point prints it.
     text = imagegen_process(cli_env, "generate", "--help").stdout
     assert "--json" in text and "--local-only" in text
     assert "<bool>" not in text
@@ -219,8 +219,8 @@ def test_help_shows_flags_as_flags(cli_env: dict[str, str]) -> None:
 def test_usage_errors_are_one_line_too(
     cli_env: dict[str, str], args: list[str], needle: str
 ) -> None:
-    # A real process (cheap: click refuses these before any import): click's own errors, and
-    # nothing else on the process's stderr.
+    # A real process (cheap: click refuses these before a command imports torch): click's own
+    # errors, and nothing else on the process's stderr.
     proc = imagegen_process(cli_env, *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
