@@ -1,9 +1,9 @@
-"""`imagegen generate` killed with SIGKILL again and again on one data directory, each time in
-the middle of one of the writes a run makes (the tiny model's build, a cache object, an output
-PNG; the process is watched through /proc for the file it has open): afterwards every cache
-entry verifies and a repeat of its request is a hit with the same bytes, every PNG written is
-whole, and nothing temporary stays once stale (tiny-model build folders, cache and output temp
-files, files in TMPDIR)."""
+"""`imagegen generate` killed with SIGKILL again and again on one data directory, each time at
+one of the writes a run makes (the tiny model's build, its first cache object, its first output
+PNG; the folder is watched for the first new file in it): afterwards every cache entry verifies
+and a repeat of its request is a hit with the same bytes, every PNG written is whole, and
+nothing temporary stays once stale (tiny-model build folders, cache and output temp files,
+files in TMPDIR)."""
 
 from __future__ import annotations
 

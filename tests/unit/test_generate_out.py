@@ -9,8 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-from server.cache import STALE_TEMP_S
 from server.generate_cmd import write_images
+from server.store.blobs import STALE_TEMP_S
 
 
 def test_write_images_removes_only_stale_temp_files(tmp_path: Path) -> None:
