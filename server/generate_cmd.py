@@ -4,10 +4,12 @@ service with a progress bar on stderr, and write the images atomically."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from server.inputs import decode_inputs
 from server.request import LoraRequest, MaskConvention, ResizeMode
 from server.service import GenerationResult, ImageRequest, ImageService
 from server.settings import Settings
+from server.store.blobs import STALE_TEMP_S
 from server.store.files import atomic_write
 
 _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -322,6 +325,7 @@ def _stderr_console() -> Any:
 
 
 def write_images(result: GenerationResult, out: Path) -> list[Path]:
+    _remove_stale_temp_files(out)
     paths = []
     for img in result.images:
         name = f"{result.model}-{img.seed}-{img.sha256[:12]}.{_EXT.get(img.format, 'png')}"
@@ -329,6 +333,16 @@ def write_images(result: GenerationResult, out: Path) -> list[Path]:
         atomic_write(path, img.data)
         paths.append(path)
     return paths
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """A run killed inside atomic_write leaves its temp file in --out, and nothing names it.
+    Only stale ones (the blob store's rule): another run may be writing into the folder now."""
+    cutoff = time.time() - STALE_TEMP_S
+    for path in out.glob(".tmp-*"):
+        with contextlib.suppress(OSError):  # renamed or removed meanwhile by its writer
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def result_json(result: GenerationResult, paths: list[Path]) -> dict[str, Any]:

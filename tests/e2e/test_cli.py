@@ -1,31 +1,30 @@
-"""`imagegen` as a user runs it: a real subprocess, real files, exit codes, one-line errors."""
+"""`imagegen` as a user runs it: real files, exit codes, one-line errors. Most tests run the
+CLI in this process (tests/helpers_cli.py: the same `main()`, no torch import per run); a real
+process where only one shows it: the `python -m server.cli` entry point, SIGKILL mid-run, the
+offline switch read at import, click's own usage errors, stdout kept to one JSON object."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-IMAGEGEN = [sys.executable, "-m", "server.cli"]
+from tests.helpers_cli import IMAGEGEN, imagegen, imagegen_process
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def imagegen(
-    env: dict[str, str], *args: str, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*IMAGEGEN, *args], env=env, capture_output=True, text=True, timeout=180, cwd=cwd
-    )
-
-
-def generate_json(env: dict[str, str], out: Path, *args: str) -> dict[str, Any]:
-    proc = imagegen(env, "generate", *args, "--out", str(out), "--json")
+def generate_json(
+    env: dict[str, str], out: Path, *args: str, run: Run = imagegen
+) -> dict[str, Any]:
+    proc = run(env, "generate", *args, "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout
@@ -149,7 +148,10 @@ def test_kill_mid_run_leaves_nothing_a_later_run_would_serve(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     """SIGKILL at several points of a run; every later run either misses or serves verified
-    bytes, and no partial image file is left in the output folder."""
+    bytes, and no partial image file is left in the output folder. Real processes: the
+    killed runs, and the later run that meets what they left (it is also this module's one
+    whole `generate --json` through the entry point: one JSON object on the process's stdout,
+    whatever the libraries print); the clean reference runs in this process."""
     out = tmp_path / "out"
     args = [*IMAGEGEN, "generate", "a tower", "--seed", "3", "--steps", "2", "--out", str(out)]
     for delay in (0.8, 1.6, 2.4):
@@ -159,7 +161,9 @@ def test_kill_mid_run_leaves_nothing_a_later_run_would_serve(
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    final = generate_json(cli_env, out, "a tower", "--seed", "3", "--steps", "2")
+    final = generate_json(
+        cli_env, out, "a tower", "--seed", "3", "--steps", "2", run=imagegen_process
+    )
     clean = generate_json(cli_env, tmp_path / "clean", "a tower", "--seed", "3", "--steps", "2")
     assert final["images"][0]["sha256"] == clean["images"][0]["sha256"]
     for png in out.glob("*.png"):
@@ -168,11 +172,13 @@ def test_kill_mid_run_leaves_nothing_a_later_run_would_serve(
 
 def test_pull_while_offline_fails_at_once_with_what_to_do(cli_env: dict[str, str]) -> None:
     # "At once": the command checks the setting before it tries the hub (the message names
-    # it), rather than retrying a download; imagegen()'s deadline stops a hang.
-    proc = imagegen(cli_env, "pull", "sdxl")
+    # it), rather than retrying a download; the run's deadline stops a hang. A real process:
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported, and these are exit statuses as
+    # the OS reports them (1, then 2).
+    proc = imagegen_process(cli_env, "pull", "sdxl")
     assert proc.returncode == 1
     assert "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
-    assert imagegen(cli_env, "pull", "tiny-sdxl").returncode == 2
+    assert imagegen_process(cli_env, "pull", "tiny-sdxl").returncode == 2
 
 
 def test_listings_piped_print_whole_values(cli_env: dict[str, str]) -> None:
@@ -195,7 +201,8 @@ def test_listings_piped_print_whole_values(cli_env: dict[str, str]) -> None:
 
 
 def test_help_shows_flags_as_flags(cli_env: dict[str, str]) -> None:
-    text = imagegen(cli_env, "generate", "--help").stdout
+    # A real process (cheap: --help imports no torch): the help as the entry point prints it.
+    text = imagegen_process(cli_env, "generate", "--help").stdout
     assert "--json" in text and "--local-only" in text
     assert "<bool>" not in text
     assert "--steps <int>" in text  # options that take a value still say what
@@ -212,7 +219,9 @@ def test_help_shows_flags_as_flags(cli_env: dict[str, str]) -> None:
 def test_usage_errors_are_one_line_too(
     cli_env: dict[str, str], args: list[str], needle: str
 ) -> None:
-    proc = imagegen(cli_env, *args)
+    # A real process (cheap: click refuses these before a command imports torch): click's own
+    # errors, and nothing else on the process's stderr.
+    proc = imagegen_process(cli_env, *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imagegen: error:") and needle in lines[0]

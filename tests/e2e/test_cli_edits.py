@@ -1,6 +1,6 @@
-"""`imagegen generate --image/--mask/--lora` as a user runs it: a real subprocess, real files;
-bad inputs are one line naming the flag (exit 2), and --from-image reproduces an edit only
-with its input image given again."""
+"""`imagegen generate --image/--mask/--lora` as a user runs it, in this process (the same
+`main()`, tests/helpers_cli.py), real files; bad inputs are one line naming the flag (exit 2),
+and --from-image reproduces an edit only with its input image given again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.e2e.test_cli import generate_json, imagegen
+from tests.e2e.test_cli import generate_json
+from tests.helpers_cli import imagegen
 from tests.helpers_images import gradient, header_only_png, png, white_mask
 
 SIZE = 64

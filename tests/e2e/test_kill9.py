@@ -1,8 +1,9 @@
-"""`imagegen generate` killed with SIGKILL again and again on one data directory, at points
-drawn from a seeded random.Random (the first kill lands in the tiny model's build): afterwards
-every cache entry verifies and a repeat of its request is a hit with the same bytes, every PNG
-written is whole, and nothing temporary stays once stale (tiny-model build folders, cache and
-output temp files, files in TMPDIR)."""
+"""`imagegen generate` killed with SIGKILL again and again on one data directory, each time at
+one of the writes a run makes (the tiny model's build, its first cache object, its first output
+PNG; the folder is watched for the first new file in it): afterwards every cache entry verifies
+and a repeat of its request is a hit with the same bytes, every PNG written is whole, and
+nothing temporary stays once stale (tiny-model build folders, cache and output temp files,
+files in TMPDIR)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from random import Random
 from typing import Any
 
 from PIL import Image
@@ -31,11 +31,22 @@ from tests.helpers_server import fresh_data_dir
 
 IMAGEGEN = [sys.executable, "-m", "server.cli"]
 DEADLINE_S = 180
-# Each run is a new process (about ten seconds on two cores, mostly imports), so a few kills
-# keep the test near a minute; the seed makes the sequence of kill points repeatable.
-TRIALS = 6
-RNG_SEED = 9
-SEEDS = (1, 2, 3)
+# After the build, one run killed at each kind of write a generate run makes, in the order it
+# makes them: at its first cache object (before the entry's index row), then, with another
+# seed, at its first output PNG (the entry is stored; the user's files are not). Besides these
+# and the build, a run writes only SQLite rows (crash-safe by design) and files in TMPDIR
+# (checked below with the rest), so three kills cover each place a kill can leave something
+# half-made. Kills at random times did not: a run is a new process (about ten seconds on two
+# cores) that loads, generates and writes in half a second some seven seconds in, after its
+# imports, so six random kills cost a minute and mostly landed in the imports, where there is
+# nothing yet to leave half-made.
+TARGETS = (("cache", 1), ("output", 2))
+# How often a run's folder is looked at for its first write: every FAST_POLL_S once the run is
+# near its writes (the cache's objects are written without an fsync, so a temp file lasts well
+# under a millisecond), every SLOW_POLL_S before, through the imports (polling that fast for a
+# whole run takes a quarter of a core from it, on two).
+FAST_POLL_S = 0.0005
+SLOW_POLL_S = 0.05
 # Two images a request: two cache objects and two output files per run.
 ARGS = ("a lighthouse at dusk", "--size", "64x64", "--steps", "2", "-n", "2")
 # Older than either clean-up's rule: what a killed run left looks as it will minutes later.
@@ -67,6 +78,24 @@ def run_to_end(env: dict[str, str], out: Path, seed: int, log: Path) -> dict[str
     proc = start(env, out, seed, log)
     assert proc.wait(DEADLINE_S) == 0, log.read_text()[-3000:]
     return result(log)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {os.path.join(root, name) for root, _, names in os.walk(folder) for name in names}
+
+
+def kill_on_first_write(proc: subprocess.Popen[bytes], folder: Path, fast_after_s: float) -> bool:
+    """SIGKILL `proc` as soon as a new file shows in `folder` (or a folder in it): the temp
+    file of its first atomic_write there, or that file just renamed into place while the next
+    is written; False if the run finished first. Looked at fast from `fast_after_s` on."""
+    known = files_under(folder)
+    fast_from = time.monotonic() + fast_after_s
+    while proc.poll() is None:
+        if files_under(folder) - known:
+            kill(proc)
+            return True
+        time.sleep(FAST_POLL_S if time.monotonic() >= fast_from else SLOW_POLL_S)
+    return False
 
 
 def build_folders(data_dir: Path) -> list[Path]:
@@ -108,8 +137,7 @@ def whole_png(data: bytes) -> bool:
         return image.format == "PNG"
 
 
-def test_sigkill_at_random_points_leaves_a_consistent_data_dir(tmp_path: Path) -> None:
-    rng = Random(RNG_SEED)
+def test_sigkill_mid_write_leaves_a_consistent_data_dir(tmp_path: Path) -> None:
     data_dir = fresh_data_dir(tmp_path)  # no tiny models: the first run builds tiny-sdxl
     out, tmp, logs = tmp_path / "out", tmp_path / "tmp", tmp_path / "logs"
     for folder in (out, tmp, logs):
@@ -122,35 +150,33 @@ def test_sigkill_at_random_points_leaves_a_consistent_data_dir(tmp_path: Path) -
     # The first kill: while the build writes its temporary folder (the pipeline is made in
     # memory first; saving it takes a fraction of a second).
     began = time.monotonic()
-    proc = start(env, out, SEEDS[0], logs / "build.log")
+    proc = start(env, out, TARGETS[0][1], logs / "build.log")
     while not build_folders(data_dir):
         assert proc.poll() is None, (logs / "build.log").read_text()[-3000:]
         assert time.monotonic() - began < DEADLINE_S, "the build never started"
         time.sleep(0.005)
     kill(proc)
     assert build_folders(data_dir), "the kill came after the build finished"
+    # That run's imports and in-memory build took about as long as a later run's imports,
+    # load and generation: a later run's first write comes well after half of it (were it
+    # sooner, the kill would still land within SLOW_POLL_S of it, among the run's writes).
+    fast_after_s = 0.5 * (time.monotonic() - began)
     history.append(f"build: killed after {time.monotonic() - began:.1f}s")
-    # How long a run lasts, for spreading the kill points over it: the import and build time
-    # to start with, then the length of the last run that finished.
-    span = 1.5 * (time.monotonic() - began)
 
-    for trial in range(TRIALS):
-        seed = SEEDS[trial % len(SEEDS)]
-        delay = rng.uniform(0.0, 1.25) * span
-        log = logs / f"trial-{trial}.log"
+    folders = {"cache": Settings(data_dir=data_dir).cache_dir, "output": out}
+    for target, seed in TARGETS:
+        log = logs / f"{target}.log"
         began = time.monotonic()
         proc = start(env, out, seed, log)
-        try:
-            code = proc.wait(delay)
-        except subprocess.TimeoutExpired:
-            kill(proc)
-            history.append(f"seed {seed}: killed after {delay:.1f}s")
+        if kill_on_first_write(proc, folders[target], fast_after_s):
+            took = time.monotonic() - began
+            history.append(f"seed {seed}: killed at its first {target} write, {took:.1f}s in")
             continue
-        # A run that was not killed must work, whatever the kills before it left.
-        assert code == 0, (history, log.read_text()[-3000:])
-        span = time.monotonic() - began
+        # The write was too quick to catch: a run that was not killed must work, whatever the
+        # kills before it left.
+        assert proc.wait(DEADLINE_S) == 0, (history, log.read_text()[-3000:])
         finished[seed] = [img["sha256"] for img in result(log)["images"]]
-        history.append(f"seed {seed}: finished in {span:.1f}s")
+        history.append(f"seed {seed}: finished before its {target} write was seen")
 
     # Minutes later, as far as the clean-up rules can tell; the next start-up clears it all.
     left = temp_files(data_dir, out, tmp)
@@ -158,8 +184,8 @@ def test_sigkill_at_random_points_leaves_a_consistent_data_dir(tmp_path: Path) -
     before = cache_entries(data_dir)
     hit_seed = next((images[0]["seed"] for images in before.values()), None)
     if hit_seed is None:  # every run was killed before its result was stored
-        run_to_end(env, out, SEEDS[0], logs / "store.log")
-        before, hit_seed = cache_entries(data_dir), SEEDS[0]
+        run_to_end(env, out, TARGETS[0][1], logs / "store.log")
+        before, hit_seed = cache_entries(data_dir), TARGETS[0][1]
     history.append(f"left before the last start-up: {sorted(p.name for p in left)}")
 
     again = run_to_end(env, out, hit_seed, logs / "hit.log")

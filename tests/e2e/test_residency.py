@@ -145,7 +145,7 @@ def test_every_listing_says_where_each_model_is_and_what_the_device_holds(
     assert flux["imagegen"]["where"] == "device"
     assert flux["imagegen"]["footprint_bytes"] == cards["tiny-flux"]["footprint_bytes"] > 0
     # `imagegen models --server` reads the running server's list (this process loads nothing).
-    from tests.e2e.test_cli import imagegen
+    from tests.helpers_cli import imagegen_process as imagegen
 
     proc = imagegen(cli_env, "models", "--server", server.url, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -163,7 +163,7 @@ def test_every_listing_says_where_each_model_is_and_what_the_device_holds(
 def test_models_server_errors_are_one_line_with_the_fix(cli_env: dict[str, str]) -> None:
     import socket
 
-    from tests.e2e.test_cli import imagegen
+    from tests.helpers_cli import imagegen_process as imagegen
 
     with socket.socket() as sock:  # a loopback port nothing listens on once it is closed
         sock.bind(("127.0.0.1", 0))
@@ -177,7 +177,7 @@ def test_models_server_errors_are_one_line_with_the_fix(cli_env: dict[str, str])
 def test_models_server_asks_for_the_key_a_keyed_server_wants(
     tmp_path: Path, tiny_models_dir: Path, cli_env: dict[str, str]
 ) -> None:
-    from tests.e2e.test_cli import imagegen
+    from tests.helpers_cli import imagegen_process as imagegen
 
     settings = tiny_settings(fresh_data_dir(tmp_path, tiny_models_dir), api_keys=["sk-listing"])
     with live_server(settings) as keyed:
