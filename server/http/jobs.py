@@ -1,7 +1,12 @@
 """Async generation jobs: the runner that executes them through ImagesServing (their records are
 server/http/job_store.py). What the backend reports on the one event channel (`models.base.Events`:
 queue position, start, progress) becomes the job's state and its server-sent events.
-Other kinds of work (a batch) run through the same records, cancel and events via `launch`."""
+Other kinds of work (a batch) run through the same records, cancel and events via `launch`.
+
+Every process sharing the store serves every job: one running elsewhere is read from its
+record, followed by polling it (woken early by the store's notifications), and cancelled by a
+flag its owner's watcher picks up; the watcher also renews the owner's lease and runs the
+reaper that marks the jobs of a vanished owner interrupted."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,7 @@ from models.base import Events
 from server import errors
 from server.http import previews
 from server.http.errors import NotFoundError, error_object, internal_error_object
-from server.http.job_store import INTERRUPTED, OBJECT_BY_KIND, JobStore
+from server.http.job_store import CHANNEL, INTERRUPTED, LEASE_S, OBJECT_BY_KIND, JobStore
 from server.http.protocol import (
     TERMINAL_STATUSES,
     ImageGenerationRequest,
@@ -30,8 +35,26 @@ from server.http.protocol import (
 from server.http.serving import ImagesServing
 from server.http.sse import Event
 from server.quotas import IN_PROCESS, Caller
+from server.store.claims import process_owner
 
 log = logging.getLogger(__name__)
+
+# How often the owner checks its jobs' records for a cancel asked for through another process
+# (one query for all of them, and only while it runs any).
+WATCH_S = 0.25
+# How often a process reaps orphaned jobs (one process at a time: the "job-reaper" lock). A
+# reader of a job is not kept waiting for it: reading an in-flight record judges its owner too.
+REAP_S = 30.0
+REAPER_LOCK = "job-reaper"
+# A record followed for a client of another process's job is re-read this often, sooner when
+# a notification says it changed (PostgreSQL; SQLite's processes share a host and poll).
+FOLLOW_S = 0.25
+# A cancel through another process waits this long for the owner to stop the job.
+CANCEL_WAIT_S = 10.0
+CANCEL_POLL_S = 0.1
+# The step reached is written to the record at most this often per job (readers elsewhere poll
+# at about that pace); status changes are written at once.
+PROGRESS_WRITE_S = 0.25
 
 
 @dataclass(eq=False)
@@ -58,6 +81,8 @@ class LiveJob:
     detail: dict[str, Any] = field(default_factory=dict)
     # The model being loaded for it, while it waits for that.
     loading: str | None = None
+    # When its step was last written to the record (time.monotonic()).
+    written: float = 0.0
 
     def snapshot(self) -> Job:
         return Job(
@@ -144,15 +169,30 @@ class JobRunner:
     def __init__(self, store: JobStore, serving: ImagesServing) -> None:
         self.store = store
         self.serving = serving
+        # This process's name on the records of the jobs it runs.
+        self.owner = process_owner()
         self.live: dict[str, LiveJob] = {}
         self._closing = False
         self.preview_every = serving.settings.server.preview_every_steps
+        self._watcher: asyncio.Task[None] | None = None
+        # Another process's jobs followed for a stream here: each queue's polling task.
+        self._following: dict[asyncio.Queue[Event], asyncio.Task[None]] = {}
+        # Who waits on a record here (a follower, a cancel), to wake on its notification.
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._unlisten: Callable[[], None] = lambda: None
 
     def start(self) -> None:
+        """Purge old records, reap orphaned ones, and start the watcher (call on the loop)."""
         self.store.purge()
-        recovered = self.store.recover()
-        if recovered:
-            log.warning("%d job(s) from a previous run marked failed: %s", recovered, INTERRUPTED)
+        self._reap()
+        loop = asyncio.get_running_loop()
+
+        def heard(job_id: str) -> None:  # on the store's listener thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
+                loop.call_soon_threadsafe(self._wake, job_id)
+
+        self._unlisten = self.store.db.subscribe(CHANNEL, heard)
+        self._watcher = asyncio.create_task(self._watch(), name="imagegen-jobs-watch")
 
     async def aclose(self) -> None:
         """Let running jobs finish within the drain's grace (SIGTERM: `Readiness.drain`), then
@@ -174,6 +214,14 @@ class JobRunner:
         if tasks:
             log.warning("%d job(s) stopped unfinished by the shutdown: %s", len(tasks), INTERRUPTED)
             await asyncio.wait(tasks, timeout=10.0)
+        helpers = [t for t in (self._watcher, *self._following.values()) if t is not None]
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        self._unlisten()
+        if tasks:
+            # Their lease ends now: the next reaper, here or in a replica, marks them.
+            self.store.release(self.owner)
 
     # -- the API -------------------------------------------------------------------------
 
@@ -197,7 +245,7 @@ class JobRunner:
             base_url=base_url,
             caller=caller,
         )
-        self.store.insert(job.id, job.created, body)
+        self.store.insert(job.id, job.created, body, owner=self.owner)
         self.live[job.id] = job
         job.task = asyncio.create_task(self._run(job), name=f"imagegen-{job.id}")
         return job.snapshot()
@@ -207,7 +255,9 @@ class JobRunner:
         generation job. `work` reports with `report` and returns the result; if it is cancelled
         or fails, the job keeps whatever `job.result` holds by then."""
         job = LiveJob(id=job_id, created=time.time(), body=None, base_url="", kind=kind)
-        self.store.insert_record(job.id, job.created, json.dumps(request), kind=kind)
+        self.store.insert_record(
+            job.id, job.created, json.dumps(request), owner=self.owner, kind=kind
+        )
         self.live[job.id] = job
         job.task = asyncio.create_task(self._run_work(job, work), name=f"imagegen-{job.id}")
         return job.snapshot()
@@ -217,16 +267,14 @@ class JobRunner:
         if job.status in TERMINAL_STATUSES:
             return
         job.step, job.total, job.detail = step, total, detail
+        self._write_progress(job)
         self._publish(job, "progress", {"step": step, "total": total, **detail})
 
     def get(self, job_id: str) -> Job:
         job = self.live.get(job_id)
         if job is not None:
             return job.snapshot()
-        stored = self.store.get(job_id)
-        if stored is None:
-            raise NotFoundError(f"no job with id '{job_id}'", param="id")
-        return stored
+        return self._shared_or_404(job_id)
 
     async def cancel(self, job_id: str) -> Job:
         job = self.live.get(job_id)
@@ -234,15 +282,22 @@ class JobRunner:
             job.task.cancel()
             await asyncio.wait({job.task}, timeout=10.0)
             return job.snapshot()
-        return self.get(job_id)
+        if job is not None:
+            return job.snapshot()
+        return await self._cancel_elsewhere(job_id)
 
     def subscribe(self, job_id: str) -> tuple[list[Event], asyncio.Queue[Event] | None]:
         """The job's current state as events, and a queue of what happens next (None once
         the job is over)."""
         job = self.live.get(job_id)
-        if job is None:
-            return [terminal_or_state(self.get(job_id))], None
         queue: asyncio.Queue[Event] = asyncio.Queue()
+        if job is None:
+            stored = self._shared_or_404(job_id)
+            if stored.status in TERMINAL_STATUSES:
+                return [terminal_event(stored)], None
+            follower = self._follow(stored, queue)
+            self._following[queue] = asyncio.create_task(follower, name=f"imagegen-follow-{job_id}")
+            return record_events(stored), queue
         job.subscribers.append(queue)
         return job.state_events(), queue
 
@@ -260,9 +315,125 @@ class JobRunner:
         )
 
     def unsubscribe(self, job_id: str, queue: asyncio.Queue[Event] | None) -> None:
+        if queue is not None and (follower := self._following.pop(queue, None)) is not None:
+            follower.cancel()
         job = self.live.get(job_id)
         if job is not None and queue is not None and queue in job.subscribers:
             job.subscribers.remove(queue)
+
+    # -- jobs of other processes ---------------------------------------------------------
+
+    def _shared(self, job_id: str) -> Job | None:
+        """The job's record; an in-flight one whose owner is gone is marked interrupted first,
+        so that no reader waits on a job no one will finish."""
+        stored = self.store.record(job_id)
+        if stored is None:
+            return None
+        in_flight = stored.job.status not in TERMINAL_STATUSES
+        if in_flight and stored.owner != self.owner and stored.orphaned(time.time()):
+            if self.store.interrupt(stored):
+                log.warning("job %s: its process is gone, marked failed: %s", job_id, INTERRUPTED)
+            stored = self.store.record(job_id)
+        return stored.job if stored is not None else None
+
+    def _shared_or_404(self, job_id: str) -> Job:
+        stored = self._shared(job_id)
+        if stored is None:
+            raise NotFoundError(f"no job with id '{job_id}'", param="id")
+        return stored
+
+    async def _cancel_elsewhere(self, job_id: str) -> Job:
+        """Flag the job for its owner to cancel, and wait a while for the record to end."""
+        with self._woken_on(job_id) as woken:
+            current = await asyncio.to_thread(self._shared_or_404, job_id)
+            if current.status in TERMINAL_STATUSES:
+                return current
+            await asyncio.to_thread(self.store.request_cancel, job_id)
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while current.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), CANCEL_POLL_S)
+                woken.clear()
+                current = await asyncio.to_thread(self._shared_or_404, job_id)
+            return current
+
+    async def _follow(self, last: Job, queue: asyncio.Queue[Event]) -> None:
+        """Feed `queue` with what changes in another process's job, to its end."""
+        with self._woken_on(last.id) as woken:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), FOLLOW_S)
+                woken.clear()
+                try:
+                    current = await asyncio.to_thread(self._shared, last.id)
+                except Exception as exc:  # the store is unreachable for now: poll on
+                    log.warning("job %s: cannot read its record (%s)", last.id, exc)
+                    continue
+                if current is None:
+                    return  # deleted: there is nothing more to tell
+                for event in record_changes(last, current):
+                    queue.put_nowait(event)
+                if current.status in TERMINAL_STATUSES:
+                    return
+                last = current
+
+    @contextlib.contextmanager
+    def _woken_on(self, job_id: str) -> Iterator[asyncio.Event]:
+        woken = asyncio.Event()
+        self._waiting.setdefault(job_id, set()).add(woken)
+        try:
+            yield woken
+        finally:
+            waiting = self._waiting.get(job_id, set())
+            waiting.discard(woken)
+            if not waiting:
+                self._waiting.pop(job_id, None)
+
+    def _wake(self, job_id: str) -> None:
+        for woken in self._waiting.get(job_id, ()):
+            woken.set()
+
+    # -- the watcher: cancels asked for elsewhere, the lease, the reaper ------------------
+
+    async def _watch(self) -> None:
+        renewed = reaped = time.monotonic()
+        failing = False
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                now = time.monotonic()
+                if self.live:
+                    for job_id in await asyncio.to_thread(self.store.stopped, list(self.live)):
+                        self._stop(job_id)
+                    if now - renewed >= LEASE_S / 3:
+                        await asyncio.to_thread(self.store.renew, self.owner)
+                        renewed = now
+                else:
+                    renewed = now  # a job inserted from now on starts with a full lease
+                if now - reaped >= REAP_S:
+                    await asyncio.to_thread(self._reap)
+                    reaped = now
+                failing = False
+            except Exception as exc:
+                if not failing:  # once per outage, not four times a second
+                    log.warning("jobs: the store did not answer (%s); retrying", exc)
+                failing = True
+
+    def _stop(self, job_id: str) -> None:
+        job = self.live.get(job_id)
+        if job is not None and job.task is not None and job.status not in TERMINAL_STATUSES:
+            log.info("job %s: cancelled through another process", job_id)
+            job.task.cancel()
+
+    def _reap(self) -> None:
+        with self.store.db.exclusive(REAPER_LOCK) as held:
+            if not held:
+                return  # another process is reaping right now
+            reaped = self.store.reap(spare=self.owner)
+        if reaped:
+            log.warning(
+                "%d job(s) whose process is gone marked failed: %s", len(reaped), INTERRUPTED
+            )
 
     # -- running -------------------------------------------------------------------------
 
@@ -341,6 +512,7 @@ class JobRunner:
         if job.status in TERMINAL_STATUSES:
             return
         job.step, job.total = step, total
+        self._write_progress(job)
         data: dict[str, Any] = {"step": step, "total": total}
         if preview is not None:
             data["preview"] = preview  # base64 PNG of the first image's denoising state
@@ -355,10 +527,15 @@ class JobRunner:
         error: dict[str, Any] | None = None,
     ) -> None:
         job.status, job.result, job.error, job.position = status, result, error, None
-        self.store.update(
+        written = self.store.update(
             job.id, status, result=result, error=error, progress=(job.step, job.total)
         )
-        event = terminal_event(job.snapshot())
+        ended = job.snapshot()
+        if not written and (stored := self.store.get(job.id)) is not None:
+            # Another process ended the record first (this one's lease had run out): every
+            # reader sees the record, so this job's subscribers are told the same end.
+            ended = stored
+        event = terminal_event(ended)
         for queue in job.subscribers:
             queue.put_nowait(event)
         job.subscribers.clear()
@@ -369,8 +546,34 @@ class JobRunner:
         for queue in job.subscribers:
             queue.put_nowait(event)
 
+    def _write_progress(self, job: LiveJob) -> None:
+        now = time.monotonic()
+        if now - job.written >= PROGRESS_WRITE_S or job.step >= job.total:
+            job.written = now
+            self.store.progress(job.id, job.step, job.total)
 
-def terminal_or_state(job: Job) -> Event:
-    if job.status in TERMINAL_STATUSES:
-        return terminal_event(job)
-    return Event(job.status, {"id": job.id, "status": job.status})
+
+def record_events(job: Job) -> list[Event]:
+    """What a client of another process's in-flight job is told first: the events a local
+    job's state_events gives, from its record (which keeps no queue position or batch
+    detail)."""
+    base = {"id": job.id, "status": job.status}
+    if job.status == "queued":
+        return [Event("queued", {**base, "position": job.queue_position})]
+    events = [Event("started", base)]
+    if job.progress is not None:
+        events.append(
+            Event("progress", {**base, "step": job.progress.step, "total": job.progress.total})
+        )
+    return events
+
+
+def record_changes(before: Job, after: Job) -> list[Event]:
+    """The events between two reads of another process's job's record."""
+    if after.status in TERMINAL_STATUSES:
+        return [terminal_event(after)]
+    if after.status != before.status:
+        return record_events(after)
+    if after.progress is not None and after.progress != before.progress:
+        return record_events(after)[1:]
+    return []
