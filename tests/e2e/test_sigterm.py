@@ -31,7 +31,10 @@ SLOW = {"size": "64x64", "steps": 80}
 
 def start_serve(data_dir: Path, tmp: Path) -> tuple[subprocess.Popen[str], str, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
-    env.update(IMAGEGEN_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TMPDIR=str(tmp))
+    # One compute thread: on a busy 2-core box the job must still end within the drain's grace.
+    env.update(
+        IMAGEGEN_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TMPDIR=str(tmp), OMP_NUM_THREADS="1"
+    )
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "-m", "tiny-sdxl"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     replica = attach(proc)
