@@ -14,6 +14,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,9 +118,23 @@ class SqliteDatabase:
         self._lock = threading.RLock()
         self._locks_dir = path.parent / "locks"
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=30000")
+            self._wal()
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _wal(self) -> None:
+        """Switch the file to WAL (it stays so). On a new file that several processes open at
+        once the switch can fail with "database is locked" without SQLite's busy handler ever
+        waiting (found by test_replicas_starting_at_once_migrate_once): retried briefly."""
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def __repr__(self) -> str:
         return f"SqliteDatabase({str(self.path)!r})"
