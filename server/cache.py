@@ -340,17 +340,18 @@ class ResultCache:
         with self.db.exclusive("cache-sweep") as mine:
             if not mine:
                 return 0
+            # Names first, then the listing: an object written after this read is younger
+            # than the grace period, so it is never a candidate.
+            named = {
+                r["sha256"] for r in self.db.execute("SELECT DISTINCT sha256 FROM cache_images")
+            }
             for name, modified in self.blobs.list("objects/"):
                 sha = name.rsplit("/", 1)[-1].split(".", 1)[0]
-                if modified >= cutoff or not _is_sha256(sha) or self._named(sha):
+                if modified >= cutoff or not _is_sha256(sha) or sha in named:
                     continue
                 self.blobs.delete(name)
                 removed += 1
         return removed
-
-    def _named(self, sha256: str) -> bool:
-        rows = self.db.execute("SELECT 1 FROM cache_images WHERE sha256 = ? LIMIT 1", (sha256,))
-        return bool(rows)
 
     def stats(self) -> dict[str, int]:
         rows = self.db.execute(

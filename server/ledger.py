@@ -75,7 +75,7 @@ class Ledger:
         if tx is not None:
             tx.execute(sql, args)
         else:
-            self.db.execute(sql, args, durable=row.cost_usd > 0 or not row.cached)
+            self.db.execute(sql, args, durable=not row.cached)
 
     def spent_since(self, since: float, provider: str | None = None) -> float:
         sql = "SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM ledger WHERE ts >= ?"

@@ -160,7 +160,8 @@ def applied(db: Database) -> list[int]:
 
 def migrate(db: Database) -> list[int]:
     """Apply what `db` lacks, in one transaction; returns the versions applied now."""
-    if applied(db) and applied(db)[-1] >= LATEST:
+    have = applied(db)
+    if have and have[-1] >= LATEST:
         return []  # the common start-up: one query, no write lock
     with db.transaction() as tx:
         if tx.dialect == "postgresql":
@@ -170,10 +171,12 @@ def migrate(db: Database) -> list[int]:
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
         )
-        have = {int(r["version"]) for r in tx.execute("SELECT version FROM schema_migrations").rows}
+        present = {
+            int(r["version"]) for r in tx.execute("SELECT version FROM schema_migrations").rows
+        }
         done = []
         for migration in MIGRATIONS:
-            if migration.version in have:
+            if migration.version in present:
                 continue
             for step in migration.steps:
                 _apply(tx, step)

@@ -83,6 +83,16 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
 
 
+@pytest.fixture(scope="module")
+def module_postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A new, empty database shared by one test module's tests (and the processes they
+    start), dropped after it."""
+    name = f"module_{os.urandom(6).hex()}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
+
+
 @pytest.fixture
 def postgres_url(postgres: PostgresServer) -> Iterator[str]:
     """A new, empty database for this test alone (its URL), dropped after it."""

@@ -24,7 +24,6 @@ import httpx
 import pytest
 
 from tests.cluster import Replica, replicas, store_env
-from tests.postgres import PostgresServer
 
 # Device work per request (a fraction of a second on one thread): long enough that identical
 # requests sent with jitter overlap it.
@@ -53,10 +52,8 @@ def _digest(response: httpx.Response) -> str:
 
 
 @pytest.fixture(scope="module")
-def store_url(postgres: PostgresServer) -> Iterator[str]:
-    name = f"cluster_{os.urandom(4).hex()}"
-    yield postgres.create_database(name)
-    postgres.drop_database(name)
+def store_url(module_postgres_url: str) -> str:
+    return module_postgres_url
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from server.cache import ResultCache
 from server.store.blobs import S3Blobs
 from server.store.sql import Database, open_database
 from tests.conftest import REPO
-from tests.postgres import PostgresServer
 from tests.s3 import BUCKET, CREDENTIALS
 
 KILLS = 50
@@ -29,10 +28,8 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture
-def store_url(postgres: PostgresServer) -> Iterator[str]:
-    name = f"publish_{os.urandom(4).hex()}"
-    yield postgres.create_database(name)
-    postgres.drop_database(name)
+def store_url(postgres_url: str) -> str:
+    return postgres_url
 
 
 @contextmanager

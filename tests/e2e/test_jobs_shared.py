@@ -23,7 +23,6 @@ from server.http.job_store import JobStore
 from server.store.sql import open_database
 from tests.cluster import Replica, replicas
 from tests.e2e.test_sigterm import SLOW, is_png, read_events
-from tests.postgres import PostgresServer
 
 DEADLINE_S = 180  # only stops a hung test (three serve processes may share two cores)
 # Long enough that the follower on the other process sees it run, and no longer.
@@ -31,11 +30,8 @@ STREAMED = {"size": "64x64", "steps": 30}
 
 
 @pytest.fixture(scope="module")
-def store_url(postgres: PostgresServer) -> Iterator[str]:
-    """A database of this module's own, shared by every process its tests start."""
-    name = f"test_{os.urandom(6).hex()}"
-    yield postgres.create_database(name)
-    postgres.drop_database(name)
+def store_url(module_postgres_url: str) -> str:
+    return module_postgres_url
 
 
 @pytest.fixture(scope="module")
